@@ -542,5 +542,22 @@ static PyMethodDef sizing_methods[] = {
 int bg_sizing_exec(PyObject *module, bg_state *st)
 {
     (void)st;
-    return PyModule_AddFunctions(module, sizing_methods);
+    if (PyModule_AddFunctions(module, sizing_methods) < 0)
+        return -1;
+    /* The script model's weights (milli-tokens per feature), for calibration
+     * scripts and tests that recompute estimates from features. */
+    PyObject *w = PyTuple_New(BG_NFEATURES);
+    if (!w)
+        return -1;
+    for (int i = 0; i < BG_NFEATURES; i++) {
+        PyObject *v = PyLong_FromLong(bg_est_weights[i]);
+        if (!v) {
+            Py_DECREF(w);
+            return -1;
+        }
+        PyTuple_SET_ITEM(w, i, v);
+    }
+    int rc = PyModule_AddObjectRef(module, "_estimator_weights", w);
+    Py_DECREF(w);
+    return rc;
 }

@@ -21,3 +21,4 @@ def plan(
     method: str,
     pack: bool,
 ) -> Tuple[List[List[str]], List[int], List[int], List[int], Optional[List[int]]]: ...
+_estimator_weights: Tuple[int, ...]
