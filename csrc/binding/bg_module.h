@@ -1,0 +1,37 @@
+/* bg_module.h - CPython binding layer: module state and per-file hooks.
+ *
+ * Each binding file (bg_sizing.c, bg_semaphore.c, bg_dispatcher.c, ...)
+ * exports one bg_<name>_exec() that adds its functions and types to the module
+ * and fills its part of the module state. Only this layer includes Python.h.
+ */
+#ifndef BATCHGATE_BG_MODULE_H
+#define BATCHGATE_BG_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+typedef struct {
+    /* Set by bg_module.c: the Python-level base of every batchgate error. */
+    PyObject *BatchgateError;
+    /* bg_semaphore.c adds its fields here. */
+    /* bg_dispatcher.c adds its fields here. */
+} bg_state;
+
+extern PyModuleDef bg_moduledef;
+
+static inline bg_state *bg_module_state(PyObject *module)
+{
+    return (bg_state *)PyModule_GetState(module);
+}
+
+/* Module state reached from a heap type's method (defining class or type). */
+static inline bg_state *bg_state_from_type(PyTypeObject *tp)
+{
+    PyObject *m = PyType_GetModuleByDef(tp, &bg_moduledef);
+    return m ? bg_module_state(m) : NULL;
+}
+
+/* Per-file exec hooks, called in this order from the module's Py_mod_exec. */
+int bg_sizing_exec(PyObject *module, bg_state *st);
+
+#endif /* BATCHGATE_BG_MODULE_H */

@@ -1,0 +1,24 @@
+"""batchgate: push large volumes of LLM work through a vLLM server, fast and
+within a token budget. The core is the C extension ``batchgate._native``."""
+from ._native import BatchgateError, libcurl_version
+from .config import Config
+from .sizing import (
+    Plan,
+    calculate_dynamic_batch_size,
+    estimate_many,
+    estimate_tokens,
+    plan_batches,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchgateError",
+    "Config",
+    "Plan",
+    "calculate_dynamic_batch_size",
+    "estimate_many",
+    "estimate_tokens",
+    "libcurl_version",
+    "plan_batches",
+]

@@ -1,0 +1,73 @@
+"""Build the batchgate._native extension against the system libcurl and cJSON.
+
+Flags come from pkg-config (curl-config as a fallback for libcurl). Overrides:
+  BATCHGATE_CFLAGS / BATCHGATE_LDFLAGS   extra compiler / linker flags
+  BATCHGATE_WERROR=1                     warnings are errors (CI builds)
+  BATCHGATE_DEBUG=1                      -O0 -g, asserts on
+"""
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+INSTALL_HINT = (
+    "batchgate needs the development files of libcurl and cJSON, found with pkg-config.\n"
+    "On Debian/Ubuntu: apt-get install libcurl4-openssl-dev libcjson-dev pkg-config\n"
+    "On Fedora: dnf install libcurl-devel cjson-devel pkgconf-pkg-config"
+)
+
+
+def _run(cmd):
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return shlex.split(out.stdout)
+
+
+def _pkg(name, fallback=None):
+    """Return (cflags, libs) for a library, or exit with an install hint."""
+    if shutil.which("pkg-config"):
+        cflags = _run(["pkg-config", "--cflags", name])
+        libs = _run(["pkg-config", "--libs", name])
+        if cflags is not None and libs is not None:
+            return cflags, libs
+    if fallback and shutil.which(fallback[0]):
+        cflags = _run([fallback[0], "--cflags"])
+        libs = _run([fallback[0], "--libs"])
+        if cflags is not None and libs is not None:
+            return cflags, libs
+    sys.exit(f"error: could not find {name} (pkg-config module '{name}').\n{INSTALL_HINT}")
+
+
+def _extension():
+    curl_cflags, curl_libs = _pkg("libcurl", fallback=["curl-config"])
+    cjson_cflags, cjson_libs = _pkg("libcjson")
+    cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wshadow",
+              "-Wstrict-prototypes", "-fvisibility=hidden", "-Icsrc/core"]
+    if os.environ.get("BATCHGATE_WERROR") == "1":
+        cflags.append("-Werror")
+    if os.environ.get("BATCHGATE_DEBUG") == "1":
+        cflags += ["-O0", "-g", "-UNDEBUG"]
+    cflags += curl_cflags + cjson_cflags + shlex.split(os.environ.get("BATCHGATE_CFLAGS", ""))
+    ldflags = curl_libs + cjson_libs + ["-lpthread"] + shlex.split(
+        os.environ.get("BATCHGATE_LDFLAGS", ""))
+    sources = sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/binding/*.c"))
+    depends = sorted(glob.glob("csrc/core/*.h")) + sorted(glob.glob("csrc/binding/*.h"))
+    return Extension(
+        "batchgate._native",
+        sources=sources,
+        depends=depends,
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+
+
+os.chdir(HERE)
+setup(ext_modules=[_extension()])
