@@ -821,6 +821,38 @@ def test_bg_objects_are_freed():
     ref = run(main())
     gc.collect()
     assert ref() is None
+    leftover = [o for o in gc.get_objects() if type(o).__name__ == "_SemaphoreAcquire"]
+    assert leftover == []
+
+
+def test_bg_no_growth_over_many_waits():
+    """Refcount leaks in the slow path show up as live objects or memory."""
+    import tracemalloc
+
+    async def churn(sem, rounds):
+        async def worker():
+            async with sem:
+                await asyncio.sleep(0)
+
+        for _ in range(rounds):
+            tasks = [asyncio.create_task(worker()) for _ in range(50)]
+            tasks[7].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def main():
+        sem = batchgate.Semaphore(2)
+        await churn(sem, 20)  # warm up caches
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        await churn(sem, 200)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert grown < 200_000, f"{grown} bytes still held after 10,000 waits"
+        assert sem.value == 2
+
+    run(main())
 
 
 def test_bg_not_initialised():

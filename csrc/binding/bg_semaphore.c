@@ -25,7 +25,6 @@
 #include <stdint.h>
 #include <time.h>
 
-enum { BG_NODE_SEM_GRANT = 1 };
 
 enum {
     N_CANCELLED,
@@ -261,6 +260,19 @@ static void process_grant(SemAcquire *a, worklist *wl)
     drop_inflight(a);
 }
 
+/* Handlers of other binding files' node kinds (set once at module exec). */
+static bg_loop_node_fn node_handlers[BG_LOOP_NODE_KINDS];
+
+int bg_loop_notifier_set_handler(int kind, bg_loop_node_fn fn)
+{
+    if (kind <= BG_NODE_SEM_GRANT || kind >= BG_LOOP_NODE_KINDS) {
+        PyErr_Format(PyExc_SystemError, "bad loop notifier node kind %d", kind);
+        return -1;
+    }
+    node_handlers[kind] = fn;
+    return 0;
+}
+
 static void run_worklist(worklist *wl)
 {
     bg_notify_node *node;
@@ -270,6 +282,8 @@ static void run_worklist(worklist *wl)
             wl->tail = NULL;
         if (node->kind == BG_NODE_SEM_GRANT)
             process_grant((SemAcquire *)node->payload, wl);
+        else if (node->kind > 0 && node->kind < BG_LOOP_NODE_KINDS && node_handlers[node->kind])
+            node_handlers[node->kind](node);
     }
 }
 
@@ -441,7 +455,8 @@ static LoopNotifier *notifier_for_loop(bg_state *st, PyObject *loop)
     PyObject *found = PyObject_GetItem(st->loop_notifiers, loop);
     if (found != NULL)
         return (LoopNotifier *)found;
-    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+    /* TypeError: the loop cannot be weakly referenced (handled below). */
+    if (!PyErr_ExceptionMatches(PyExc_KeyError) && !PyErr_ExceptionMatches(PyExc_TypeError))
         return NULL;
     PyErr_Clear();
 
@@ -482,8 +497,13 @@ static LoopNotifier *notifier_for_loop(bg_state *st, PyObject *loop)
     } else {
         goto fail;
     }
-    if (PyObject_SetItem(st->loop_notifiers, loop, (PyObject *)nt) < 0)
-        goto fail;
+    if (PyObject_SetItem(st->loop_notifiers, loop, (PyObject *)nt) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto fail;
+        /* A loop without weakref support: this notifier serves only the
+         * semaphore that asked for it. */
+        PyErr_Clear();
+    }
     return nt;
 fail:
     Py_DECREF(nt);
@@ -1278,6 +1298,16 @@ static PyType_Spec bounded_spec = {
 };
 
 /* ---- C API and module hooks ---- */
+
+PyObject *bg_loop_notifier(bg_state *st, PyObject *loop)
+{
+    return (PyObject *)notifier_for_loop(st, loop);
+}
+
+bg_notify *bg_loop_notifier_queue(PyObject *notifier)
+{
+    return ((LoopNotifier *)notifier)->notify;
+}
 
 bg_sem *bg_semaphore_core(bg_state *st, PyObject *obj)
 {
