@@ -53,8 +53,9 @@ def loop_factories():
         yield pytest.param(None, id="uvloop", marks=pytest.mark.skip(reason="uvloop not installed"))
 
 
-def run(coro, loop_factory=None):
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+def run(coro, loop_factory=None, debug=None):
+    # debug=True makes asyncio raise if a future is completed off the loop thread.
+    with asyncio.Runner(loop_factory=loop_factory, debug=debug) as runner:
         return runner.run(asyncio.wait_for(coro, WAIT * 3))
 
 
@@ -487,7 +488,7 @@ def test_bg_release_from_other_threads(loop_factory):
         assert got == list(range(n)), "FIFO across thread releases"
         assert sem.value == 0 and sem.locked()
 
-    run(main(), loop_factory)
+    run(main(), loop_factory, debug=True)
 
 
 def test_bg_thread_release_races_cancellation(loop_factory):
@@ -527,7 +528,7 @@ def test_bg_thread_release_races_cancellation(loop_factory):
         assert sem.value == limit
         assert not sem.locked()
 
-    run(main(), loop_factory)
+    run(main(), loop_factory, debug=True)
 
 
 def test_bg_mixed_threads_and_asyncio_cap():
@@ -865,3 +866,30 @@ def test_bg_not_initialised():
         s.release()
     with pytest.raises(RuntimeError, match="__init__"):
         s.locked()
+
+
+def test_bg_acquire_blocking_interrupted_by_signal():
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    sem = batchgate.Semaphore(0)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            sem.acquire_blocking()
+        assert time.monotonic() - t0 < 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    # The interrupted waiter left the queue: a release is free again.
+    assert "waiters" not in repr(sem)
+    sem.release()
+    assert sem.value == 1
+    assert sem.acquire_blocking(timeout=0)
