@@ -491,6 +491,29 @@ def test_bg_release_from_other_threads(loop_factory):
     run(main(), loop_factory, debug=True)
 
 
+def test_bg_wake_order_kept_across_thread_and_loop_releases(loop_factory):
+    """A grant made by another thread (still queued for the loop) is woken
+    before a later grant made by a release on the loop thread."""
+    async def main():
+        sem = batchgate.Semaphore(0)
+        order = []
+
+        async def worker(name):
+            await sem.acquire()
+            order.append(name)
+
+        tasks = [asyncio.create_task(worker(x)) for x in "ab"]
+        await spin()
+        th = threading.Thread(target=sem.release)
+        th.start()
+        th.join()          # a is granted; the loop has not looked at its fd yet
+        sem.release()      # b is granted on the loop thread
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        assert order == ["a", "b"]
+
+    run(main(), loop_factory, debug=True)
+
+
 def test_bg_thread_release_races_cancellation(loop_factory):
     """Grants arrive from another thread while tasks are being cancelled."""
     async def main():

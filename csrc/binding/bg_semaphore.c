@@ -200,6 +200,12 @@ static int sem_give(Sem *s, int64_t n)
 {
     if (s->npending > 0 && s->notifier != NULL && on_bound_loop_thread(s)) {
         worklist wl = {s->notifier->notify, NULL, NULL};
+        /* Grants other threads made earlier go first: wake in grant order. */
+        if (bg_notify_pending(wl.target)) {
+            wl.head = bg_notify_drain(wl.target);
+            for (wl.tail = wl.head; wl.tail && wl.tail->next; wl.tail = wl.tail->next)
+                ;
+        }
         int rc = release_into(s, n, &wl);
         run_worklist(&wl);
         return rc;
