@@ -45,8 +45,16 @@ def Bounded(impl):
     return impl[1]
 
 
+class _NoReaderLoop(asyncio.SelectorEventLoop):
+    """Like the proactor loop: no add_reader."""
+
+    def add_reader(self, *args, **kwargs):
+        raise NotImplementedError
+
+
 def loop_factories():
     yield pytest.param(asyncio.new_event_loop, id="asyncio-loop")
+    yield pytest.param(_NoReaderLoop, id="no-add_reader")
     if uvloop is not None:
         yield pytest.param(uvloop.new_event_loop, id="uvloop")
     else:  # pragma: no cover
@@ -778,11 +786,6 @@ def test_bg_blocking_and_async_waiters_share_fifo():
 
     run(main())
     assert order == ["task", "thread"]
-
-
-class _NoReaderLoop(asyncio.SelectorEventLoop):
-    def add_reader(self, *args, **kwargs):
-        raise NotImplementedError
 
 
 def test_bg_loop_without_add_reader_falls_back():

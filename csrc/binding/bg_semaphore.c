@@ -199,10 +199,21 @@ static int release_into(Sem *s, int64_t n, worklist *wl)
 static int sem_give(Sem *s, int64_t n)
 {
     if (s->npending > 0 && s->notifier != NULL && on_bound_loop_thread(s)) {
-        worklist wl = {s->notifier->notify, NULL, NULL};
-        /* Grants other threads made earlier go first: wake in grant order. */
+        LoopNotifier *nt = s->notifier;
+        worklist wl = {nt->notify, NULL, NULL};
+        /* Grants other threads made earlier go first: wake in grant order.
+         * (Fallback mode: the watcher may have moved some to the ready list.) */
+        if (nt->ready_head) {
+            wl.head = nt->ready_head;
+            wl.tail = nt->ready_tail;
+            nt->ready_head = nt->ready_tail = NULL;
+        }
         if (bg_notify_pending(wl.target)) {
-            wl.head = bg_notify_drain(wl.target);
+            bg_notify_node *more = bg_notify_drain(wl.target);
+            if (wl.tail)
+                wl.tail->next = more;
+            else
+                wl.head = more;
             for (wl.tail = wl.head; wl.tail && wl.tail->next; wl.tail = wl.tail->next)
                 ;
         }
