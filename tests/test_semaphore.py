@@ -805,6 +805,11 @@ def test_bg_loop_without_add_reader_falls_back():
         assert sem.value == 0
 
     run(main(), _NoReaderLoop)
+    # The watcher thread ends once its loop is closed.
+    deadline = time.monotonic() + 5
+    while any(t.name == "batchgate-loop-notifier" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "notifier watcher thread outlived its loop"
+        time.sleep(0.05)
 
 
 class _CountingLoop(asyncio.SelectorEventLoop):

@@ -366,18 +366,41 @@ static PyObject *notifier_on_ready(LoopNotifier *self, PyObject *Py_UNUSED(ignor
     Py_RETURN_NONE;
 }
 
+/* 1 if the loop behind call_soon_threadsafe is closed, 0 if not, -1 error. */
+static int watched_loop_closed(LoopNotifier *self)
+{
+    PyObject *loop = PyObject_GetAttrString(self->call_soon_threadsafe, "__self__");
+    if (loop == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethod(loop, "is_closed", NULL);
+    Py_DECREF(loop);
+    if (r == NULL)
+        return -1;
+    int closed = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return closed;
+}
+
 /* Fallback watcher thread body: wait on the fd without the GIL, move drained
- * nodes to the ready list and schedule _on_ready on the loop. Ends when the
- * loop refuses (closed). */
+ * nodes to the ready list and schedule _on_ready on the loop. Ends once the
+ * loop is closed (checked every second while idle). */
 static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored))
 {
     for (;;) {
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = bg_notify_wait(self->notify, -1);
+        r = bg_notify_wait(self->notify, 1000);
         Py_END_ALLOW_THREADS
         if (r < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
+        if (r == 0) {
+            int closed = watched_loop_closed(self);
+            if (closed < 0)
+                return NULL;
+            if (closed)
+                Py_RETURN_NONE;
+            continue;
+        }
         bg_notify_node *list = bg_notify_drain(self->notify);
         if (list == NULL)
             continue;
@@ -395,8 +418,14 @@ static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored)
                 return NULL;
             PyObject *h = PyObject_CallOneArg(self->call_soon_threadsafe, cb);
             Py_DECREF(cb);
-            if (h == NULL)
-                return NULL; /* loop closed: stop watching */
+            if (h == NULL) {
+                /* Loop closed: stop watching. */
+                if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+                    PyErr_Clear();
+                    Py_RETURN_NONE;
+                }
+                return NULL;
+            }
             Py_DECREF(h);
             self->scheduled = 1;
         }
