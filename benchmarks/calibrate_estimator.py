@@ -11,10 +11,12 @@ it is what `get_tokenizer("qwen2.5-72b-instruct")` returns. Qwen2.5-7B uses the 
 
 Text (all from installed packages):
   korean  - konlpy's corpora: kolaw (the constitution) and kobill (ten bills).  Real, formal prose.
-  english - CPython's own reference docs shipped in the stdlib (`pydoc_data.topics`) and LICENSE.
+  english - CPython's own reference docs shipped in the stdlib (`pydoc_data.topics`) and LICENSE
+            (these differ a little between CPython versions; published numbers used 3.11.7).
   mixed   - SYNTHETIC review-style lines from make_sample_reviews.generate_reviews (Korean,
             English, digits, emoji, punctuation), with a different seed than the sample file.
-Real text is cut into pieces with log-normal lengths (10..2000 chars, median ~90).
+Real text is cut into pieces with log-normal lengths (10..2000 chars, median ~90), snapped
+to whitespace so no piece starts or ends mid-word.
 Train/test are split by source document (no shared text), mixed by seed.
 
 Fit: the estimate is sum(w_i * f_i) / 1000 tokens, w >= 0 (scipy.optimize.nnls on scaled rows).
@@ -136,7 +138,13 @@ def _pieces(text: str, rng: random.Random, n: int) -> list[str]:
         length = int(min(2000, max(10, rng.lognormvariate(math.log(90), 1.0))))
         length = min(length, len(text))
         start = rng.randrange(0, len(text) - length + 1)
-        piece = text[start:start + length].strip()
+        end = start + length
+        # Snap to word boundaries: reviews do not start or end mid-word.
+        while start > 0 and not text[start - 1].isspace():
+            start -= 1
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        piece = text[start:end].strip()
         if piece:
             out.append(piece)
     return out
@@ -288,6 +296,16 @@ def main() -> None:
                 print(f"{g:8s} {meth:7s} {level:5s} {len(tt):5d} {s['signed']:8.1f} {s['abs']:7.1f} "
                       f"{s['p50']:6.1f} {s['p90']:6.1f} {s['p99']:6.1f} {s['under']:7.1f}"
                       + (f" {margin:7.3f}" if level == "batch" else ""))
+    sample = Path(__file__).resolve().parent.parent / "python" / "batchgate" / "data" / "sample_reviews.jsonl"
+    if sample.exists():
+        import json
+        texts = [json.loads(line)["text"] for line in sample.read_text(encoding="utf-8").splitlines()]
+        true = sum(len(tok.encode(t)) for t in texts)
+        est = sum(estimate(weights, token_features(t), t) for t in texts)
+        chars = sum(chars_rule(t) for t in texts)
+        print(f"\n{sample.name} (synthetic, same generator as 'mixed'): {len(texts)} reviews, "
+              f"Qwen {true} tokens, script {est} ({(est - true) / true * 100:+.1f}%), "
+              f"chars/3.5 {chars} ({(chars - true) / true * 100:+.1f}%)")
     print(f"\ndone in {time.time() - t0:.1f}s")
 
 

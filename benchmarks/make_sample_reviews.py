@@ -70,7 +70,8 @@ def _sentence(rng: random.Random) -> str:
     else:
         s = _price(rng)
     if rng.random() < 0.15:
-        s += " " + rng.choice(EMOJI)
+        # Emoji both after a space and glued on, sometimes repeated, as people type them.
+        s += rng.choice(["", " "]) + rng.choice(EMOJI) * rng.choice([1, 1, 1, 2, 3])
     if rng.random() < 0.12:
         s += " " + rng.choice(NOISE)
     return s
