@@ -52,9 +52,21 @@ bg_sem *bg_sem_create(int64_t value, int64_t max_value);
 void bg_sem_incref(bg_sem *s);
 void bg_sem_decref(bg_sem *s);
 
+static inline void bg_sem_waiter_init(bg_sem_waiter *w, int64_t n,
+                                      bg_sem_grant_fn on_grant, void *ctx)
+{
+    w->prev = w->next = NULL;
+    w->n = n;
+    w->state = BG_SEM_W_IDLE;
+    w->on_grant = on_grant;
+    w->ctx = ctx;
+}
+
 /* Snapshot readers (values may change right after they return). */
 int64_t bg_sem_value(bg_sem *s);
 size_t bg_sem_queued(bg_sem *s);
+/* max_value given at creation (< 0: unbounded). */
+int64_t bg_sem_max_value(bg_sem *s);
 /* True when an acquire of n would have to wait: a waiter is queued or value < n. */
 bool bg_sem_would_block(bg_sem *s, int64_t n);
 
@@ -63,18 +75,21 @@ bool bg_sem_try_acquire(bg_sem *s, int64_t n);
 
 /* Take n = w->n permits or queue w. Returns 1 if granted at once (on_grant is
  * NOT called, state becomes IDLE), 0 if queued (on_grant is called later from
- * whichever thread releases), -1 if n is invalid. */
+ * whichever thread releases), -1 if n is invalid (n < 1, or n > max_value on a
+ * bounded semaphore: such a request could never be granted). */
 int bg_sem_acquire_async(bg_sem *s, bg_sem_waiter *w);
 
 /* Withdraw a waiter. Returns 1 if it was still queued (removed, nothing owed),
  * 0 if it had already been granted (caller now owns w->n permits and must
  * release them, which hands them on to the next waiter). Waking the queue
  * after a removal is done here: removing a large head waiter may unblock
- * smaller ones behind it. */
+ * smaller ones behind it. Either way the waiter ends IDLE; cancelling an IDLE
+ * waiter (never queued, or already cancelled) returns -1 and changes nothing. */
 int bg_sem_cancel(bg_sem *s, bg_sem_waiter *w);
 
-/* Blocking acquire for plain threads. timeout_ns < 0 waits forever.
- * Returns 1 acquired, 0 timed out. Never call with the GIL held. */
+/* Blocking acquire for plain threads, FIFO with all other waiters.
+ * timeout_ns < 0 waits forever. Returns 1 acquired, 0 timed out, -1 if n is
+ * invalid (as for bg_sem_acquire_async). Never call with the GIL held. */
 int bg_sem_acquire_blocking(bg_sem *s, int64_t n, int64_t timeout_ns);
 
 /* Give back n permits and grant queued waiters in FIFO order.

@@ -1,0 +1,287 @@
+/* bg_sem.c - native counting semaphore core (see bg_sem.h for the contract).
+ *
+ * One mutex guards the count and an intrusive doubly linked FIFO of waiters.
+ * Grants happen only at the head of the FIFO, so a large request at the head
+ * holds back smaller ones behind it (no starvation). Blocking thread waiters
+ * are ordinary queue entries whose grant callback signals their own condvar.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "bg_sem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+struct bg_sem {
+    pthread_mutex_t mu;
+    atomic_long refcnt;
+    int64_t value;     /* free permits */
+    int64_t max_value; /* < 0: unbounded */
+    bg_sem_waiter *head, *tail;
+    size_t nqueued;
+};
+
+bg_sem *bg_sem_create(int64_t value, int64_t max_value)
+{
+    if (value < 0 || (max_value >= 0 && value > max_value)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    bg_sem *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return NULL;
+    int rc = pthread_mutex_init(&s->mu, NULL);
+    if (rc != 0) {
+        free(s);
+        errno = rc;
+        return NULL;
+    }
+    atomic_init(&s->refcnt, 1);
+    s->value = value;
+    s->max_value = max_value;
+    return s;
+}
+
+void bg_sem_incref(bg_sem *s)
+{
+    atomic_fetch_add_explicit(&s->refcnt, 1, memory_order_relaxed);
+}
+
+void bg_sem_decref(bg_sem *s)
+{
+    if (s == NULL)
+        return;
+    if (atomic_fetch_sub_explicit(&s->refcnt, 1, memory_order_acq_rel) != 1)
+        return;
+    /* Last reference: nobody can be queued any more (a queued waiter's owner
+     * holds a reference), so there is nothing to wake. */
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+int64_t bg_sem_value(bg_sem *s)
+{
+    pthread_mutex_lock(&s->mu);
+    int64_t v = s->value;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+size_t bg_sem_queued(bg_sem *s)
+{
+    pthread_mutex_lock(&s->mu);
+    size_t q = s->nqueued;
+    pthread_mutex_unlock(&s->mu);
+    return q;
+}
+
+int64_t bg_sem_max_value(bg_sem *s)
+{
+    return s->max_value; /* immutable after create */
+}
+
+bool bg_sem_would_block(bg_sem *s, int64_t n)
+{
+    pthread_mutex_lock(&s->mu);
+    bool b = s->head != NULL || s->value < n;
+    pthread_mutex_unlock(&s->mu);
+    return b;
+}
+
+static bool valid_n(const bg_sem *s, int64_t n)
+{
+    return n >= 1 && (s->max_value < 0 || n <= s->max_value);
+}
+
+bool bg_sem_try_acquire(bg_sem *s, int64_t n)
+{
+    if (!valid_n(s, n))
+        return false;
+    pthread_mutex_lock(&s->mu);
+    bool ok = s->head == NULL && s->value >= n;
+    if (ok)
+        s->value -= n;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
+static void unlink_waiter(bg_sem *s, bg_sem_waiter *w)
+{
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        s->head = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    else
+        s->tail = w->prev;
+    w->prev = w->next = NULL;
+    s->nqueued--;
+}
+
+static void enqueue_waiter(bg_sem *s, bg_sem_waiter *w)
+{
+    w->next = NULL;
+    w->prev = s->tail;
+    if (s->tail)
+        s->tail->next = w;
+    else
+        s->head = w;
+    s->tail = w;
+    s->nqueued++;
+    w->state = BG_SEM_W_QUEUED;
+}
+
+/* Grant from the head while permits suffice. Lock held. The callback is the
+ * last touch of w: its owner may free it as soon as it learns of the grant. */
+static void grant_locked(bg_sem *s)
+{
+    bg_sem_waiter *w;
+    while ((w = s->head) != NULL && s->value >= w->n) {
+        s->value -= w->n;
+        unlink_waiter(s, w);
+        w->state = BG_SEM_W_GRANTED;
+        bg_sem_grant_fn fn = w->on_grant;
+        if (fn)
+            fn(w);
+    }
+}
+
+int bg_sem_acquire_async(bg_sem *s, bg_sem_waiter *w)
+{
+    if (!valid_n(s, w->n))
+        return -1;
+    pthread_mutex_lock(&s->mu);
+    if (s->head == NULL && s->value >= w->n) {
+        s->value -= w->n;
+        w->state = BG_SEM_W_IDLE;
+        pthread_mutex_unlock(&s->mu);
+        return 1;
+    }
+    enqueue_waiter(s, w);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+int bg_sem_cancel(bg_sem *s, bg_sem_waiter *w)
+{
+    int ret;
+    pthread_mutex_lock(&s->mu);
+    switch (w->state) {
+    case BG_SEM_W_QUEUED: {
+        bool was_head = s->head == w;
+        unlink_waiter(s, w);
+        w->state = BG_SEM_W_IDLE;
+        if (was_head)
+            grant_locked(s); /* smaller waiters behind may fit now */
+        ret = 1;
+        break;
+    }
+    case BG_SEM_W_GRANTED:
+        w->state = BG_SEM_W_IDLE;
+        ret = 0;
+        break;
+    default:
+        ret = -1;
+        break;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return ret;
+}
+
+int bg_sem_release(bg_sem *s, int64_t n)
+{
+    if (n < 1)
+        return -1;
+    pthread_mutex_lock(&s->mu);
+    if (s->max_value >= 0 && s->value > s->max_value - n) {
+        pthread_mutex_unlock(&s->mu);
+        return -1;
+    }
+    s->value += n;
+    grant_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* ---- blocking waiters ---- */
+
+typedef struct {
+    bg_sem_waiter w;
+    pthread_cond_t cv;
+} blocking_waiter;
+
+static void blocking_grant(bg_sem_waiter *w)
+{
+    /* Runs under s->mu, which the waiting thread also uses with its condvar. */
+    blocking_waiter *bw = (blocking_waiter *)w->ctx;
+    pthread_cond_signal(&bw->cv);
+}
+
+static void deadline_after(struct timespec *ts, int64_t ns)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    int64_t sec = ns / 1000000000LL;
+    int64_t rem = ns % 1000000000LL;
+    ts->tv_sec += (time_t)sec;
+    ts->tv_nsec += (long)rem;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec += 1;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+int bg_sem_acquire_blocking(bg_sem *s, int64_t n, int64_t timeout_ns)
+{
+    if (!valid_n(s, n))
+        return -1;
+    pthread_mutex_lock(&s->mu);
+    if (s->head == NULL && s->value >= n) {
+        s->value -= n;
+        pthread_mutex_unlock(&s->mu);
+        return 1;
+    }
+    if (timeout_ns == 0) {
+        pthread_mutex_unlock(&s->mu);
+        return 0;
+    }
+
+    blocking_waiter bw;
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&bw.cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (rc != 0) {
+        pthread_mutex_unlock(&s->mu);
+        errno = rc;
+        return -1;
+    }
+    bg_sem_waiter_init(&bw.w, n, blocking_grant, &bw);
+    enqueue_waiter(s, &bw.w);
+
+    struct timespec deadline;
+    if (timeout_ns > 0)
+        deadline_after(&deadline, timeout_ns);
+    int got = 1;
+    while (bw.w.state == BG_SEM_W_QUEUED) {
+        if (timeout_ns < 0) {
+            pthread_cond_wait(&bw.cv, &s->mu);
+        } else if (pthread_cond_timedwait(&bw.cv, &s->mu, &deadline) == ETIMEDOUT) {
+            if (bw.w.state == BG_SEM_W_QUEUED) {
+                bool was_head = s->head == &bw.w;
+                unlink_waiter(s, &bw.w);
+                if (was_head)
+                    grant_locked(s);
+                got = 0;
+            }
+            break;
+        }
+    }
+    bw.w.state = BG_SEM_W_IDLE;
+    pthread_mutex_unlock(&s->mu);
+    pthread_cond_destroy(&bw.cv);
+    return got;
+}
