@@ -302,7 +302,7 @@ def run_python_client(name: str, url: str, c: int, n: int, warmup: int, timeout:
            "--timeout", str(timeout)]
     if use_uvloop:
         cmd.append("--uvloop")
-    rc, out, err, usage = run_child(cmd, timeout + 60, workdir)
+    rc, out, err, usage = run_child(cmd, timeout + 60, workdir)  # + interpreter start-up
     try:
         stats = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -422,6 +422,7 @@ def percentile(values: list[float], q: float) -> float:
 async def child_main(name: str, url: str, c: int, n: int, warmup: int, timeout: float) -> dict:
     if urlsplit(url).hostname != LOOPBACK:
         raise SystemExit(f"refusing non-loopback url {url}")
+    deadline = time.monotonic() + timeout  # one budget for warm-up and timed run
     client = CLIENT_CLASSES[name]()
     await client.start(url, c)
     try:
@@ -443,7 +444,7 @@ async def child_main(name: str, url: str, c: int, n: int, warmup: int, timeout: 
         await asyncio.sleep(0)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        results = await asyncio.wait_for(client.run(prompts), timeout)
+        results = await asyncio.wait_for(client.run(prompts), max(0.0, deadline - time.monotonic()))
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
