@@ -608,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     print(report(results, args.concurrency, args.clients, notes))
+    la = os.getloadavg()
+    print(f"\nload average at end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} cpus"
+          " (other work on the machine makes req/s noisy; CPU-s/10k is steadier)")
     print("\nreq/s, CPU and lag are medians over repeats. CPU-s/10k = user+sys of the client process"
           " over the timed requests (wrk: whole process). RSS = peak of the client process."
           " lag = lateness of a 1 ms asyncio sleep during the run.")
