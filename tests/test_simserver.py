@@ -339,6 +339,9 @@ def test_preemption_when_kv_cache_is_full(sim):
     assert metric(values, "batchgate_sim:oom_errors_total") == 0
     assert metric(values, "vllm:kv_cache_usage_perc") == 0  # all blocks came back
     assert srv.stats()["peak_kv_cache_usage"] == 1.0
+    tl = srv.timeline()
+    assert tl["preemptions"] == sorted(tl["preemptions"])  # cumulative
+    assert tl["preemptions"][-1] == preemptions
     # Preemption costs time, never answers: same texts as a roomy server.
     roomy = sim()
     for body, (_, data) in zip(bodies, results):
@@ -360,6 +363,7 @@ def test_naive_mode_fails_with_out_of_memory(sim):
     assert metric(values, "batchgate_sim:oom_errors_total") == len(failed)
     assert metric(values, "vllm:num_preemptions_total") == 0
     assert metric(values, "vllm:kv_cache_usage_perc") == 0
+    assert srv.timeline()["oom_errors"][-1] == len(failed)
     # The server is fine afterwards.
     status, _ = post(srv, "/v1/completions", _memory_heavy_bodies(1)[0])
     assert status == 200
@@ -390,7 +394,8 @@ def test_timeline_endpoint_and_api(sim):
     assert status == 200
     n = len(tl["t"])
     assert n > 10
-    assert len(tl["kv_cache_usage"]) == len(tl["running"]) == len(tl["waiting"]) == n
+    for series in ("kv_cache_usage", "running", "waiting", "preemptions", "oom_errors"):
+        assert len(tl[series]) == n, series
     assert tl["t"] == sorted(tl["t"])
     assert all(0 <= kv <= 1 for kv in tl["kv_cache_usage"])
     assert max(tl["kv_cache_usage"]) > 0 and max(tl["running"]) > 0

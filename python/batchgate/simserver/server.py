@@ -397,6 +397,9 @@ class SimServer:
                "Number of requests waiting to be processed.", len(e.waiting))
         metric("vllm:kv_cache_usage_perc", "gauge",
                "KV-cache usage. 1 means 100 percent usage.", e.kv_cache_usage)
+        # Deprecated name of the same gauge, still read by older dashboards.
+        metric("vllm:gpu_cache_usage_perc", "gauge",
+               "GPU KV-cache usage. 1 means 100 percent usage.", e.kv_cache_usage)
         metric("vllm:num_preemptions", "counter",
                "Cumulative number of preemption from the engine.", e.num_preemptions)
         metric("vllm:prompt_tokens", "counter",
