@@ -125,6 +125,15 @@ def test_completion_list_of_prompts_maps_indices(sim):
     assert texts[2] == texts[3] == singles[1]["choices"][0]["text"]
 
 
+def test_completion_token_id_prompts(sim):
+    srv = sim()
+    status, data = post(srv, "/v1/completions", {"prompt": [11, 22, 33], "max_tokens": 50})
+    assert status == 200 and data["usage"]["prompt_tokens"] == 3
+    status, data = post(srv, "/v1/completions", {"prompt": [[1, 2], [3]], "max_tokens": 50})
+    assert status == 200 and data["usage"]["prompt_tokens"] == 3
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+
+
 def test_sentiment_answer_is_json_with_counts_from_the_reviews(sim):
     from batchgate.reviews import SAMPLE_REVIEWS
     with open(SAMPLE_REVIEWS, encoding="utf-8") as f:
@@ -190,6 +199,8 @@ def test_max_tokens_truncates_with_finish_reason_length(sim):
     assert status == 200
     assert data["choices"][0]["finish_reason"] == "length"
     assert data["usage"]["completion_tokens"] == 3
+    assert post(srv, "/v1/completions", {"prompt": "a long enough prompt to echo",
+                                         "max_tokens": 3.0})[1]["choices"] == data["choices"]
     _, full = post(srv, "/v1/completions", {"prompt": "a long enough prompt to echo",
                                             "max_tokens": 500})
     assert full["choices"][0]["text"].startswith(data["choices"][0]["text"])
@@ -431,6 +442,9 @@ def test_bad_requests_get_errors_and_the_server_survives(sim):
         ("POST", "/v1/completions", b"", 400),
         ("POST", "/v1/completions", b'{"prompt": 5}', 400),
         ("POST", "/v1/completions", b'{"prompt": []}', 400),
+        ("POST", "/v1/completions", b'{"prompt": ""}', 400),
+        ("POST", "/v1/completions", b'{"prompt": ["a", ""]}', 400),
+        ("POST", "/v1/completions", b'{"prompt": [1, "a"]}', 400),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": "5"}', 400),
         ("POST", "/v1/completions", b'{"prompt": "x", "n": 0}', 400),
@@ -450,7 +464,7 @@ def test_bad_requests_get_errors_and_the_server_survives(sim):
             assert data["error"]["code"] == 400 and data["error"]["type"] == "BadRequestError"
         if status == 405:
             assert headers["allow"] == "POST"
-    assert srv.stats()["num_bad_requests"] == 13
+    assert srv.stats()["num_bad_requests"] == 16
     assert request(srv, "GET", "/health")[0] == 200
 
 

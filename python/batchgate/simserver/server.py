@@ -45,6 +45,8 @@ def _int_field(body: Dict[str, Any], name: str, default: Optional[int], minimum:
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():  # pydantic accepts 16.0 too
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(f"{name} must be an integer, got {json.dumps(value)[:40]}", param=name)
     if value < minimum:
@@ -285,6 +287,8 @@ class SimServer:
             prompt = body.get("prompt")
             texts: List[str]
             counts: List[int]
+            if prompt == "" or (isinstance(prompt, list) and "" in prompt):
+                raise ApiError("The prompt cannot be empty", param="prompt")
             if isinstance(prompt, str):
                 texts = [prompt]
                 counts = [answers.count_tokens(prompt)]
