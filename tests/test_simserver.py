@@ -530,6 +530,14 @@ def test_keep_alive_pipelining_chunked_and_expect(sim):
         while chunk := s.recv(65536):
             rest += chunk
         assert rest.startswith(b"HTTP/1.1 200 OK")
+    # A client that half-closes after its request still gets the answer, then EOF.
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(one)
+        s.shutdown(socket.SHUT_WR)
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 200 OK") and b"pipelined" in rest
     # HTTP/1.0 closes unless asked to keep alive.
     out = raw_exchange(srv.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in out
