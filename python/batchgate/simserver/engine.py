@@ -180,6 +180,7 @@ class Engine:
         self.running: List[Sequence] = []
         self.timeline = Timeline(non_negative("timeline_interval_s", timeline_interval_s),
                                  positive_int("timeline_max_samples", timeline_max_samples))
+        self._tokens_this_step = 0
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self.reset_stats()
