@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one step (default: max(8192, max-model-len))")
+                   help="token budget of one step; None means max(8192, max-model-len)")
     p.add_argument("--mode", choices=("preempt", "naive"), default="preempt",
                    help="preempt (vLLM) or naive (fail with out-of-memory)")
     p.add_argument("--step-base-s", type=float, default=0.02,
