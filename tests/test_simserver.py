@@ -153,6 +153,29 @@ def test_sentiment_answer_is_json_with_counts_from_the_reviews(sim):
     assert answers.classify("음식이 식었고 별로였어요") is False
 
 
+def test_fault_markers_for_client_tests(sim):
+    srv = sim()
+    garbage = sentiment_prompt(["좋아요", "별로 [[sim:garbage]]"])
+    for _ in range(2):
+        status, data = post(srv, "/v1/completions", {"prompt": garbage, "max_tokens": 50})
+        assert status == 200
+        with pytest.raises(ValueError):
+            json.loads(data["choices"][0]["text"])
+    once = sentiment_prompt(["좋아요", "별로 [[sim:garbage-once]]"])
+    first = post(srv, "/v1/completions", {"prompt": once, "max_tokens": 50})[1]
+    again = post(srv, "/v1/completions", {"prompt": once, "max_tokens": 50})[1]
+    with pytest.raises(ValueError):
+        json.loads(first["choices"][0]["text"])
+    assert json.loads(again["choices"][0]["text"]) == {"positive_count": 1, "negative_count": 1}
+    status, data = post(srv, "/v1/completions", {"prompt": "x [[sim:error]]"})
+    assert status == 500 and data["error"]["type"] == "InternalServerError"
+    assert data["error"]["code"] == 500
+    assert post(srv, "/v1/completions", {"prompt": "x [[sim:error]]"})[0] == 500
+    assert post(srv, "/v1/completions", {"prompt": "y [[sim:error-once]]"})[0] == 500
+    assert post(srv, "/v1/completions", {"prompt": "y [[sim:error-once]]"})[0] == 200
+    assert srv.stats()["num_bad_requests"] == 0
+
+
 def test_chat_completion(sim):
     srv = sim()
     messages = [{"role": "system", "content": "You count reviews."},
