@@ -629,6 +629,13 @@ def test_async_context_manager_and_stop_cancels_requests():
     asyncio.run(main())
 
 
+def test_thread_runner_numbers_stay_readable_after_stop():
+    with SimServerThread(step_base_s=0.0, step_per_token_s=0.0) as srv:
+        assert request(srv, "POST", "/v1/completions", {"prompt": "hi"})[0] == 200
+    assert srv.stats()["generation_tokens"] > 0
+    assert len(srv.timeline()["t"]) > 0
+
+
 def test_constructor_rejects_bad_settings():
     with pytest.raises(ValueError, match="max_model_len"):
         SimServer(kv_cache_tokens=1000, max_model_len=2048)

@@ -530,7 +530,11 @@ class SimServerThread:
         self._thread = None
 
     def call(self, fn, *args: Any) -> Any:
-        """Run fn(*args) on the server's loop and return its result."""
+        """Run fn(*args) on the server's loop and return its result (directly
+        once the server is stopped, so its numbers stay readable)."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn(*args)
+
         async def run() -> Any:
             return fn(*args)
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
