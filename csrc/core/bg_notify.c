@@ -1,6 +1,6 @@
 /* bg_notify.c - native event queue + wakeup fd (see bg_notify.h). */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#define _GNU_SOURCE /* pipe2, eventfd */
 #endif
 #include "bg_notify.h"
 
