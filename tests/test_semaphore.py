@@ -62,9 +62,23 @@ def loop_factories():
 
 
 def run(coro, loop_factory=None, debug=None):
-    # debug=True makes asyncio raise if a future is completed off the loop thread.
-    with asyncio.Runner(loop_factory=loop_factory, debug=debug) as runner:
-        return runner.run(asyncio.wait_for(coro, WAIT * 3))
+    """asyncio.run with a loop factory (asyncio.Runner is 3.11+). debug=True
+    makes asyncio raise if a future is completed off the loop thread."""
+    loop = (loop_factory or asyncio.new_event_loop)()
+    if debug is not None:
+        loop.set_debug(debug)
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(asyncio.wait_for(coro, WAIT * 3))
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 async def spin(n=5):
