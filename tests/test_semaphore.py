@@ -938,3 +938,33 @@ def test_bg_acquire_blocking_interrupted_by_signal():
     sem.release()
     assert sem.value == 1
     assert sem.acquire_blocking(timeout=0)
+
+
+def test_bg_native_thread_release_wakes_asyncio(loop_factory):
+    """The dispatcher's way: permits taken and returned through the C API by a
+    thread that never holds the GIL; asyncio waiters are woken via the fd."""
+    from batchgate import _native
+
+    async def main():
+        sem = batchgate.BoundedSemaphore(3)
+        assert _native._sem_native_try_acquire(sem, 3)
+        assert sem.locked() and sem.value == 0
+        got = []
+
+        async def worker(i):
+            await sem.acquire()
+            got.append(i)
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(3)]
+        await spin()
+        for k in range(3):
+            _native._sem_native_release_later(sem, 1, 5 * k)
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        assert got == [0, 1, 2]
+        assert sem.value == 0
+        sem.release(3)
+        assert not _native._sem_native_try_acquire(sem, 4)   # bound is 3
+        with pytest.raises(TypeError):
+            _native._sem_native_try_acquire(object(), 1)
+
+    run(main(), loop_factory, debug=True)
