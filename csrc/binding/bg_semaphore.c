@@ -416,9 +416,13 @@ static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored)
             PyObject *cb = PyObject_GetAttr((PyObject *)self, NAME(self->st, N_ON_READY));
             if (cb == NULL)
                 return NULL;
+            /* Set first: call_soon_threadsafe may drop the GIL (it writes the
+             * loop's self-pipe), and _on_ready may run before it returns. */
+            self->scheduled = 1;
             PyObject *h = PyObject_CallOneArg(self->call_soon_threadsafe, cb);
             Py_DECREF(cb);
             if (h == NULL) {
+                self->scheduled = 0;
                 /* Loop closed: stop watching. */
                 if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
                     PyErr_Clear();
@@ -427,7 +431,6 @@ static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored)
                 return NULL;
             }
             Py_DECREF(h);
-            self->scheduled = 1;
         }
     }
 }
