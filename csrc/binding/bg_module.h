@@ -24,10 +24,31 @@ static inline bg_state *bg_module_state(PyObject *module)
     return (bg_state *)PyModule_GetState(module);
 }
 
+/* The module that defined tp or one of its bases (borrowed), as
+ * PyType_GetModuleByDef does from 3.11 on. */
+static inline PyObject *bg_module_of_type(PyTypeObject *tp)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyType_GetModuleByDef(tp, &bg_moduledef);
+#else
+    PyObject *mro = tp->tp_mro;
+    for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(t->tp_flags & Py_TPFLAGS_HEAPTYPE))
+            continue;
+        PyObject *m = ((PyHeapTypeObject *)t)->ht_module;
+        if (m && PyModule_GetDef(m) == &bg_moduledef)
+            return m;
+    }
+    PyErr_Format(PyExc_TypeError, "%s is not a batchgate type", tp->tp_name);
+    return NULL;
+#endif
+}
+
 /* Module state reached from a heap type's method (defining class or type). */
 static inline bg_state *bg_state_from_type(PyTypeObject *tp)
 {
-    PyObject *m = PyType_GetModuleByDef(tp, &bg_moduledef);
+    PyObject *m = bg_module_of_type(tp);
     return m ? bg_module_state(m) : NULL;
 }
 

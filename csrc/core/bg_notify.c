@@ -1,5 +1,7 @@
 /* bg_notify.c - native event queue + wakeup fd (see bg_notify.h). */
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* pipe2, eventfd */
+#endif
 #include "bg_notify.h"
 
 #include <errno.h>
