@@ -14,6 +14,13 @@ typedef struct {
     /* Set by bg_module.c: the Python-level base of every batchgate error. */
     PyObject *BatchgateError;
     /* bg_semaphore.c adds its fields here. */
+    PyTypeObject *SemaphoreType;
+    PyTypeObject *BoundedSemaphoreType;
+    PyTypeObject *SemAcquireType;   /* awaitable returned by acquire() */
+    PyTypeObject *LoopNotifierType; /* per-loop wakeup fd + native queue */
+    PyObject *get_running_loop;     /* asyncio's _get_running_loop */
+    PyObject *loop_notifiers;       /* WeakKeyDictionary loop -> notifier */
+    PyObject *sem_names;            /* tuple of interned method names */
     /* bg_dispatcher.c adds its fields here. */
 } bg_state;
 
@@ -54,5 +61,8 @@ static inline bg_state *bg_state_from_type(PyTypeObject *tp)
 
 /* Per-file exec hooks, called in this order from the module's Py_mod_exec. */
 int bg_sizing_exec(PyObject *module, bg_state *st);
+int bg_semaphore_exec(PyObject *module, bg_state *st);
+int bg_semaphore_traverse(bg_state *st, visitproc visit, void *arg);
+void bg_semaphore_clear(bg_state *st);
 
 #endif /* BATCHGATE_BG_MODULE_H */

@@ -1,6 +1,6 @@
 """batchgate: push large volumes of LLM work through a vLLM server, fast and
 within a token budget. The core is the C extension ``batchgate._native``."""
-from ._native import BatchgateError, libcurl_version
+from ._native import BatchgateError, BoundedSemaphore, Semaphore, libcurl_version
 from .config import Config
 from .sizing import (
     Plan,
@@ -14,8 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchgateError",
+    "BoundedSemaphore",
     "Config",
     "Plan",
+    "Semaphore",
     "calculate_dynamic_batch_size",
     "estimate_many",
     "estimate_tokens",
