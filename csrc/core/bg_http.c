@@ -657,9 +657,9 @@ static void transfer_done(bg_engine *e, CURL *h, CURLcode code)
         schedule_retry(e, r);
         return;
     }
-    char *m = bg_json_error_message(r->rbuf, r->rlen, 1000);
-    set_message(r, "HTTP %ld after %d attempt(s): %s", status, r->attempts, m ? m : "");
-    free(m);
+    /* The server's own words; callers add status and attempts. */
+    free(r->message);
+    r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
     finish(e, r, BG_RES_HTTP);
 }
 

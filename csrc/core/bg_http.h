@@ -56,7 +56,8 @@ struct bg_request {
     int kind;             /* enum bg_result_kind */
     long status;          /* last HTTP status, 0 if none */
     int curl_code;        /* last CURLcode, 0 if none */
-    char *message;        /* owned (free with bg_request_clear): error text */
+    char *message;        /* owned (free with bg_request_clear): error text;
+                             for BG_RES_HTTP the server's message only */
     int attempts;         /* transfers started */
     bg_resp resp;         /* BG_RES_OK: parsed choices and usage */
     int64_t t_submit_ns, t_first_send_ns, t_done_ns; /* CLOCK_MONOTONIC */

@@ -371,7 +371,6 @@ static void test_retryable_statuses(void)
     item *it = run_one(&fx, "always [[status=503,msg=engine sleeping]]");
     CHECK(it->r.kind == BG_RES_HTTP && it->r.status == 503 && it->r.attempts == 4);
     CHECK_CONTAINS(it->r.message, "engine sleeping");
-    CHECK_CONTAINS(it->r.message, "4 attempt");
     free_items(it, 1);
     /* 400 is final at once, with vLLM's message. */
     it = run_one(&fx, "long [[status=400,msg=maximum context length is 4096 tokens]]");
