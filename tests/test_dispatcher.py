@@ -45,6 +45,16 @@ def make(fake, **kw):
     return Dispatcher(fake.base_url, **kw)
 
 
+async def settle(d):
+    """Engine-side cancellations finish asynchronously: wait until every
+    request is back and delivered (bounded)."""
+    for _ in range(250):
+        st = d.stats()
+        if st["live"] == 0 and st["undelivered"] == 0:
+            return
+        await asyncio.sleep(0.02)
+
+
 def assert_no_leaks(d, cap):
     st = d.stats()
     assert st["live"] == 0 and st["in_flight"] == 0 and st["undelivered"] == 0, st
@@ -293,7 +303,7 @@ def test_map_errors(fake):
             with pytest.raises(HTTPStatusError) as ei:
                 await d.map(["a", "b [[status=400]]"] + [f"z{i} [[delay=0.01]]" for i in range(200)])
             assert "item 1" in str(ei.value)
-            await asyncio.sleep(0.2)
+            await settle(d)
             assert_no_leaks(d, d.max_concurrent)
     run(main())
 
@@ -358,7 +368,7 @@ def test_as_completed_each_index_once(fake):
             async for _ in agen:
                 break
             await agen.aclose()
-            await asyncio.sleep(0.3)
+            await settle(d)
             assert_no_leaks(d, 10)
     run(main())
 
@@ -389,10 +399,7 @@ def test_cancel_half_of_5000(fake):
                     assert r.text == f"echo:k{i} [[delay=0.002]]"
                     ok += 1
             assert ok + cancelled == n and cancelled > n // 4
-            for _ in range(100):  # engine-side cancellations settle asynchronously
-                if d.stats()["live"] == 0:
-                    break
-                await asyncio.sleep(0.02)
+            await settle(d)
             assert_no_leaks(d, cap)
             assert d.stats()["max_in_flight"] <= cap
             # Still fully usable.
@@ -409,10 +416,7 @@ def test_cancel_map_task(fake):
             t.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await t
-            for _ in range(100):
-                if d.stats()["live"] == 0:
-                    break
-                await asyncio.sleep(0.02)
+            await settle(d)
             assert_no_leaks(d, 8)
     run(main())
     assert fake.stats()["requests"] < 500

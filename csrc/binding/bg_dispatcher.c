@@ -67,8 +67,15 @@ struct Core {
     Py_ssize_t live_items;
     int64_t default_max_tokens;
     int64_t token_cap;
+    bg_notify_node *backlog;  /* drained but not yet delivered (drain limit) */
+    PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
+    int resched;              /* _on_readable already scheduled via call_soon */
     PyObject *weakreflist;
 };
+
+/* At most this many completions per loop callback, so one callback never
+ * holds the loop for long; the rest follow in a call_soon. */
+#define DRAIN_LIMIT 256
 
 struct Job {
     PyObject_HEAD
@@ -168,28 +175,14 @@ static PyType_Spec template_spec = {
 
 /* ---- Result ------------------------------------------------------------ */
 
-static int result_traverse(Result *self, visitproc visit, void *arg)
-{
-    Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->text);
-    Py_VISIT(self->finish_reason);
-    Py_VISIT(self->texts);
-    return 0;
-}
-
-static int result_clear(Result *self)
-{
-    Py_CLEAR(self->text);
-    Py_CLEAR(self->finish_reason);
-    Py_CLEAR(self->texts);
-    return 0;
-}
-
+/* Not GC-tracked: a Result holds only str, None and a tuple of str, which
+ * cannot form cycles; a million results then cost no collector time. */
 static void result_dealloc(Result *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    result_clear(self);
+    Py_CLEAR(self->text);
+    Py_CLEAR(self->finish_reason);
+    Py_CLEAR(self->texts);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -266,8 +259,6 @@ static PyGetSetDef result_getset[] = {
 
 static PyType_Slot result_slots[] = {
     {Py_tp_dealloc, result_dealloc},
-    {Py_tp_traverse, result_traverse},
-    {Py_tp_clear, result_clear},
     {Py_tp_members, result_members},
     {Py_tp_getset, result_getset},
     {Py_tp_repr, result_repr},
@@ -278,8 +269,7 @@ static PyType_Slot result_slots[] = {
 static PyType_Spec result_spec = {
     .name = "batchgate.Result",
     .basicsize = sizeof(Result),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
-             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = result_slots,
 };
 
@@ -296,7 +286,7 @@ static PyObject *finish_reason_obj(bg_state *st, const char *fr)
 
 static PyObject *make_result(bg_state *st, const bg_request *r)
 {
-    Result *res = PyObject_GC_New(Result, st->ResultType);
+    Result *res = PyObject_New(Result, st->ResultType);
     if (!res)
         return NULL;
     res->text = res->finish_reason = res->texts = NULL;
@@ -307,7 +297,6 @@ static PyObject *make_result(bg_state *st, const bg_request *r)
     res->total_tokens = r->resp.usage.total_tokens;
     if (!r->resp.usage.present)
         res->prompt_tokens = res->completion_tokens = res->total_tokens = -1;
-    PyObject_GC_Track(res);
     const bg_resp *rs = &r->resp;
     if (rs->n_choices == 0) {
         res->text = PyUnicode_New(0, 0);
@@ -946,15 +935,23 @@ static void core_on_done(bg_request *r, void *ctx)
     bg_notify_push((bg_notify *)ctx, &it->node);
 }
 
-/* Drain finished requests (loop thread, GIL held). Returns how many. */
-static Py_ssize_t core_drain(Core *c, int deliver)
+/* Deliver up to limit finished requests (loop thread, GIL held): first the
+ * backlog, else a fresh drain of the queue. Returns how many. */
+static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
 {
-    bg_notify_node *n = bg_notify_drain(c->notify);
+    bg_notify_node *n = c->backlog;
+    c->backlog = NULL;
+    if (!n)
+        n = bg_notify_drain(c->notify);
     Py_ssize_t count = 0;
     Job *touched_stack[32];
     Job **touched = touched_stack;
     Py_ssize_t ntouched = 0, cap = 32;
     while (n) {
+        if (count >= limit) {
+            c->backlog = n;
+            break;
+        }
         bg_notify_node *next = n->next;
         DItem *it = n->payload;
         Job *j = it->job;
@@ -1014,7 +1011,21 @@ static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 {
     if (!self->st || self->pid != getpid() || !self->notify)
         Py_RETURN_NONE;
-    core_drain(self, 1);
+    self->resched = 0;
+    core_drain(self, 1, DRAIN_LIMIT);
+    if (self->backlog && self->call_soon) {
+        PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_on_readable");
+        PyObject *h = cb ? PyObject_CallOneArg(self->call_soon, cb) : NULL;
+        Py_XDECREF(cb);
+        if (h) {
+            Py_DECREF(h);
+            self->resched = 1;
+        } else {
+            /* Loop closing: deliver the rest now rather than never. */
+            PyErr_Clear();
+            core_drain(self, 1, PY_SSIZE_T_MAX);
+        }
+    }
     Py_RETURN_NONE;
 }
 
@@ -1036,6 +1047,17 @@ static PyObject *core_wait(Core *self, PyObject *arg)
     if (r < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyBool_FromLong(r);
+}
+
+/* bind(loop_or_None): remember loop.call_soon for backlog callbacks. */
+static PyObject *core_bind(Core *self, PyObject *loop)
+{
+    PyObject *cs = NULL;
+    if (loop != Py_None && !(cs = PyObject_GetAttrString(loop, "call_soon")))
+        return NULL;
+    Py_XSETREF(self->call_soon, cs);
+    self->resched = 0;
+    Py_RETURN_NONE;
 }
 
 static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
@@ -1168,7 +1190,8 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     bg_engine_close(e); /* on_done only pushes to the notify queue: no GIL needed */
     Py_END_ALLOW_THREADS
-    core_drain(self, !drop);
+    while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
+        ;
     bg_engine_destroy(e);
     self->engine = NULL;
     Py_RETURN_NONE;
@@ -1341,6 +1364,7 @@ static void core_dealloc(Core *self)
         bg_engine_destroy(e);
         Py_END_ALLOW_THREADS
     }
+    Py_CLEAR(self->call_soon);
     if (self->pid == getpid()) {
         if (self->notify)
             bg_notify_destroy(self->notify);
@@ -1356,6 +1380,13 @@ static void core_dealloc(Core *self)
 static int core_traverse(Core *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->call_soon);
+    return 0;
+}
+
+static int core_clear(Core *self)
+{
+    Py_CLEAR(self->call_soon);
     return 0;
 }
 
@@ -1364,6 +1395,7 @@ static PyMethodDef core_methods[] = {
      "Deliver finished requests (the loop's reader callback)."},
     {"wait", (PyCFunction)core_wait, METH_O, "Block until completions are ready (fallback)."},
     {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "The completion wakeup fd."},
+    {"bind", (PyCFunction)core_bind, METH_O, "Set the loop whose call_soon runs backlogs."},
     {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL, NULL},
     {"submit", (PyCFunction)core_submit, METH_VARARGS, NULL},
     {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL, NULL},
@@ -1385,6 +1417,7 @@ static PyMemberDef core_members[] = {
 static PyType_Slot core_slots[] = {
     {Py_tp_dealloc, core_dealloc},
     {Py_tp_traverse, core_traverse},
+    {Py_tp_clear, core_clear},
     {Py_tp_init, core_init},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_methods, core_methods},

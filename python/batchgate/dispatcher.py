@@ -54,7 +54,7 @@ class Dispatcher:
                  max_retries: Optional[int] = None,
                  headers: Optional[Mapping[str, str]] = None, verify: bool = True,
                  max_response_bytes: Optional[int] = 64 << 20,
-                 semaphore: Any = None, window: int = 4096, backoff: float = 0.5,
+                 semaphore: Any = None, window: Optional[int] = None, backoff: float = 0.5,
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16) -> None:
@@ -68,6 +68,9 @@ class Dispatcher:
             max_concurrent = Config.VLLM_MAX_CONCURRENT_BATCHES
         if max_retries is None:
             max_retries = Config.MAX_RETRIES
+        if window is None:
+            # Enough queued past the cap to keep it busy between loop turns.
+            window = min(4096, max(256, 4 * max_concurrent))
         for name, v in (("max_concurrent", max_concurrent), ("max_retries", max_retries),
                         ("window", window), ("max_connections", max_connections),
                         ("default_max_tokens", default_max_tokens)):
@@ -134,6 +137,7 @@ class Dispatcher:
         except NotImplementedError:
             # e.g. the Windows proactor loop: a thread waits on the fd instead.
             self._start_watcher(loop)
+        self._core.bind(loop)
         self._loop = loop
         return loop
 
@@ -154,6 +158,7 @@ class Dispatcher:
 
     def _unbind(self) -> None:
         loop, self._loop = self._loop, None
+        self._core.bind(None)
         if loop is not None and self._watcher is None and not loop.is_closed():
             try:
                 loop.remove_reader(self._core.fileno())
