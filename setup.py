@@ -4,6 +4,7 @@ Flags come from pkg-config (curl-config as a fallback for libcurl). Overrides:
   BATCHGATE_CFLAGS / BATCHGATE_LDFLAGS   extra compiler / linker flags
   BATCHGATE_WERROR=1                     warnings are errors (CI builds)
   BATCHGATE_DEBUG=1                      -O0 -g, asserts on
+  PKG_CONFIG                             the pkg-config program to use
 """
 import glob
 import os
@@ -33,9 +34,10 @@ def _run(cmd):
 
 def _pkg(name, fallback=None):
     """Return (cflags, libs) for a library, or exit with an install hint."""
-    if shutil.which("pkg-config"):
-        cflags = _run(["pkg-config", "--cflags", name])
-        libs = _run(["pkg-config", "--libs", name])
+    pkg_config = os.environ.get("PKG_CONFIG", "pkg-config")
+    if shutil.which(pkg_config):
+        cflags = _run([pkg_config, "--cflags", name])
+        libs = _run([pkg_config, "--libs", name])
         if cflags is not None and libs is not None:
             return cflags, libs
     if fallback and shutil.which(fallback[0]):

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every test tier that runs without a GPU or a real vLLM:
-#  1. the pure-C core under AddressSanitizer+UBSan, ThreadSanitizer and valgrind;
+#  1. the pure-C core under AddressSanitizer+UBSan, ThreadSanitizer and valgrind,
+#     and the estimator/planner under libFuzzer for BATCHGATE_FUZZ_SECONDS (20);
 #  2. pytest against the installed batchgate on the default python3;
 #  3. pytest again on the other Pythons 3.10-3.13 that pyenv has, each in a
 #     fresh venv (BATCHGATE_PYTHONS="3.12 3.13" picks them; "none" skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== C core: asan, tsan, valgrind"
+echo "== C core: asan, tsan, valgrind, libFuzzer"
 make -s -C tests/c all
+make -s -C tests/c fuzz FUZZ_SECONDS=${BATCHGATE_FUZZ_SECONDS:-20}
 
 echo "== pytest on $(python3 --version)"
 # Run from tests/ so the installed package is tested, not the source tree.

@@ -108,11 +108,7 @@ static inline enum cp_class classify_wide(uint32_t cp)
     return C_OTHER4;
 }
 
-/* Classes of code points below 256, built once from the same rules. */
-static unsigned char latin1_class[256];
-static pthread_once_t latin1_once = PTHREAD_ONCE_INIT;
-
-static enum cp_class classify_latin1_slow(uint32_t cp)
+static enum cp_class classify_latin1(uint32_t cp)
 {
     if ((cp >= 'A' && cp <= 'Z') || (cp >= 'a' && cp <= 'z'))
         return C_LETTER;
@@ -131,47 +127,81 @@ static enum cp_class classify_latin1_slow(uint32_t cp)
     return cp < 0x80 ? C_OTHER1 : C_OTHER2;
 }
 
-static void latin1_table_build(void)
+/* Lookup tables built once: the class of every BMP code point (64 KiB, so
+ * 1- and 2-byte strings classify with one load), and the milli-tokens a code
+ * point of class c adds after one of class p (its own weight, plus its
+ * class's run weight when it starts a run). With them the estimate is one
+ * load and one add per code point, no counters in memory. */
+#define NO_CLASS C_NCLASSES
+typedef struct {
+    unsigned char bmp[0x10000];
+    int64_t step[C_NCLASSES + 1][C_NCLASSES];
+} lookup_tables;
+
+static lookup_tables tables;
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+
+static void tables_build(void)
 {
-    for (uint32_t cp = 0; cp < 256; cp++)
-        latin1_class[cp] = (unsigned char)classify_latin1_slow(cp);
+    for (uint32_t cp = 0; cp < 0x10000; cp++)
+        tables.bmp[cp] = (unsigned char)(cp < 256 ? classify_latin1(cp) : classify_wide(cp));
+    for (int p = 0; p <= C_NCLASSES; p++)
+        for (int c = 0; c < C_NCLASSES; c++)
+            tables.step[p][c] = per_char_weight[c] + (p != c ? per_run_weight[c] : 0);
 }
 
-static const unsigned char *latin1_table(void)
+static const lookup_tables *get_tables(void)
 {
-    pthread_once(&latin1_once, latin1_table_build);
-    return latin1_class;
+    pthread_once(&tables_once, tables_build);
+    return &tables;
 }
 
-/* One pass per width: count characters and run starts per class. */
-#define DEFINE_COUNT_CLASSES(NAME, CHAR_T)                                        \
-    static void NAME(const CHAR_T *s, size_t len, uint64_t chars[C_NCLASSES],      \
-                     uint64_t runs[C_NCLASSES])                                     \
-    {                                                                              \
-        const unsigned char *table = latin1_table();                              \
-        int prev = -1;                                                             \
-        for (size_t i = 0; i < len; i++) {                                         \
-            uint32_t cp = (uint32_t)s[i];                                          \
-            int cls = cp < 256 ? table[cp] : (int)classify_wide(cp);               \
-            chars[cls]++;                                                          \
-            runs[cls] += (cls != prev);                                            \
-            prev = cls;                                                            \
-        }                                                                          \
+static inline int classify(const lookup_tables *t, uint32_t cp)
+{
+    return cp < 0x10000 ? t->bmp[cp] : (int)classify_wide(cp);
+}
+
+/* Per storage width: milli-tokens of a text, and per-class counts. */
+#define DEFINE_WIDTH_LOOPS(SUFFIX, CHAR_T)                                           \
+    static int64_t script_milli_##SUFFIX(const lookup_tables *t, const CHAR_T *s,    \
+                                         size_t len)                                 \
+    {                                                                                \
+        int64_t milli = 0;                                                           \
+        int prev = NO_CLASS;                                                         \
+        for (size_t i = 0; i < len; i++) {                                           \
+            int cls = classify(t, (uint32_t)s[i]);                                   \
+            milli += t->step[prev][cls];                                             \
+            prev = cls;                                                              \
+        }                                                                            \
+        return milli;                                                                \
+    }                                                                                \
+    static void count_classes_##SUFFIX(const lookup_tables *t, const CHAR_T *s,      \
+                                       size_t len, uint64_t chars[C_NCLASSES],       \
+                                       uint64_t runs[C_NCLASSES])                    \
+    {                                                                                \
+        int prev = NO_CLASS;                                                         \
+        for (size_t i = 0; i < len; i++) {                                           \
+            int cls = classify(t, (uint32_t)s[i]);                                   \
+            chars[cls]++;                                                            \
+            runs[cls] += (cls != prev);                                              \
+            prev = cls;                                                              \
+        }                                                                            \
     }
 
-DEFINE_COUNT_CLASSES(count_classes_ucs1, uint8_t)
-DEFINE_COUNT_CLASSES(count_classes_ucs2, uint16_t)
-DEFINE_COUNT_CLASSES(count_classes_ucs4, uint32_t)
+DEFINE_WIDTH_LOOPS(ucs1, uint8_t)
+DEFINE_WIDTH_LOOPS(ucs2, uint16_t)
+DEFINE_WIDTH_LOOPS(ucs4, uint32_t)
 
 static void count_classes(const void *data, size_t len, int width,
                           uint64_t chars[C_NCLASSES], uint64_t runs[C_NCLASSES])
 {
+    const lookup_tables *t = get_tables();
     memset(chars, 0, sizeof(uint64_t) * C_NCLASSES);
     memset(runs, 0, sizeof(uint64_t) * C_NCLASSES);
     switch (width) {
-    case 1: count_classes_ucs1((const uint8_t *)data, len, chars, runs); break;
-    case 2: count_classes_ucs2((const uint16_t *)data, len, chars, runs); break;
-    default: count_classes_ucs4((const uint32_t *)data, len, chars, runs); break;
+    case 1: count_classes_ucs1(t, (const uint8_t *)data, len, chars, runs); break;
+    case 2: count_classes_ucs2(t, (const uint16_t *)data, len, chars, runs); break;
+    default: count_classes_ucs4(t, (const uint32_t *)data, len, chars, runs); break;
     }
 }
 
@@ -208,15 +238,6 @@ static uint64_t milli_to_tokens(int64_t milli)
     return (uint64_t)((milli + 999) / 1000);
 }
 
-static uint64_t script_estimate(const uint64_t chars[C_NCLASSES],
-                                const uint64_t runs[C_NCLASSES])
-{
-    int64_t milli = 0;
-    for (int c = 0; c < C_NCLASSES; c++)
-        milli += (int64_t)chars[c] * per_char_weight[c] + (int64_t)runs[c] * per_run_weight[c];
-    return milli_to_tokens(milli);
-}
-
 uint64_t bg_estimate_ucs(const void *data, size_t len, int width,
                          enum bg_est_method method)
 {
@@ -224,9 +245,14 @@ uint64_t bg_estimate_ucs(const void *data, size_t len, int width,
         return 0;
     if (method == BG_EST_CHARS)
         return bg_estimate_chars_rule(len);
-    uint64_t chars[C_NCLASSES], runs[C_NCLASSES];
-    count_classes(data, len, width, chars, runs);
-    return script_estimate(chars, runs);
+    const lookup_tables *t = get_tables();
+    int64_t milli;
+    switch (width) {
+    case 1: milli = script_milli_ucs1(t, (const uint8_t *)data, len); break;
+    case 2: milli = script_milli_ucs2(t, (const uint16_t *)data, len); break;
+    default: milli = script_milli_ucs4(t, (const uint32_t *)data, len); break;
+    }
+    return milli_to_tokens(milli);
 }
 
 /* Decode one UTF-8 sequence; rejects overlongs, surrogates and > U+10FFFF. */
@@ -268,10 +294,10 @@ int bg_estimate_utf8(const char *str, size_t len, enum bg_est_method method,
                      uint64_t *tokens, size_t *err_offset)
 {
     const unsigned char *s = (const unsigned char *)str;
-    const unsigned char *table = latin1_table();
-    uint64_t chars[C_NCLASSES] = {0}, runs[C_NCLASSES] = {0};
+    const lookup_tables *t = get_tables();
+    int64_t milli = 0;
     uint64_t ncp = 0;
-    int prev = -1;
+    int prev = NO_CLASS;
     size_t i = 0;
     while (i < len) {
         size_t at = i;
@@ -281,9 +307,8 @@ int bg_estimate_utf8(const char *str, size_t len, enum bg_est_method method,
                 *err_offset = at;
             return -1;
         }
-        int cls = cp < 256 ? table[cp] : (int)classify_wide(cp);
-        chars[cls]++;
-        runs[cls] += (cls != prev);
+        int cls = classify(t, cp);
+        milli += t->step[prev][cls];
         prev = cls;
         ncp++;
     }
@@ -292,6 +317,6 @@ int bg_estimate_utf8(const char *str, size_t len, enum bg_est_method method,
     else if (method == BG_EST_CHARS)
         *tokens = bg_estimate_chars_rule(ncp);
     else
-        *tokens = script_estimate(chars, runs);
+        *tokens = milli_to_tokens(milli);
     return 0;
 }
