@@ -243,6 +243,9 @@ static bool mark_pending_locked(bg_engine *e)
     return wake;
 }
 
+/* The engine whose thread this is (NULL on other threads). */
+static _Thread_local bg_engine *tls_engine;
+
 /* Runs under the semaphore's lock on whatever thread released: tiny. */
 static void on_grant(bg_sem_waiter *w)
 {
@@ -252,7 +255,8 @@ static void on_grant(bg_sem_waiter *w)
     list_push(&e->ready, r);
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
-    if (wake)
+    /* Our own thread checks `pending` before it polls: no syscall needed. */
+    if (wake && tls_engine != e)
         curl_multi_wakeup(e->multi);
 }
 
@@ -713,6 +717,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
 static void *engine_main(void *arg)
 {
     bg_engine *e = arg;
+    tls_engine = e;
     for (;;) {
         pthread_mutex_lock(&e->mu);
         bg_request *in = e->inbox.head, *rd = e->ready.head;
