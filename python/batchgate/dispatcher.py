@@ -85,6 +85,10 @@ class Dispatcher:
                 raise TypeError("max_inflight_tokens must be an int or None")
             if max_inflight_tokens < 1:
                 raise ValueError(f"max_inflight_tokens must be >= 1, got {max_inflight_tokens}")
+        if semaphore is None:
+            # Our own cap, still a real batchgate.Semaphore: Python code can
+            # share it with `async with dispatcher.semaphore:`.
+            semaphore = _native.Semaphore(max_concurrent)
         hdr_lines = []
         for k, v in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -99,6 +103,7 @@ class Dispatcher:
             float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens)
         self.base_url = base_url
         self.model = model
+        self.semaphore = semaphore
         self.max_concurrent = max_concurrent
         self.max_inflight_tokens = max_inflight_tokens
         self.window = window
