@@ -353,6 +353,12 @@ def test_bad_input_is_a_clear_exception(fake):
         Dispatcher("http://127.0.0.1:1/v1", max_concurrent=0)
     with pytest.raises(TypeError):
         Dispatcher("http://127.0.0.1:1/v1", max_concurrent="3")
+    with pytest.raises(ValueError, match="timeout"):
+        Dispatcher("http://127.0.0.1:1/v1", timeout=-1)
+    with pytest.raises(TypeError, match="semaphore"):
+        Dispatcher("http://127.0.0.1:1/v1", semaphore=asyncio.Semaphore(2))
+    with pytest.raises(ValueError, match="max_inflight_tokens"):
+        Dispatcher("http://127.0.0.1:1/v1", max_inflight_tokens=0)
 
 
 # ---- streaming -----------------------------------------------------------
