@@ -456,6 +456,17 @@ def test_close_with_work_in_flight(fake):
     run(main())
 
 
+def test_aclose_wait_finishes_pending(fake):
+    async def main():
+        d = make(fake, max_concurrent=8)
+        tasks = [asyncio.ensure_future(d.generate(f"f{i} [[delay=0.05]]")) for i in range(40)]
+        await asyncio.sleep(0)
+        await d.aclose(wait=True)
+        res = await asyncio.gather(*tasks)
+        assert [r.text for r in res] == [f"echo:f{i} [[delay=0.05]]" for i in range(40)]
+    run(main())
+
+
 def test_reuse_across_event_loops(fake):
     d = make(fake)
     try:

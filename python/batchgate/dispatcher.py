@@ -300,9 +300,13 @@ class Dispatcher:
         max_in_flight, permits_free, ..."""
         return self._core.stats()
 
-    async def aclose(self) -> None:
-        """Cancel what is pending (each awaiting call gets ClosedError), stop
-        and join the engine thread."""
+    async def aclose(self, *, wait: bool = False) -> None:
+        """Stop and join the engine thread. By default what is still pending is
+        cancelled (each awaiting call gets ClosedError); with ``wait=True`` the
+        requests already submitted finish first."""
+        if wait and not self._closed:
+            while self._core.live:
+                await asyncio.sleep(0.005)
         self.close()
 
     def close(self) -> None:
