@@ -25,7 +25,6 @@
 #include <stdint.h>
 #include <time.h>
 
-enum { BG_NODE_SEM_GRANT = 1 };
 
 enum {
     N_CANCELLED,
@@ -200,7 +199,24 @@ static int release_into(Sem *s, int64_t n, worklist *wl)
 static int sem_give(Sem *s, int64_t n)
 {
     if (s->npending > 0 && s->notifier != NULL && on_bound_loop_thread(s)) {
-        worklist wl = {s->notifier->notify, NULL, NULL};
+        LoopNotifier *nt = s->notifier;
+        worklist wl = {nt->notify, NULL, NULL};
+        /* Grants other threads made earlier go first: wake in grant order.
+         * (Fallback mode: the watcher may have moved some to the ready list.) */
+        if (nt->ready_head) {
+            wl.head = nt->ready_head;
+            wl.tail = nt->ready_tail;
+            nt->ready_head = nt->ready_tail = NULL;
+        }
+        if (bg_notify_pending(wl.target)) {
+            bg_notify_node *more = bg_notify_drain(wl.target);
+            if (wl.tail)
+                wl.tail->next = more;
+            else
+                wl.head = more;
+            for (wl.tail = wl.head; wl.tail && wl.tail->next; wl.tail = wl.tail->next)
+                ;
+        }
         int rc = release_into(s, n, &wl);
         run_worklist(&wl);
         return rc;
@@ -261,6 +277,19 @@ static void process_grant(SemAcquire *a, worklist *wl)
     drop_inflight(a);
 }
 
+/* Handlers of other binding files' node kinds (set once at module exec). */
+static bg_loop_node_fn node_handlers[BG_LOOP_NODE_KINDS];
+
+int bg_loop_notifier_set_handler(int kind, bg_loop_node_fn fn)
+{
+    if (kind <= BG_NODE_SEM_GRANT || kind >= BG_LOOP_NODE_KINDS) {
+        PyErr_Format(PyExc_SystemError, "bad loop notifier node kind %d", kind);
+        return -1;
+    }
+    node_handlers[kind] = fn;
+    return 0;
+}
+
 static void run_worklist(worklist *wl)
 {
     bg_notify_node *node;
@@ -270,6 +299,8 @@ static void run_worklist(worklist *wl)
             wl->tail = NULL;
         if (node->kind == BG_NODE_SEM_GRANT)
             process_grant((SemAcquire *)node->payload, wl);
+        else if (node->kind > 0 && node->kind < BG_LOOP_NODE_KINDS && node_handlers[node->kind])
+            node_handlers[node->kind](node);
     }
 }
 
@@ -335,18 +366,41 @@ static PyObject *notifier_on_ready(LoopNotifier *self, PyObject *Py_UNUSED(ignor
     Py_RETURN_NONE;
 }
 
+/* 1 if the loop behind call_soon_threadsafe is closed, 0 if not, -1 error. */
+static int watched_loop_closed(LoopNotifier *self)
+{
+    PyObject *loop = PyObject_GetAttrString(self->call_soon_threadsafe, "__self__");
+    if (loop == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethod(loop, "is_closed", NULL);
+    Py_DECREF(loop);
+    if (r == NULL)
+        return -1;
+    int closed = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return closed;
+}
+
 /* Fallback watcher thread body: wait on the fd without the GIL, move drained
- * nodes to the ready list and schedule _on_ready on the loop. Ends when the
- * loop refuses (closed). */
+ * nodes to the ready list and schedule _on_ready on the loop. Ends once the
+ * loop is closed (checked every second while idle). */
 static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored))
 {
     for (;;) {
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = bg_notify_wait(self->notify, -1);
+        r = bg_notify_wait(self->notify, 1000);
         Py_END_ALLOW_THREADS
         if (r < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
+        if (r == 0) {
+            int closed = watched_loop_closed(self);
+            if (closed < 0)
+                return NULL;
+            if (closed)
+                Py_RETURN_NONE;
+            continue;
+        }
         bg_notify_node *list = bg_notify_drain(self->notify);
         if (list == NULL)
             continue;
@@ -364,8 +418,14 @@ static PyObject *notifier_watch(LoopNotifier *self, PyObject *Py_UNUSED(ignored)
                 return NULL;
             PyObject *h = PyObject_CallOneArg(self->call_soon_threadsafe, cb);
             Py_DECREF(cb);
-            if (h == NULL)
-                return NULL; /* loop closed: stop watching */
+            if (h == NULL) {
+                /* Loop closed: stop watching. */
+                if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+                    PyErr_Clear();
+                    Py_RETURN_NONE;
+                }
+                return NULL;
+            }
             Py_DECREF(h);
             self->scheduled = 1;
         }
@@ -441,7 +501,8 @@ static LoopNotifier *notifier_for_loop(bg_state *st, PyObject *loop)
     PyObject *found = PyObject_GetItem(st->loop_notifiers, loop);
     if (found != NULL)
         return (LoopNotifier *)found;
-    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+    /* TypeError: the loop cannot be weakly referenced (handled below). */
+    if (!PyErr_ExceptionMatches(PyExc_KeyError) && !PyErr_ExceptionMatches(PyExc_TypeError))
         return NULL;
     PyErr_Clear();
 
@@ -482,8 +543,13 @@ static LoopNotifier *notifier_for_loop(bg_state *st, PyObject *loop)
     } else {
         goto fail;
     }
-    if (PyObject_SetItem(st->loop_notifiers, loop, (PyObject *)nt) < 0)
-        goto fail;
+    if (PyObject_SetItem(st->loop_notifiers, loop, (PyObject *)nt) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto fail;
+        /* A loop without weakref support: this notifier serves only the
+         * semaphore that asked for it. */
+        PyErr_Clear();
+    }
     return nt;
 fail:
     Py_DECREF(nt);
@@ -1279,6 +1345,16 @@ static PyType_Spec bounded_spec = {
 
 /* ---- C API and module hooks ---- */
 
+PyObject *bg_loop_notifier(bg_state *st, PyObject *loop)
+{
+    return (PyObject *)notifier_for_loop(st, loop);
+}
+
+bg_notify *bg_loop_notifier_queue(PyObject *notifier)
+{
+    return ((LoopNotifier *)notifier)->notify;
+}
+
 bg_sem *bg_semaphore_core(bg_state *st, PyObject *obj)
 {
     if (!PyObject_TypeCheck(obj, st->SemaphoreType)) {
@@ -1293,8 +1369,84 @@ bg_sem *bg_semaphore_core(bg_state *st, PyObject *obj)
     return s->sem;
 }
 
+/* ---- test hooks: act on the counter the way the dispatcher thread does ---- */
+
+typedef struct {
+    bg_sem *sem;
+    int64_t n;
+    int delay_ms;
+} native_release_job;
+
+static void *native_release_thread(void *p)
+{
+    native_release_job *job = p;
+    struct timespec ts = {job->delay_ms / 1000, (long)(job->delay_ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+    bg_sem_release(job->sem, job->n); /* no GIL, no Python: like the engine */
+    bg_sem_decref(job->sem);
+    PyMem_RawFree(job);
+    return NULL;
+}
+
+static PyObject *test_native_release_later(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs)
+{
+    long long n;
+    int delay_ms;
+    if (nargs != 3 || !PyArg_Parse(args[1], "L", &n) || !PyArg_Parse(args[2], "i", &delay_ms))
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError,
+                                               "_sem_native_release_later(sem, n, delay_ms)");
+    bg_sem *core = bg_semaphore_core(bg_module_state(module), args[0]);
+    if (core == NULL)
+        return NULL;
+    native_release_job *job = PyMem_RawMalloc(sizeof *job);
+    if (job == NULL) {
+        bg_sem_decref(core);
+        return PyErr_NoMemory();
+    }
+    job->sem = core;
+    job->n = n;
+    job->delay_ms = delay_ms;
+    pthread_t th;
+    int rc = pthread_create(&th, NULL, native_release_thread, job);
+    if (rc != 0) {
+        bg_sem_decref(core);
+        PyMem_RawFree(job);
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    pthread_detach(th);
+    Py_RETURN_NONE;
+}
+
+static PyObject *test_native_try_acquire(PyObject *module, PyObject *const *args,
+                                         Py_ssize_t nargs)
+{
+    long long n;
+    if (nargs != 2 || !PyArg_Parse(args[1], "L", &n))
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError, "_sem_native_try_acquire(sem, n)");
+    bg_sem *core = bg_semaphore_core(bg_module_state(module), args[0]);
+    if (core == NULL)
+        return NULL;
+    bool ok = bg_sem_try_acquire(core, n);
+    bg_sem_decref(core);
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef sem_test_methods[] = {
+    {"_sem_native_release_later", (PyCFunction)(void (*)(void))test_native_release_later,
+     METH_FASTCALL, "Test hook: release n permits from a native thread (no GIL) later."},
+    {"_sem_native_try_acquire", (PyCFunction)(void (*)(void))test_native_try_acquire,
+     METH_FASTCALL, "Test hook: take n permits through the C API."},
+    {NULL, NULL, 0, NULL},
+};
+
 int bg_semaphore_exec(PyObject *module, bg_state *st)
 {
+    if (PyModule_AddFunctions(module, sem_test_methods) < 0)
+        return -1;
     PyObject *names = PyTuple_New(N_COUNT);
     if (names == NULL)
         return -1;

@@ -150,6 +150,14 @@ static void clear_fd(bg_notify *n)
     }
 }
 
+int bg_notify_pending(bg_notify *n)
+{
+    pthread_mutex_lock(&n->mu);
+    int p = n->head != NULL;
+    pthread_mutex_unlock(&n->mu);
+    return p;
+}
+
 bg_notify_node *bg_notify_drain(bg_notify *n)
 {
     /* Read the fd before taking the list: a push racing with us either lands

@@ -41,6 +41,9 @@ int bg_notify_push(bg_notify *n, bg_notify_node *node);
 /* Write the fd unconditionally (e.g. to stop a thread in bg_notify_wait). */
 void bg_notify_wake(bg_notify *n);
 
+/* True if nodes are queued (a snapshot). */
+int bg_notify_pending(bg_notify *n);
+
 /* Clear the fd, then take every queued node in push order (NULL if none). */
 bg_notify_node *bg_notify_drain(bg_notify *n);
 

@@ -55,6 +55,10 @@ class Semaphore:
 class BoundedSemaphore(Semaphore):
     """Semaphore whose release() past the initial value raises ValueError."""
 
+# Test hooks: act on a Semaphore's native counter as the dispatcher thread does.
+def _sem_native_release_later(sem: Semaphore, n: int, delay_ms: int) -> None: ...
+def _sem_native_try_acquire(sem: Semaphore, n: int) -> bool: ...
+
 # ---- dispatcher (bg_dispatcher.c) ----
 
 class HTTPStatusError(BatchgateError):

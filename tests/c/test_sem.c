@@ -289,15 +289,27 @@ static atomic_long max_held;  /* high-water mark */
 static atomic_long granted_total;
 static int stress_iters = 2000;
 
+/* The flag is mutex-protected (not atomic) so helgrind can follow it. */
 typedef struct {
     bg_sem_waiter w;
-    atomic_int granted;
+    pthread_mutex_t mu;
+    int granted;
 } async_waiter;
 
 static void async_grant(bg_sem_waiter *w)
 {
     async_waiter *aw = (async_waiter *)w->ctx;
-    atomic_store_explicit(&aw->granted, 1, memory_order_release);
+    pthread_mutex_lock(&aw->mu);
+    aw->granted = 1;
+    pthread_mutex_unlock(&aw->mu);
+}
+
+static int async_granted(async_waiter *aw)
+{
+    pthread_mutex_lock(&aw->mu);
+    int g = aw->granted;
+    pthread_mutex_unlock(&aw->mu);
+    return g;
 }
 
 static void take(int64_t n)
@@ -347,22 +359,24 @@ static void *stress_worker(void *p)
             }
         } else {
             async_waiter aw;
-            atomic_init(&aw.granted, 0);
+            aw.granted = 0;
+            pthread_mutex_init(&aw.mu, NULL);
             bg_sem_waiter_init(&aw.w, n, async_grant, &aw);
             int rc = bg_sem_acquire_async(s, &aw.w);
             if (rc == 1) {
                 take(n);
                 give(s, n);
+                pthread_mutex_destroy(&aw.mu);
                 continue;
             }
             int spins = rand_r(&seed) % 50;
             bool cancel = mode == 3;
-            for (int k = 0; !atomic_load_explicit(&aw.granted, memory_order_acquire); k++) {
+            for (int k = 0; !async_granted(&aw); k++) {
                 if (cancel && k >= spins)
                     break;
                 sched_yield();
             }
-            if (atomic_load_explicit(&aw.granted, memory_order_acquire) && !cancel) {
+            if (!cancel && async_granted(&aw)) {
                 take(n);
                 give(s, n);
             } else {
@@ -375,6 +389,9 @@ static void *stress_worker(void *p)
                     failures++;
                 }
             }
+            /* bg_sem_cancel or the observed grant ordered us after the
+             * callback's unlock, so the mutex is free to go. */
+            pthread_mutex_destroy(&aw.mu);
         }
     }
     return NULL;
