@@ -7,6 +7,7 @@
 #include <cjson/cJSON.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,22 @@ static const char *type_name(const cJSON *v)
     case cJSON_Object: return "object";
     default: return "invalid";
     }
+}
+
+/* cJSON's parser writes a process-wide "last error" on every call, so two
+ * threads parsing at once (several engines, or the loop thread building a
+ * template) race on it. Every parse in batchgate goes through this lock. */
+static pthread_mutex_t parse_mu = PTHREAD_MUTEX_INITIALIZER;
+
+struct cJSON *bg_json_parse(const char *s, size_t len, const char **end)
+{
+    const char *e = NULL;
+    pthread_mutex_lock(&parse_mu);
+    cJSON *v = cJSON_ParseWithLengthOpts(s, len, &e, 0);
+    pthread_mutex_unlock(&parse_mu);
+    if (end)
+        *end = e;
+    return v;
 }
 
 /* ---- growable buffer ------------------------------------------------- */
@@ -152,7 +169,7 @@ bg_tmpl *bg_tmpl_new(const char *model, const char *extra_json, size_t extra_len
     bool extra_has_model = false;
     if (extra_json && extra_len > 0) {
         const char *end = NULL;
-        root = cJSON_ParseWithLengthOpts(extra_json, extra_len, &end, 0);
+        root = bg_json_parse(extra_json, extra_len, &end);
         if (!root) {
             size_t off = end ? (size_t)(end - extra_json) : 0;
             set_err(err, errlen, "request params are not valid JSON (at byte %zu)", off);
@@ -324,7 +341,7 @@ char *bg_json_chat_body(const bg_tmpl *t, const char *messages_json, size_t mlen
 int bg_json_check_messages(const char *s, size_t len, char *err, size_t errlen)
 {
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(s, len, &end, 0);
+    cJSON *root = bg_json_parse(s, len, &end);
     int rc = -1;
     if (!root) {
         set_err(err, errlen, "messages are not valid JSON");
@@ -392,7 +409,7 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
 {
     memset(out, 0, sizeof(*out));
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+    cJSON *root = bg_json_parse(body, len, &end);
     if (!root) {
         size_t off = end ? (size_t)(end - body) : 0;
         char snippet[41];
@@ -544,7 +561,7 @@ static char *sanitized_copy(const char *s, size_t len, size_t max_len)
 char *bg_json_error_message(const char *body, size_t len, size_t max_len)
 {
     char *msg = NULL;
-    cJSON *root = body && len ? cJSON_ParseWithLength(body, len) : NULL;
+    cJSON *root = body && len ? bg_json_parse(body, len, NULL) : NULL;
     if (cJSON_IsObject(root)) {
         const cJSON *e = cJSON_GetObjectItemCaseSensitive(root, "error");
         const cJSON *m = NULL;

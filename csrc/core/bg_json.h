@@ -104,6 +104,12 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                            size_t expected, bg_resp *out, char *err, size_t errlen);
 void bg_resp_free(bg_resp *r);
 
+/* cJSON_ParseWithLengthOpts (no NUL required, trailing data allowed; *end,
+ * if given, is where parsing stopped or failed) under a process-wide lock:
+ * cJSON keeps its last error in a global, so unlocked parses on several
+ * threads race. Use this for every parse in the process's batchgate code. */
+struct cJSON *bg_json_parse(const char *s, size_t len, const char **end);
+
 /* Server message of an error body: {"error": {"message": m}}, {"error": m},
  * {"message": m}, {"detail": m}; otherwise the start of the body itself
  * (control characters replaced), at most max_len bytes. Returns a malloc'd

@@ -122,7 +122,7 @@ static void reset_server(void)
 static long stat_int(const char *name)
 {
     char *s = control("/_stats", false);
-    cJSON *j = s ? cJSON_Parse(s) : NULL;
+    cJSON *j = s ? bg_json_parse(s, strlen(s), NULL) : NULL;
     const cJSON *v = cJSON_GetObjectItem(j, name);
     long out = cJSON_IsNumber(v) ? (long)v->valuedouble : -1;
     cJSON_Delete(j);

@@ -34,7 +34,7 @@ static void test_escape(void)
     CHECK(bg_buf_append_json_string(&b, in, sizeof(in) - 1) == 0);
     CHECK(strcmp(b.data, "\"a\\\"b\\\\c\\n\\t\\u0001\xc3\xa9z\"") == 0);
     /* Round trip through cJSON. */
-    cJSON *v = cJSON_Parse(b.data);
+    cJSON *v = bg_json_parse(b.data, b.len, NULL);
     CHECK(cJSON_IsString(v) && strcmp(v->valuestring, in) == 0);
     cJSON_Delete(v);
     bg_buf_free(&b);
@@ -56,7 +56,7 @@ static void test_template_and_bodies(void)
     CHECK(body && len == strlen(body));
     /* Big integers pass through as written (not rounded through a double). */
     CHECK_CONTAINS(body, "12345678901234567");
-    cJSON *j = cJSON_Parse(body);
+    cJSON *j = bg_json_parse(body, strlen(body), NULL);
     CHECK(cJSON_IsObject(j));
     CHECK(strcmp(cJSON_GetObjectItem(j, "model")->valuestring, "qwen") == 0);
     CHECK(strcmp(cJSON_GetObjectItem(j, "prompt")->valuestring, "hi \"there\"") == 0);
@@ -66,14 +66,14 @@ static void test_template_and_bodies(void)
     free(body);
 
     body = bg_json_completions_body(t, p, 2, false, &len);
-    j = cJSON_Parse(body);
+    j = bg_json_parse(body, strlen(body), NULL);
     cJSON *arr = cJSON_GetObjectItem(j, "prompt");
     CHECK(cJSON_IsArray(arr) && cJSON_GetArraySize(arr) == 2);
     cJSON_Delete(j);
     free(body);
 
     body = bg_json_completions_body(t, p, 1, true, &len);
-    j = cJSON_Parse(body);
+    j = bg_json_parse(body, strlen(body), NULL);
     CHECK(cJSON_IsArray(cJSON_GetObjectItem(j, "prompt")));
     cJSON_Delete(j);
     free(body);
@@ -81,7 +81,7 @@ static void test_template_and_bodies(void)
     const char *msgs = "[{\"role\":\"user\",\"content\":\"hey\"}]";
     CHECK(bg_json_check_messages(msgs, strlen(msgs), err, sizeof(err)) == 0);
     body = bg_json_chat_body(t, msgs, strlen(msgs), &len);
-    j = cJSON_Parse(body);
+    j = bg_json_parse(body, strlen(body), NULL);
     CHECK(cJSON_IsArray(cJSON_GetObjectItem(j, "messages")));
     cJSON_Delete(j);
     free(body);
@@ -99,7 +99,7 @@ static void test_template_and_bodies(void)
     t = bg_tmpl_new("qwen", m2, strlen(m2), err, sizeof(err));
     CHECK(t && t->n_per_prompt == 3);
     body = bg_json_completions_body(t, p, 1, false, &len);
-    j = cJSON_Parse(body);
+    j = bg_json_parse(body, strlen(body), NULL);
     CHECK(strcmp(cJSON_GetObjectItem(j, "model")->valuestring, "other") == 0);
     cJSON_Delete(j);
     free(body);
