@@ -22,6 +22,15 @@ typedef struct {
     PyObject *loop_notifiers;       /* WeakKeyDictionary loop -> notifier */
     PyObject *sem_names;            /* tuple of interned method names */
     /* bg_dispatcher.c adds its fields here. */
+    PyTypeObject *DispatcherType;   /* _native._Dispatcher: engine + notifier */
+    PyTypeObject *JobType;          /* one generate/chat call or one map/as_completed */
+    PyTypeObject *TemplateType;     /* validated request params (bg_tmpl) */
+    PyTypeObject *ResultType;       /* batchgate.Result */
+    PyObject *HTTPStatusError, *TransportError, *TimeoutError, *MalformedResponseError,
+        *ClosedError;
+    PyObject *CancelledError;       /* asyncio.CancelledError */
+    PyObject *dsp_names;            /* tuple of interned names */
+    PyObject *dsp_stop, *dsp_length; /* common finish reasons, shared */
 } bg_state;
 
 extern PyModuleDef bg_moduledef;
@@ -64,5 +73,8 @@ int bg_sizing_exec(PyObject *module, bg_state *st);
 int bg_semaphore_exec(PyObject *module, bg_state *st);
 int bg_semaphore_traverse(bg_state *st, visitproc visit, void *arg);
 void bg_semaphore_clear(bg_state *st);
+int bg_dispatcher_exec(PyObject *module, bg_state *st);
+int bg_dispatcher_traverse(bg_state *st, visitproc visit, void *arg);
+void bg_dispatcher_clear(bg_state *st);
 
 #endif /* BATCHGATE_BG_MODULE_H */

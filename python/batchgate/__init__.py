@@ -2,6 +2,17 @@
 within a token budget. The core is the C extension ``batchgate._native``."""
 from ._native import BatchgateError, BoundedSemaphore, Semaphore, libcurl_version
 from .config import Config
+from .dispatcher import (
+    ClosedError,
+    Dispatcher,
+    HTTPStatusError,
+    MalformedResponseError,
+    Result,
+    TimeoutError,
+    TransportError,
+    process_batches,
+    vllm_generate,
+)
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -15,7 +26,16 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchgateError",
     "BoundedSemaphore",
+    "ClosedError",
     "Config",
+    "Dispatcher",
+    "HTTPStatusError",
+    "MalformedResponseError",
+    "Result",
+    "TimeoutError",
+    "TransportError",
+    "process_batches",
+    "vllm_generate",
     "Plan",
     "Semaphore",
     "calculate_dynamic_batch_size",

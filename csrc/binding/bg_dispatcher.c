@@ -1,0 +1,703 @@
+/* bg_dispatcher.c - batchgate._native._Dispatcher: the CPython face of the
+ * bg_http engine.
+ *
+ * Work is submitted as a _Job: one request (generate/chat), or a stream of
+ * prompts pulled from an iterator a window at a time (map/as_completed), so a
+ * million prompts never become a million Python objects in flight. The engine
+ * thread never takes the GIL: each finished request is pushed on the
+ * dispatcher's bg_notify queue, whose fd the event loop watches; the loop
+ * thread drains it in one GIL hold (_on_readable), builds Result objects or
+ * exceptions, refills windows and resolves futures.
+ */
+#include "bg_dispatcher.h"
+
+#include "bg_semaphore.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <structmember.h>
+#include <unistd.h>
+
+static const char *const dn_strs[DN_COUNT] = {
+    "done", "set_result", "set_exception", "status", "message", "attempts", "curl_code", "index",
+};
+
+static int core_check(Core *c)
+{
+    if (!c->st) {
+        PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ was not called");
+        return -1;
+    }
+    if (c->pid != getpid()) {
+        PyErr_SetString(c->st->BatchgateError,
+                        "this Dispatcher was created before fork(); create a new one in the "
+                        "child process");
+        return -1;
+    }
+    if (c->closed || !c->engine) {
+        PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Template ---------------------------------------------------------- */
+
+static void template_dealloc(Template *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    bg_tmpl_decref(self->tmpl);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *template_get_max_tokens(Template *self, void *Py_UNUSED(c))
+{
+    return self->tmpl->max_tokens < 0 ? Py_NewRef(Py_None)
+                                       : PyLong_FromLongLong(self->tmpl->max_tokens);
+}
+
+static PyObject *template_get_n(Template *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLongLong(self->tmpl->n_per_prompt);
+}
+
+static PyGetSetDef template_getset[] = {
+    {"max_tokens", (getter)template_get_max_tokens, NULL, NULL, NULL},
+    {"n", (getter)template_get_n, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot template_slots[] = {
+    {Py_tp_dealloc, template_dealloc},
+    {Py_tp_getset, template_getset},
+    {0, NULL},
+};
+
+static PyType_Spec template_spec = {
+    .name = "batchgate._native._Template",
+    .basicsize = sizeof(Template),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = template_slots,
+};
+
+/* ---- Core -------------------------------------------------------------- */
+
+/* Engine thread, no GIL, no engine lock: just queue it for the loop. */
+static void core_on_done(bg_request *r, void *ctx)
+{
+    DItem *it = r->user;
+    bg_notify_push((bg_notify *)ctx, &it->node);
+}
+
+/* Deliver up to limit finished requests (loop thread, GIL held): first the
+ * backlog, else a fresh drain of the queue. Returns how many. */
+static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
+{
+    bg_notify_node *n = c->backlog;
+    c->backlog = NULL;
+    if (!n)
+        n = bg_notify_drain(c->notify);
+    Py_ssize_t count = 0;
+    Job *touched_stack[32];
+    Job **touched = touched_stack;
+    Py_ssize_t ntouched = 0, cap = 32;
+    while (n) {
+        if (count >= limit) {
+            c->backlog = n;
+            break;
+        }
+        bg_notify_node *next = n->next;
+        DItem *it = n->payload;
+        Job *j = it->job;
+        if (deliver) {
+            bg_job_item_done(j, it);
+        } else {
+            /* Closed loop / interpreter exit: drop and release. */
+            j->live--;
+            c->live_items--;
+            j->finished = 1;
+            bg_job_item_release(j, it);
+        }
+        count++;
+        /* Remember the job once to refill/finish it after the batch. */
+        int seen = 0;
+        for (Py_ssize_t i = 0; i < ntouched && !seen; i++)
+            seen = touched[i] == j;
+        if (!seen) {
+            if (ntouched == cap) {
+                Job **bigger = malloc((size_t)cap * 2 * sizeof(Job *));
+                if (!bigger) {
+                    /* Finish this one now instead of later. */
+                    Py_INCREF(j);
+                    bg_job_maybe_finish(j);
+                    bg_job_drop_self(j);
+                    Py_DECREF(j);
+                    n = next;
+                    continue;
+                }
+                memcpy(bigger, touched, (size_t)ntouched * sizeof(Job *));
+                if (touched != touched_stack)
+                    free(touched);
+                touched = bigger;
+                cap *= 2;
+            }
+            Py_INCREF(j); /* bg_job_drop_self below may release the last other ref */
+            touched[ntouched++] = j;
+        }
+        n = next;
+    }
+    for (Py_ssize_t i = 0; i < ntouched; i++) {
+        Job *j = touched[i];
+        if (deliver && !c->closed && c->engine)
+            (void)bg_job_refill(j);
+        if (deliver)
+            bg_job_maybe_finish(j);
+        bg_job_drop_self(j);
+        Py_DECREF(j);
+    }
+    if (touched != touched_stack)
+        free(touched);
+    PyErr_Clear();
+    return count;
+}
+
+static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->st || self->pid != getpid() || !self->notify)
+        Py_RETURN_NONE;
+    self->resched = 0;
+    core_drain(self, 1, DRAIN_LIMIT);
+    if (self->backlog && self->call_soon) {
+        PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_on_readable");
+        PyObject *h = cb ? PyObject_CallOneArg(self->call_soon, cb) : NULL;
+        Py_XDECREF(cb);
+        if (h) {
+            Py_DECREF(h);
+            self->resched = 1;
+        } else {
+            /* Loop closing: deliver the rest now rather than never. */
+            PyErr_Clear();
+            core_drain(self, 1, PY_SSIZE_T_MAX);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* Fallback for loops without add_reader: block (GIL released) until the fd
+ * is readable or timeout_ms passes. Returns True if readable. */
+static PyObject *core_wait(Core *self, PyObject *arg)
+{
+    long timeout = PyLong_AsLong(arg);
+    if (timeout == -1 && PyErr_Occurred())
+        return NULL;
+    if (timeout > 1000000)
+        timeout = 1000000;
+    if (!self->notify)
+        Py_RETURN_FALSE;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = bg_notify_wait(self->notify, (int)timeout);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r);
+}
+
+/* bind(loop_or_None): remember loop.call_soon for backlog callbacks. */
+static PyObject *core_bind(Core *self, PyObject *loop)
+{
+    PyObject *cs = NULL;
+    if (loop != Py_None && !(cs = PyObject_GetAttrString(loop, "call_soon")))
+        return NULL;
+    Py_XSETREF(self->call_soon, cs);
+    self->resched = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    if (core_check(self) < 0)
+        return NULL;
+    return PyLong_FromLong(bg_notify_fd(self->notify));
+}
+
+/* template(params_json: str | None) -> _Template */
+static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (core_check(self) < 0)
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "template(model, params_json)");
+        return NULL;
+    }
+    const char *model = NULL, *extra = NULL;
+    Py_ssize_t elen = 0;
+    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8(args[0])))
+        return NULL;
+    if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
+        return NULL;
+    char err[300];
+    bg_tmpl *t = bg_tmpl_new(model, extra, (size_t)elen, err, sizeof(err));
+    if (!t) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Template *obj = PyObject_New(Template, self->st->TemplateType);
+    if (!obj) {
+        bg_tmpl_decref(t);
+        return NULL;
+    }
+    obj->tmpl = t;
+    return (PyObject *)obj;
+}
+
+/* submit(mode, chat, source, template, future, window, return_exceptions) -> _Job
+ * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator. */
+static PyObject *core_submit(Core *self, PyObject *args)
+{
+    int mode, chat, return_exceptions;
+    PyObject *source, *tmpl, *fut;
+    Py_ssize_t window;
+    if (!PyArg_ParseTuple(args, "ipOOOnp", &mode, &chat, &source, &tmpl, &fut, &window,
+                          &return_exceptions))
+        return NULL;
+    if (core_check(self) < 0)
+        return NULL;
+    bg_state *st = self->st;
+    if (!PyObject_TypeCheck(tmpl, st->TemplateType)) {
+        PyErr_SetString(PyExc_TypeError, "template must come from Dispatcher.template()");
+        return NULL;
+    }
+    if (mode < JOB_ONE || mode > JOB_STREAM) {
+        PyErr_SetString(PyExc_ValueError, "bad job mode");
+        return NULL;
+    }
+    if (mode == JOB_ONE)
+        window = 1;
+    if (window < 1 || window > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError, "window must be in 1..%d, got %zd", 1 << 24, window);
+        return NULL;
+    }
+    Job *j = PyObject_GC_New(Job, st->JobType);
+    if (!j)
+        return NULL;
+    memset((char *)j + sizeof(PyObject), 0, sizeof(Job) - sizeof(PyObject));
+    j->core = (Core *)Py_NewRef(self);
+    j->tmpl_obj = Py_NewRef(tmpl);
+    j->tmpl = ((Template *)tmpl)->tmpl;
+    j->mode = mode;
+    j->endpoint = chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->group = ++self->next_id;
+    j->window = window;
+    j->return_exceptions = return_exceptions;
+    j->fut = fut == Py_None ? NULL : Py_NewRef(fut);
+    PyObject_GC_Track(j);
+    j->slots = calloc((size_t)window, sizeof(DItem));
+    j->free_slots = malloc((size_t)window * sizeof(DItem *));
+    if (!j->slots || !j->free_slots) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < window; i++)
+        j->free_slots[i] = &j->slots[window - 1 - i];
+    j->nfree = window;
+    if (mode == JOB_ONE) {
+        j->source = Py_NewRef(source);
+    } else {
+        j->source = PyObject_GetIter(source);
+        if (!j->source)
+            goto fail;
+    }
+    if (mode == JOB_MAP && !(j->results = PyList_New(0)))
+        goto fail;
+    if (mode == JOB_STREAM && !(j->ready = PyList_New(0)))
+        goto fail;
+    if (bg_job_refill(j) < 0)
+        goto fail;
+    bg_job_maybe_finish(j); /* an empty input finishes at once */
+    return (PyObject *)j;
+fail:
+    Py_DECREF(j);
+    return NULL;
+}
+
+/* close(drop=False): stop the engine (every unfinished request ends with
+ * ClosedError), join its thread with the GIL released, then deliver - or
+ * with drop=True just release (no loop to deliver to). */
+static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int drop = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
+    if (drop < 0)
+        return NULL;
+    if (!self->st)
+        Py_RETURN_NONE;
+    if (self->pid != getpid()) {
+        /* Forked child: the engine thread does not exist here; leak it. */
+        self->engine = NULL;
+        self->closed = 1;
+        Py_RETURN_NONE;
+    }
+    if (!self->engine)
+        Py_RETURN_NONE;
+    self->closed = 1;
+    bg_engine *e = self->engine;
+    Py_BEGIN_ALLOW_THREADS
+    bg_engine_close(e); /* on_done only pushes to the notify queue: no GIL needed */
+    Py_END_ALLOW_THREADS
+    while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
+        ;
+    bg_engine_destroy(e);
+    self->engine = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_stats(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    bg_engine_stats s = {0};
+    if (self->engine && self->pid == getpid())
+        bg_engine_get_stats(self->engine, &s);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsnsLsL}", "submitted", (unsigned long long)s.submitted, "completed",
+        (unsigned long long)s.completed, "attempts", (unsigned long long)s.attempts, "retries",
+        (unsigned long long)s.retries, "live", (unsigned long long)s.live, "in_flight",
+        (unsigned long long)s.in_flight, "max_in_flight", (unsigned long long)s.max_in_flight,
+        "undelivered", self->live_items, "permits_free",
+        (long long)(self->count ? bg_sem_value(self->count) : -1), "tokens_free",
+        (long long)(self->tokens ? bg_sem_value(self->tokens) : -1));
+}
+
+static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(self->live_items);
+}
+
+static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->closed);
+}
+
+static int core_init(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"base_url", "api_key", "max_concurrent", "semaphore",
+                             "max_inflight_tokens", "timeout", "connect_timeout", "max_retries",
+                             "headers", "verify", "max_response_bytes", "backoff",
+                             "max_backoff", "max_retry_after", "retry_timeouts",
+                             "max_connections", "default_max_tokens", NULL};
+    const char *base_url, *api_key = NULL;
+    Py_ssize_t max_concurrent = 20, max_tokens_cap = 0, max_retries = 3, max_resp = 64 << 20;
+    Py_ssize_t max_conn = 0, default_max_tokens = 16;
+    PyObject *semaphore = Py_None, *headers = Py_None;
+    double timeout = 600, connect_timeout = 10, backoff = 0.5, max_backoff = 30,
+           max_retry_after = 60;
+    int verify = 1, retry_timeouts = 0;
+    if (self->engine || self->notify) {
+        PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ called twice");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|znOnddnOpndddpnn", kwlist, &base_url,
+                                     &api_key, &max_concurrent, &semaphore, &max_tokens_cap,
+                                     &timeout, &connect_timeout, &max_retries, &headers, &verify,
+                                     &max_resp, &backoff, &max_backoff, &max_retry_after,
+                                     &retry_timeouts, &max_conn, &default_max_tokens))
+        return -1;
+    bg_state *st = bg_state_from_type(Py_TYPE(self));
+    if (!st)
+        return -1;
+    self->st = st;
+    self->pid = getpid();
+    self->default_max_tokens = default_max_tokens;
+    const char **hdrs = NULL;
+    Py_ssize_t nh = 0;
+    PyObject *hseq = NULL;
+    char err[300];
+    if (semaphore != Py_None) {
+        self->count = bg_semaphore_core(st, semaphore);
+        if (!self->count)
+            return -1;
+    } else {
+        if (max_concurrent < 1) {
+            PyErr_Format(PyExc_ValueError, "max_concurrent must be >= 1, got %zd", max_concurrent);
+            return -1;
+        }
+        self->count = bg_sem_create(max_concurrent, max_concurrent);
+        if (!self->count) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    if (max_tokens_cap < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_inflight_tokens must be positive");
+        goto fail;
+    }
+    if (max_tokens_cap > 0) {
+        self->token_cap = max_tokens_cap;
+        self->tokens = bg_sem_create(max_tokens_cap, max_tokens_cap);
+        if (!self->tokens) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    if (headers != Py_None) {
+        hseq = PySequence_Fast(headers, "headers must be a sequence of 'Name: value' strings");
+        if (!hseq)
+            goto fail;
+        nh = PySequence_Fast_GET_SIZE(hseq);
+        hdrs = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
+        if (!hdrs) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nh; i++) {
+            hdrs[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(hseq, i));
+            if (!hdrs[i])
+                goto fail;
+        }
+    }
+    self->notify = bg_notify_create();
+    if (!self->notify) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.api_key = api_key;
+    c.headers = hdrs;
+    c.n_headers = (size_t)nh;
+    c.timeout_ms = timeout > 0 ? (long)(timeout * 1000) : 0;
+    c.connect_timeout_ms = connect_timeout > 0 ? (long)(connect_timeout * 1000) : 0;
+    c.max_retries = (int)max_retries;
+    c.verify_tls = verify;
+    c.retry_timeouts = retry_timeouts;
+    c.max_response_bytes = max_resp > 0 ? (size_t)max_resp : 0;
+    c.backoff_base_s = backoff;
+    c.backoff_max_s = max_backoff;
+    c.retry_after_max_s = max_retry_after;
+    c.max_connections = (long)max_conn;
+    c.count_sem = self->count;
+    c.token_sem = self->tokens;
+    c.token_cap = self->token_cap;
+    c.on_done = core_on_done;
+    c.done_ctx = self->notify;
+    if (max_retries < 0 || max_retries > 1000) {
+        PyErr_Format(PyExc_ValueError, "max_retries must be in 0..1000, got %zd", max_retries);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    self->engine = bg_engine_create(&c, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (!self->engine) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto fail;
+    }
+    PyMem_Free(hdrs);
+    Py_XDECREF(hseq);
+    return 0;
+fail:
+    PyMem_Free(hdrs);
+    Py_XDECREF(hseq);
+    if (self->notify) {
+        bg_notify_destroy(self->notify);
+        self->notify = NULL;
+    }
+    return -1;
+}
+
+static void core_dealloc(Core *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->engine && self->pid == getpid()) {
+        /* Jobs hold a reference to us while they have items in the engine, so
+         * nothing here has a job left to deliver to. */
+        bg_engine *e = self->engine;
+        self->engine = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        bg_engine_destroy(e);
+        Py_END_ALLOW_THREADS
+    }
+    Py_CLEAR(self->call_soon);
+    if (self->pid == getpid()) {
+        if (self->notify)
+            bg_notify_destroy(self->notify);
+        if (self->count)
+            bg_sem_decref(self->count);
+        if (self->tokens)
+            bg_sem_decref(self->tokens);
+    }
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static int core_traverse(Core *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->call_soon);
+    return 0;
+}
+
+static int core_clear(Core *self)
+{
+    Py_CLEAR(self->call_soon);
+    return 0;
+}
+
+static PyMethodDef core_methods[] = {
+    {"_on_readable", (PyCFunction)core_on_readable, METH_NOARGS,
+     "Deliver finished requests (the loop's reader callback)."},
+    {"wait", (PyCFunction)core_wait, METH_O, "Block until completions are ready (fallback)."},
+    {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "The completion wakeup fd."},
+    {"bind", (PyCFunction)core_bind, METH_O, "Set the loop whose call_soon runs backlogs."},
+    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL, NULL},
+    {"submit", (PyCFunction)core_submit, METH_VARARGS, NULL},
+    {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL, NULL},
+    {"stats", (PyCFunction)core_stats, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"live", (getter)core_get_live, NULL, "requests submitted and not yet delivered", NULL},
+    {"closed", (getter)core_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(Core, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot core_slots[] = {
+    {Py_tp_dealloc, core_dealloc},
+    {Py_tp_traverse, core_traverse},
+    {Py_tp_clear, core_clear},
+    {Py_tp_init, core_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_methods, core_methods},
+    {Py_tp_getset, core_getset},
+    {Py_tp_members, core_members},
+    {0, NULL},
+};
+
+static PyType_Spec core_spec = {
+    .name = "batchgate._native._Dispatcher",
+    .basicsize = sizeof(Core),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = core_slots,
+};
+
+/* ---- module hooks -------------------------------------------------------- */
+
+static PyObject *new_error(PyObject *module, const char *name, const char *doc, PyObject *bases)
+{
+    char full[100];
+    snprintf(full, sizeof(full), "batchgate.%s", name);
+    PyObject *cls = PyErr_NewExceptionWithDoc(full, doc, bases, NULL);
+    if (cls && PyModule_AddObjectRef(module, name, cls) < 0)
+        Py_CLEAR(cls);
+    return cls;
+}
+
+int bg_dispatcher_exec(PyObject *module, bg_state *st)
+{
+    PyObject *names = PyTuple_New(DN_COUNT);
+    if (!names)
+        return -1;
+    for (int i = 0; i < DN_COUNT; i++) {
+        PyObject *s = PyUnicode_InternFromString(dn_strs[i]);
+        if (!s) {
+            Py_DECREF(names);
+            return -1;
+        }
+        PyTuple_SET_ITEM(names, i, s);
+    }
+    st->dsp_names = names;
+    st->dsp_stop = PyUnicode_InternFromString("stop");
+    st->dsp_length = PyUnicode_InternFromString("length");
+    if (!st->dsp_stop || !st->dsp_length)
+        return -1;
+    PyObject *asyncio = PyImport_ImportModule("asyncio");
+    if (!asyncio)
+        return -1;
+    st->CancelledError = PyObject_GetAttrString(asyncio, "CancelledError");
+    Py_DECREF(asyncio);
+    if (!st->CancelledError)
+        return -1;
+
+    st->HTTPStatusError = new_error(module, "HTTPStatusError",
+                                    "The server answered with an error status (after retries). "
+                                    "Attributes: status, message, attempts.",
+                                    st->BatchgateError);
+    st->TransportError = new_error(module, "TransportError",
+                                   "The connection failed (refused, reset, cut short) after "
+                                   "retries. Attributes: curl_code, message, attempts.",
+                                   st->BatchgateError);
+    PyObject *tb = PyTuple_Pack(2, st->BatchgateError, PyExc_TimeoutError);
+    if (!tb)
+        return -1;
+    st->TimeoutError = new_error(module, "TimeoutError",
+                                 "A connect or total timeout expired.", tb);
+    Py_DECREF(tb);
+    st->MalformedResponseError = new_error(
+        module, "MalformedResponseError",
+        "A 2xx answer that is not what the API promises (not JSON, wrong shape, too big).",
+        st->BatchgateError);
+    st->ClosedError = new_error(module, "ClosedError", "The Dispatcher was closed.",
+                                st->BatchgateError);
+    if (!st->HTTPStatusError || !st->TransportError || !st->TimeoutError ||
+        !st->MalformedResponseError || !st->ClosedError)
+        return -1;
+
+    st->TemplateType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &template_spec, NULL);
+    st->ResultType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_result_spec, NULL);
+    st->JobType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_job_spec, NULL);
+    st->DispatcherType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
+    if (!st->TemplateType || !st->ResultType || !st->JobType || !st->DispatcherType)
+        return -1;
+    if (PyModule_AddObjectRef(module, "Result", (PyObject *)st->ResultType) < 0 ||
+        PyModule_AddObjectRef(module, "_Dispatcher", (PyObject *)st->DispatcherType) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "JOB_ONE", JOB_ONE) < 0 ||
+        PyModule_AddIntConstant(module, "JOB_MAP", JOB_MAP) < 0 ||
+        PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0)
+        return -1;
+    return 0;
+}
+
+int bg_dispatcher_traverse(bg_state *st, visitproc visit, void *arg)
+{
+    Py_VISIT(st->DispatcherType);
+    Py_VISIT(st->JobType);
+    Py_VISIT(st->TemplateType);
+    Py_VISIT(st->ResultType);
+    Py_VISIT(st->HTTPStatusError);
+    Py_VISIT(st->TransportError);
+    Py_VISIT(st->TimeoutError);
+    Py_VISIT(st->MalformedResponseError);
+    Py_VISIT(st->ClosedError);
+    Py_VISIT(st->CancelledError);
+    Py_VISIT(st->dsp_names);
+    Py_VISIT(st->dsp_stop);
+    Py_VISIT(st->dsp_length);
+    return 0;
+}
+
+void bg_dispatcher_clear(bg_state *st)
+{
+    Py_CLEAR(st->DispatcherType);
+    Py_CLEAR(st->JobType);
+    Py_CLEAR(st->TemplateType);
+    Py_CLEAR(st->ResultType);
+    Py_CLEAR(st->HTTPStatusError);
+    Py_CLEAR(st->TransportError);
+    Py_CLEAR(st->TimeoutError);
+    Py_CLEAR(st->MalformedResponseError);
+    Py_CLEAR(st->ClosedError);
+    Py_CLEAR(st->CancelledError);
+    Py_CLEAR(st->dsp_names);
+    Py_CLEAR(st->dsp_stop);
+    Py_CLEAR(st->dsp_length);
+}
