@@ -1,0 +1,66 @@
+"""python -m batchgate.simserver: serve the simulated vLLM until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import List, Optional
+
+from .server import DEFAULT_MODEL, SimServer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m batchgate.simserver",
+        description="A local vLLM look-alike that models KV-cache memory (no GPU).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    p.add_argument("--kv-cache-tokens", type=int, default=131072)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=32768)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--mode", choices=("preempt", "naive"), default="preempt",
+                   help="preempt (vLLM) or naive (fail with out-of-memory)")
+    p.add_argument("--step-base-s", type=float, default=0.02,
+                   help="fixed time of one engine step")
+    p.add_argument("--step-per-token-s", type=float, default=0.00005,
+                   help="extra step time per token processed in the step")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = SimServer(
+        kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
+        step_base_s=args.step_base_s, step_per_token_s=args.step_per_token_s,
+        model=args.model)
+    await server.start(args.host, args.port)
+    print(f"batchgate simserver: {server.base_url} (model {server.model}, mode {server.mode}, "
+          f"KV cache {server.engine.num_blocks} blocks x {server.engine.block_size} tokens)",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except (TypeError, ValueError, OSError) as e:
+        print(f"batchgate simserver: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Deterministic answers and token counts for the simulated server.
+
+Answers depend only on the prompt text, so a run against the simulator is
+reproducible. Prompts that ask for ``positive_count`` and ``negative_count``
+(batchgate's built-in sentiment prompt) get a valid JSON answer whose counts
+come from keyword rules over the reviews in the prompt:
+
+- the reviews are the prompt's list-item lines ("1. ...", "2) ...", "[3] ...",
+  "- ...", "* ..."), or, when there are none, every non-empty line that does
+  not mention the answer keys and does not end with ":";
+- a review is positive when it has more positive than negative keyword hits,
+  negative when it has more negative hits, and a tie is broken by a CRC of the
+  text, so ``positive_count + negative_count`` always equals the number of
+  reviews.
+
+Any other prompt gets an echo-like text that names the prompt's size and
+repeats its start.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from typing import Callable, List, Sequence, Tuple
+
+try:  # the calibrated native estimator, when the package is built
+    from batchgate.sizing import estimate_tokens as _native_estimate
+
+    def _count(text: str) -> int:
+        return _native_estimate(text)
+except ImportError:  # pragma: no cover - only without the C extension
+    def _count(text: str) -> int:
+        return math.ceil(len(text) / 3.5)
+
+count_tokens: Callable[[str], int] = _count
+
+# Chat-template overhead per message (role markers) and for the reply header,
+# roughly what Qwen2.5's template adds.
+CHAT_TOKENS_PER_MESSAGE = 5
+CHAT_REPLY_TOKENS = 3
+
+_POSITIVE = (
+    # Korean
+    "맛있", "맛나", "좋", "추천", "만족", "최고", "친절", "훌륭", "괜찮", "또 올", "또 가",
+    "재방문", "감사", "깔끔", "신선", "대박", "굿", "강추", "행복", "푸짐", "정성",
+    # English
+    "good", "great", "delicious", "tasty", "love", "excellent", "amazing", "awesome",
+    "recommend", "friendly", "nice", "fresh", "perfect", "best",
+    # emoji
+    "👍", "😊", "😍", "❤", "🥰", "😋",
+)
+_NEGATIVE = (
+    "별로", "실망", "최악", "불친절", "비싸", "느리", "늦", "걸렸", "더럽", "불만", "아쉽",
+    "아쉬", "다시는", "비추", "식었", "차갑", "짜요", "짰", "싱거", "불쾌", "엉망", "최저",
+    "bad", "terrible", "awful", "slow", "rude", "cold", "expensive", "disappoint",
+    "worst", "dirty", "never again", "bland", "overpriced",
+    "👎", "😡", "😠", "🤮",
+)
+
+_ITEM = re.compile(r"^\s*(?:\d{1,6}\s*[.):]|\[\d{1,6}\]|[-*•])\s+(.*\S)")
+_ANSWER_KEYS = ("positive_count", "negative_count")
+
+
+def is_sentiment_prompt(prompt: str) -> bool:
+    low = prompt.lower()
+    return _ANSWER_KEYS[0] in low and _ANSWER_KEYS[1] in low
+
+
+def review_lines(prompt: str) -> List[str]:
+    """The reviews of a sentiment prompt, one per line (rules in the module doc)."""
+    lines = prompt.splitlines()
+    items = [m.group(1) for m in map(_ITEM.match, lines) if m]
+    if items:
+        return items
+    out = []
+    for line in lines:
+        s = line.strip()
+        if not s or s.endswith(":"):
+            continue
+        low = s.lower()
+        if _ANSWER_KEYS[0] in low or _ANSWER_KEYS[1] in low:
+            continue
+        out.append(s)
+    return out
+
+
+def classify(review: str) -> bool:
+    """True when the review counts as positive."""
+    low = review.lower()
+    pos = sum(low.count(k) for k in _POSITIVE)
+    neg = sum(low.count(k) for k in _NEGATIVE)
+    if pos != neg:
+        return pos > neg
+    return zlib.crc32(review.encode("utf-8")) & 1 == 0
+
+
+def sentiment_answer(prompt: str) -> str:
+    reviews = review_lines(prompt)
+    positive = sum(1 for r in reviews if classify(r))
+    return json.dumps({"positive_count": positive, "negative_count": len(reviews) - positive})
+
+
+def echo_answer(prompt: str) -> str:
+    head = " ".join(prompt.split())[:160]
+    digest = zlib.crc32(prompt.encode("utf-8"))
+    return f"Simulated reply #{digest:08x} to {len(prompt)} characters: {head}"
+
+
+def answer_for(prompt: str) -> str:
+    """The full (untruncated) answer to a prompt."""
+    if is_sentiment_prompt(prompt):
+        return sentiment_answer(prompt)
+    return echo_answer(prompt)
+
+
+def truncate(answer: str, answer_tokens: int, keep_tokens: int) -> str:
+    """The answer cut to about ``keep_tokens`` of its ``answer_tokens``."""
+    if keep_tokens >= answer_tokens:
+        return answer
+    return answer[: len(answer) * keep_tokens // answer_tokens]
+
+
+def chat_prompt(messages: Sequence[dict]) -> Tuple[str, int]:
+    """Text to answer (the last user message) and the prompt's token count."""
+    tokens = CHAT_REPLY_TOKENS
+    last_user = ""
+    for m in messages:
+        content = m["content"]
+        tokens += CHAT_TOKENS_PER_MESSAGE + count_tokens(content)
+        if m["role"] == "user":
+            last_user = content
+    return last_user, tokens
