@@ -158,8 +158,10 @@ def _add_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     demo.add_argument("--out-dir", default=".", help="where to write the plot and table")
     demo.add_argument("--restaurants", type=_positive_int, default=100)
     demo.add_argument("--reviews-per-restaurant", type=_positive_int, default=500)
-    demo.add_argument("--mode", choices=("preempt", "naive", "both"), default="both",
-                      help="server behaviour when the KV cache is full")
+    demo.add_argument("--mode", choices=("naive", "preempt", "both"), default="naive",
+                      help="server behaviour when the KV cache is full: naive = fail with "
+                      "out-of-memory (HTTP 500, default), preempt = vLLM's recompute "
+                      "preemption, both = run the four scenarios in each mode (twice as long)")
     demo.add_argument("--small", action="store_true",
                       help="a small corpus (10 x 100) for a quick check")
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG")
