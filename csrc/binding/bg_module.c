@@ -48,6 +48,10 @@ static int module_exec(PyObject *m)
         return -1;
     if (bg_sizing_exec(m, st) < 0)
         return -1;
+    if (bg_semaphore_exec(m, st) < 0)
+        return -1;
+    if (bg_dispatcher_exec(m, st) < 0)
+        return -1;
     return 0;
 }
 
@@ -55,13 +59,16 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
 {
     bg_state *st = bg_module_state(m);
     Py_VISIT(st->BatchgateError);
-    return 0;
+    int rc = bg_semaphore_traverse(st, visit, arg);
+    return rc ? rc : bg_dispatcher_traverse(st, visit, arg);
 }
 
 static int module_clear(PyObject *m)
 {
     bg_state *st = bg_module_state(m);
     Py_CLEAR(st->BatchgateError);
+    bg_semaphore_clear(st);
+    bg_dispatcher_clear(st);
     return 0;
 }
 

@@ -14,7 +14,23 @@ typedef struct {
     /* Set by bg_module.c: the Python-level base of every batchgate error. */
     PyObject *BatchgateError;
     /* bg_semaphore.c adds its fields here. */
+    PyTypeObject *SemaphoreType;
+    PyTypeObject *BoundedSemaphoreType;
+    PyTypeObject *SemAcquireType;   /* awaitable returned by acquire() */
+    PyTypeObject *LoopNotifierType; /* per-loop wakeup fd + native queue */
+    PyObject *get_running_loop;     /* asyncio's _get_running_loop */
+    PyObject *loop_notifiers;       /* WeakKeyDictionary loop -> notifier */
+    PyObject *sem_names;            /* tuple of interned method names */
     /* bg_dispatcher.c adds its fields here. */
+    PyTypeObject *DispatcherType;   /* _native._Dispatcher: engine + notifier */
+    PyTypeObject *JobType;          /* one generate/chat call or one map/as_completed */
+    PyTypeObject *TemplateType;     /* validated request params (bg_tmpl) */
+    PyTypeObject *ResultType;       /* batchgate.Result */
+    PyObject *HTTPStatusError, *TransportError, *TimeoutError, *MalformedResponseError,
+        *ClosedError;
+    PyObject *CancelledError;       /* asyncio.CancelledError */
+    PyObject *dsp_names;            /* tuple of interned names */
+    PyObject *dsp_stop, *dsp_length; /* common finish reasons, shared */
 } bg_state;
 
 extern PyModuleDef bg_moduledef;
@@ -54,5 +70,11 @@ static inline bg_state *bg_state_from_type(PyTypeObject *tp)
 
 /* Per-file exec hooks, called in this order from the module's Py_mod_exec. */
 int bg_sizing_exec(PyObject *module, bg_state *st);
+int bg_semaphore_exec(PyObject *module, bg_state *st);
+int bg_semaphore_traverse(bg_state *st, visitproc visit, void *arg);
+void bg_semaphore_clear(bg_state *st);
+int bg_dispatcher_exec(PyObject *module, bg_state *st);
+int bg_dispatcher_traverse(bg_state *st, visitproc visit, void *arg);
+void bg_dispatcher_clear(bg_state *st);
 
 #endif /* BATCHGATE_BG_MODULE_H */

@@ -1,7 +1,18 @@
 """batchgate: push large volumes of LLM work through a vLLM server, fast and
 within a token budget. The core is the C extension ``batchgate._native``."""
-from ._native import BatchgateError, libcurl_version
+from ._native import BatchgateError, BoundedSemaphore, Semaphore, libcurl_version
 from .config import Config
+from .dispatcher import (
+    ClosedError,
+    Dispatcher,
+    HTTPStatusError,
+    MalformedResponseError,
+    Result,
+    TimeoutError,
+    TransportError,
+    process_batches,
+    vllm_generate,
+)
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -14,8 +25,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchgateError",
+    "BoundedSemaphore",
+    "ClosedError",
     "Config",
+    "Dispatcher",
+    "HTTPStatusError",
+    "MalformedResponseError",
+    "Result",
+    "TimeoutError",
+    "TransportError",
+    "process_batches",
+    "vllm_generate",
     "Plan",
+    "Semaphore",
     "calculate_dynamic_batch_size",
     "estimate_many",
     "estimate_tokens",

@@ -1,4 +1,5 @@
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from types import TracebackType
+from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Type
 
 libcurl_version: str
 
@@ -22,3 +23,33 @@ def plan(
     pack: bool,
 ) -> Tuple[List[List[str]], List[int], List[int], List[int], Optional[List[int]]]: ...
 _estimator_weights: Tuple[int, ...]
+
+class _SemaphoreAcquire:
+    def __await__(self) -> Generator[Any, None, Any]: ...
+    def send(self, value: None) -> Any: ...
+    def throw(self, typ: Any, val: Any = ..., tb: Any = ...) -> Any: ...
+    def close(self) -> None: ...
+
+class Semaphore:
+    """asyncio.Semaphore drop-in on a native, thread-safe, weighted FIFO counter."""
+    def __init__(self, value: int = 1) -> None: ...
+    def acquire(self, n: int = 1) -> _SemaphoreAcquire: ...  # awaitable -> Literal[True]
+    def release(self, n: int = 1) -> None: ...
+    def locked(self) -> bool: ...
+    def acquire_blocking(self, n: int = 1, timeout: Optional[float] = None) -> bool: ...
+    @property
+    def value(self) -> int: ...
+    @property
+    def _value(self) -> int: ...
+    @property
+    def bound(self) -> Optional[int]: ...
+    def __aenter__(self) -> _SemaphoreAcquire: ...  # awaitable -> None
+    def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> _SemaphoreAcquire: ...  # awaitable -> None
+
+class BoundedSemaphore(Semaphore):
+    """Semaphore whose release() past the initial value raises ValueError."""

@@ -1,0 +1,1043 @@
+/* bg_http.c - libcurl multi engine: permits, transfers, retries, completion. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* strdup, strncasecmp, clock_gettime */
+#endif
+#include "bg_http.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+enum req_state {
+    ST_NEW = 0,
+    ST_INBOX,      /* submitted, not yet seen by the engine thread */
+    ST_WAIT_TOKENS, /* queued on the token semaphore */
+    ST_WAIT_COUNT, /* queued on the count semaphore */
+    ST_FLIGHT,     /* transfer running */
+    ST_BACKOFF,    /* waiting to retry, no permits held */
+    ST_DONE,
+};
+
+typedef struct bg_easy {
+    CURL *h;
+    struct bg_easy *next;
+    char errbuf[CURL_ERROR_SIZE];
+} bg_easy;
+
+typedef struct {
+    bg_request *head, *tail;
+} req_list;
+
+struct bg_engine {
+    bg_engine_config cfg; /* string fields point into owned copies below */
+    char *base_url, *api_key;
+    char *url_completions, *url_chat;
+    struct curl_slist *headers;
+    CURLM *multi;
+    pthread_t thread;
+    bool thread_started;
+    bool closed; /* bg_engine_close has joined */
+    pthread_mutex_t close_mu;
+
+    /* Shared with submitters and grant callbacks, under mu. */
+    pthread_mutex_t mu;
+    req_list inbox, ready;
+    uint64_t *cancel_ids, *cancel_groups;
+    size_t n_cancel_ids, cap_cancel_ids, n_cancel_groups, cap_cancel_groups;
+    bool pending; /* something above is waiting: a wakeup is already on its way */
+    bool closing;
+
+    /* Engine thread only. */
+    bg_request **buckets;
+    size_t n_buckets, live;
+    req_list backoff; /* sorted by due_ns */
+    bg_easy *easy_pool;
+    uint64_t rng;
+
+    /* Statistics (atomic). */
+    uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
+    uint64_t st_max_in_flight; /* written by the engine thread only */
+};
+
+const char *bg_result_kind_name(int kind)
+{
+    switch (kind) {
+    case BG_RES_OK: return "ok";
+    case BG_RES_HTTP: return "http";
+    case BG_RES_TRANSPORT: return "transport";
+    case BG_RES_TIMEOUT: return "timeout";
+    case BG_RES_MALFORMED: return "malformed";
+    case BG_RES_CANCELLED: return "cancelled";
+    case BG_RES_CLOSED: return "closed";
+    case BG_RES_NOMEM: return "nomem";
+    default: return "?";
+    }
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define STAT_ADD(e, field, v) __atomic_add_fetch(&(e)->field, (v), __ATOMIC_RELAXED)
+
+void bg_request_clear(bg_request *r)
+{
+    free(r->message);
+    r->message = NULL;
+    bg_resp_free(&r->resp);
+    r->kind = BG_RES_OK;
+    r->status = 0;
+    r->curl_code = 0;
+    r->attempts = 0;
+}
+
+void bg_engine_config_defaults(bg_engine_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->connect_timeout_ms = 10000;
+    c->timeout_ms = 600000;
+    c->max_retries = 3;
+    c->verify_tls = true;
+    c->max_response_bytes = 64u << 20;
+    c->backoff_base_s = 0.5;
+    c->backoff_max_s = 30.0;
+    c->retry_after_max_s = 60.0;
+}
+
+/* ---- lists --------------------------------------------------------- */
+
+static void list_push(req_list *l, bg_request *r)
+{
+    r->next = NULL;
+    r->prev = l->tail;
+    if (l->tail)
+        l->tail->next = r;
+    else
+        l->head = r;
+    l->tail = r;
+}
+
+static void list_unlink(req_list *l, bg_request *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        l->tail = r->prev;
+    r->next = r->prev = NULL;
+}
+
+/* Insert by due time; retries mostly arrive in deadline order, so scan from the tail. */
+static void backoff_insert(req_list *l, bg_request *r)
+{
+    bg_request *after = l->tail;
+    while (after && after->due_ns > r->due_ns)
+        after = after->prev;
+    if (!after) {
+        r->prev = NULL;
+        r->next = l->head;
+        if (l->head)
+            l->head->prev = r;
+        else
+            l->tail = r;
+        l->head = r;
+        return;
+    }
+    r->prev = after;
+    r->next = after->next;
+    if (after->next)
+        after->next->prev = r;
+    else
+        l->tail = r;
+    after->next = r;
+}
+
+/* ---- id hash (engine thread only) ----------------------------------- */
+
+static size_t hash_slot(const bg_engine *e, uint64_t id)
+{
+    return (size_t)((id * 0x9E3779B97F4A7C15ull) >> 20) & (e->n_buckets - 1);
+}
+
+static int hash_grow(bg_engine *e)
+{
+    size_t nb = e->n_buckets ? e->n_buckets * 2 : 1024;
+    bg_request **b = calloc(nb, sizeof(*b));
+    if (!b)
+        return -1;
+    bg_request **old = e->buckets;
+    size_t on = e->n_buckets;
+    e->buckets = b;
+    e->n_buckets = nb;
+    for (size_t i = 0; i < on; i++) {
+        bg_request *r = old[i];
+        while (r) {
+            bg_request *nx = r->hnext;
+            size_t s = hash_slot(e, r->id);
+            r->hnext = b[s];
+            b[s] = r;
+            r = nx;
+        }
+    }
+    free(old);
+    return 0;
+}
+
+static void hash_insert(bg_engine *e, bg_request *r)
+{
+    /* Growth failure only makes chains longer. */
+    if (e->live >= e->n_buckets)
+        (void)hash_grow(e);
+    size_t s = hash_slot(e, r->id);
+    r->hnext = e->buckets[s];
+    e->buckets[s] = r;
+    r->in_hash = true;
+    e->live++;
+}
+
+static void hash_remove(bg_engine *e, bg_request *r)
+{
+    if (!r->in_hash)
+        return;
+    bg_request **pp = &e->buckets[hash_slot(e, r->id)];
+    while (*pp && *pp != r)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = r->hnext;
+    r->hnext = NULL;
+    r->in_hash = false;
+    e->live--;
+}
+
+static bg_request *hash_find(bg_engine *e, uint64_t id)
+{
+    if (!e->n_buckets)
+        return NULL;
+    for (bg_request *r = e->buckets[hash_slot(e, id)]; r; r = r->hnext)
+        if (r->id == id)
+            return r;
+    return NULL;
+}
+
+/* ---- wakeups --------------------------------------------------------- */
+
+/* Caller holds e->mu. Returns true if the caller must wake the engine. */
+static bool mark_pending_locked(bg_engine *e)
+{
+    bool wake = !e->pending;
+    e->pending = true;
+    return wake;
+}
+
+/* Runs under the semaphore's lock on whatever thread released: tiny. */
+static void on_grant(bg_sem_waiter *w)
+{
+    bg_request *r = w->ctx;
+    bg_engine *e = r->engine;
+    pthread_mutex_lock(&e->mu);
+    list_push(&e->ready, r);
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
+}
+
+/* ---- easy handles ---------------------------------------------------- */
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    bg_request *r = userp;
+    size_t n = size * nmemb;
+    size_t cap = r->engine->cfg.max_response_bytes;
+    if (cap && (r->rlen + n > cap || r->rlen + n < r->rlen)) {
+        r->oversize = true;
+        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+    }
+    if (r->rcap - r->rlen <= n) {
+        size_t nc = r->rcap ? r->rcap : 4096;
+        while (nc - r->rlen <= n)
+            nc *= 2;
+        char *p = realloc(r->rbuf, nc);
+        if (!p)
+            return 0;
+        r->rbuf = p;
+        r->rcap = nc;
+    }
+    memcpy(r->rbuf + r->rlen, data, n);
+    r->rlen += n;
+    r->rbuf[r->rlen] = '\0';
+    return n;
+}
+
+static double parse_retry_after(const char *v, size_t n)
+{
+    while (n && (*v == ' ' || *v == '\t')) {
+        v++;
+        n--;
+    }
+    while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    if (n == 0 || n > 63)
+        return -1;
+    char tmp[64];
+    memcpy(tmp, v, n);
+    tmp[n] = '\0';
+    char *end;
+    errno = 0;
+    double secs = strtod(tmp, &end);
+    if (end != tmp && *end == '\0' && errno == 0 && isfinite(secs))
+        return secs < 0 ? 0 : secs;
+    time_t t = curl_getdate(tmp, NULL); /* HTTP date */
+    if (t == (time_t)-1)
+        return -1;
+    double d = difftime(t, time(NULL));
+    return d < 0 ? 0 : d;
+}
+
+static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    bg_request *r = userp;
+    size_t n = size * nmemb;
+    static const char key[] = "retry-after:";
+    if (n > 5 && memcmp(data, "HTTP/", 5) == 0)
+        r->retry_after_s = -1; /* a new response (e.g. after 100 Continue) */
+    else if (n >= sizeof(key) - 1 && strncasecmp(data, key, sizeof(key) - 1) == 0)
+        r->retry_after_s = parse_retry_after(data + sizeof(key) - 1, n - (sizeof(key) - 1));
+    return n;
+}
+
+static bg_easy *easy_get(bg_engine *e)
+{
+    bg_easy *x = e->easy_pool;
+    if (x) {
+        e->easy_pool = x->next;
+        return x;
+    }
+    x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->h = curl_easy_init();
+    if (!x->h) {
+        free(x);
+        return NULL;
+    }
+    const bg_engine_config *c = &e->cfg;
+    CURL *h = x->h;
+    /* Options fixed for the engine's lifetime; per-request ones are set in start_transfer. */
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, x->errbuf);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, e->headers);
+    curl_easy_setopt(h, CURLOPT_POST, 1L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+#endif
+    if (c->connect_timeout_ms > 0)
+        curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+    if (c->timeout_ms > 0)
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, c->timeout_ms);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, c->verify_tls ? 1L : 0L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, c->verify_tls ? 2L : 0L);
+    if (c->max_response_bytes)
+        curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)c->max_response_bytes);
+    return x;
+}
+
+static void easy_put(bg_engine *e, bg_easy *x)
+{
+    x->next = e->easy_pool;
+    e->easy_pool = x;
+}
+
+/* ---- request lifecycle (engine thread) ------------------------------- */
+
+static void release_permits(bg_engine *e, bg_request *r)
+{
+    if (r->held_count) {
+        r->held_count = false;
+        bg_sem_release(e->cfg.count_sem, 1);
+    }
+    if (r->held_tokens) {
+        r->held_tokens = false;
+        bg_sem_release(e->cfg.token_sem, r->weight_taken);
+    }
+}
+
+static void set_message(bg_request *r, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void set_message(bg_request *r, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    free(r->message);
+    r->message = strdup(buf);
+}
+
+/* Hand the request back. It may be freed by on_done: touch nothing after. */
+static void finish(bg_engine *e, bg_request *r, int kind)
+{
+    release_permits(e, r);
+    hash_remove(e, r);
+    if (kind != BG_RES_OK)
+        bg_resp_free(&r->resp);
+    r->kind = kind;
+    r->state = ST_DONE;
+    free(r->body);
+    r->body = NULL;
+    free(r->rbuf);
+    r->rbuf = NULL;
+    r->rlen = r->rcap = 0;
+    r->t_done_ns = now_ns();
+    STAT_ADD(e, st_completed, 1);
+    e->cfg.on_done(r, e->cfg.done_ctx);
+}
+
+static void start_transfer(bg_engine *e, bg_request *r)
+{
+    if (!r->body) {
+        if (r->endpoint == BG_EP_CHAT)
+            r->body = bg_json_chat_body(r->tmpl, r->messages_json, r->messages_len, &r->body_len);
+        else
+            r->body = bg_json_completions_body(r->tmpl, r->prompts, r->n_prompts,
+                                               r->prompt_as_list, &r->body_len);
+        if (!r->body) {
+            set_message(r, "out of memory building the request body");
+            finish(e, r, BG_RES_NOMEM);
+            return;
+        }
+    }
+    bg_easy *x = easy_get(e);
+    if (!x) {
+        set_message(r, "out of memory creating a transfer");
+        finish(e, r, BG_RES_NOMEM);
+        return;
+    }
+    CURL *h = x->h;
+    curl_easy_setopt(h, CURLOPT_URL,
+                     r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    x->errbuf[0] = '\0';
+    r->rlen = 0;
+    r->oversize = false;
+    r->retry_after_s = -1;
+    r->easy = x;
+    r->attempts++;
+    if (!r->t_first_send_ns)
+        r->t_first_send_ns = now_ns();
+    CURLMcode mc = curl_multi_add_handle(e->multi, h);
+    if (mc != CURLM_OK) {
+        r->easy = NULL;
+        easy_put(e, x);
+        set_message(r, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
+        finish(e, r, BG_RES_TRANSPORT);
+        return;
+    }
+    r->state = ST_FLIGHT;
+    STAT_ADD(e, st_attempts, 1);
+    uint64_t inf = STAT_ADD(e, st_in_flight, 1);
+    if (inf > __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED))
+        __atomic_store_n(&e->st_max_in_flight, inf, __ATOMIC_RELAXED);
+}
+
+/* Take the permits the request still lacks; start it once it has all. Tokens
+ * first: the shared count cap is not held while waiting for the budget. */
+static void advance(bg_engine *e, bg_request *r)
+{
+    if (r->cancel_req) {
+        finish(e, r, r->cancel_kind);
+        return;
+    }
+    if (e->cfg.token_sem && !r->held_tokens) {
+        bg_sem_waiter_init(&r->w_tokens, r->weight_taken, on_grant, r);
+        r->state = ST_WAIT_TOKENS;
+        int rc = bg_sem_acquire_async(e->cfg.token_sem, &r->w_tokens);
+        if (rc == 0)
+            return;
+        if (rc < 0) {
+            set_message(r, "invalid token weight %lld", (long long)r->weight_taken);
+            finish(e, r, BG_RES_NOMEM);
+            return;
+        }
+        r->held_tokens = true;
+    }
+    if (!r->held_count) {
+        bg_sem_waiter_init(&r->w_count, 1, on_grant, r);
+        r->state = ST_WAIT_COUNT;
+        int rc = bg_sem_acquire_async(e->cfg.count_sem, &r->w_count);
+        if (rc == 0)
+            return;
+        if (rc < 0) {
+            set_message(r, "the count semaphore cannot grant a permit (max_value < 1)");
+            finish(e, r, BG_RES_NOMEM);
+            return;
+        }
+        r->held_count = true;
+    }
+    start_transfer(e, r);
+}
+
+/* A grant arrived through the ready list. */
+static void on_ready(bg_engine *e, bg_request *r)
+{
+    if (r->state == ST_WAIT_TOKENS)
+        r->held_tokens = true;
+    else if (r->state == ST_WAIT_COUNT)
+        r->held_count = true;
+    advance(e, r);
+}
+
+static void cancel_request(bg_engine *e, bg_request *r, int kind)
+{
+    switch (r->state) {
+    case ST_WAIT_TOKENS:
+    case ST_WAIT_COUNT: {
+        bool tok = r->state == ST_WAIT_TOKENS;
+        if (bg_sem_cancel(tok ? e->cfg.token_sem : e->cfg.count_sem,
+                          tok ? &r->w_tokens : &r->w_count) == 1) {
+            finish(e, r, kind);
+        } else {
+            /* Granted already: it sits in the ready list; on_ready finishes it. */
+            r->cancel_req = true;
+            r->cancel_kind = kind;
+        }
+        break;
+    }
+    case ST_FLIGHT: {
+        bg_easy *x = r->easy;
+        curl_multi_remove_handle(e->multi, x->h);
+        r->easy = NULL;
+        easy_put(e, x);
+        STAT_ADD(e, st_in_flight, (uint64_t)-1);
+        finish(e, r, kind);
+        break;
+    }
+    case ST_BACKOFF:
+        list_unlink(&e->backoff, r);
+        finish(e, r, kind);
+        break;
+    default:
+        break;
+    }
+}
+
+static bool retryable_status(long s)
+{
+    return s == 408 || s == 429 || s == 500 || s == 502 || s == 503 || s == 504;
+}
+
+static bool retryable_curl(CURLcode c)
+{
+    switch (c) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+    case CURLE_SSL_CONNECT_ERROR:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static uint64_t rng_next(bg_engine *e)
+{
+    uint64_t x = e->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return e->rng = x;
+}
+
+static void schedule_retry(bg_engine *e, bg_request *r)
+{
+    release_permits(e, r);
+    double d;
+    if (r->retry_after_s >= 0) {
+        d = r->retry_after_s < e->cfg.retry_after_max_s ? r->retry_after_s
+                                                         : e->cfg.retry_after_max_s;
+    } else {
+        d = e->cfg.backoff_base_s * ldexp(1.0, r->attempts - 1);
+        if (d > e->cfg.backoff_max_s)
+            d = e->cfg.backoff_max_s;
+        /* Equal jitter: half fixed, half random, so a burst of failures spreads out. */
+        double u = (double)(rng_next(e) >> 11) / 9007199254740992.0;
+        d = d / 2 + u * d / 2;
+    }
+    r->due_ns = now_ns() + (int64_t)(d * 1e9);
+    r->state = ST_BACKOFF;
+    backoff_insert(&e->backoff, r);
+    STAT_ADD(e, st_retries, 1);
+}
+
+static void transfer_done(bg_engine *e, CURL *h, CURLcode code)
+{
+    bg_request *r = NULL;
+    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    bg_easy *x = r->easy;
+    curl_multi_remove_handle(e->multi, h);
+    r->easy = NULL;
+    STAT_ADD(e, st_in_flight, (uint64_t)-1);
+    r->status = status;
+    r->curl_code = (int)code;
+    bool can_retry = r->attempts <= e->cfg.max_retries;
+    size_t cap = e->cfg.max_response_bytes;
+
+    if (code != CURLE_OK) {
+        char cmsg[CURL_ERROR_SIZE];
+        snprintf(cmsg, sizeof(cmsg), "%s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(code));
+        easy_put(e, x);
+        if (r->oversize || code == CURLE_FILESIZE_EXCEEDED) {
+            set_message(r, "response body exceeds max_response_bytes (%zu)", cap);
+            finish(e, r, BG_RES_MALFORMED);
+        } else if (code == CURLE_OPERATION_TIMEDOUT) {
+            if (e->cfg.retry_timeouts && can_retry) {
+                schedule_retry(e, r);
+                return;
+            }
+            set_message(r, "timed out after %d attempt(s): %s", r->attempts, cmsg);
+            finish(e, r, BG_RES_TIMEOUT);
+        } else if (retryable_curl(code) && can_retry) {
+            schedule_retry(e, r);
+        } else {
+            set_message(r, "%s (curl error %d, %d attempt(s))", cmsg, (int)code, r->attempts);
+            finish(e, r, BG_RES_TRANSPORT);
+        }
+        return;
+    }
+    easy_put(e, x);
+    if (status >= 200 && status < 300) {
+        /* Permits go back before parsing so the next request starts meanwhile. */
+        release_permits(e, r);
+        size_t expected = 0;
+        if (r->endpoint == BG_EP_COMPLETIONS)
+            expected = r->n_prompts * (size_t)r->tmpl->n_per_prompt;
+        else
+            expected = (size_t)r->tmpl->n_per_prompt;
+        char err[256];
+        if (bg_json_parse_response(r->rbuf ? r->rbuf : "", r->rlen, r->endpoint, expected,
+                                   &r->resp, err, sizeof(err)) < 0) {
+            set_message(r, "%s", err);
+            finish(e, r, BG_RES_MALFORMED);
+        } else {
+            finish(e, r, BG_RES_OK);
+        }
+        return;
+    }
+    if (retryable_status(status) && can_retry) {
+        schedule_retry(e, r);
+        return;
+    }
+    /* The server's own words; callers add status and attempts. */
+    free(r->message);
+    r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
+    finish(e, r, BG_RES_HTTP);
+}
+
+/* ---- engine thread --------------------------------------------------- */
+
+static void intake(bg_engine *e, bg_request *r)
+{
+    r->state = ST_NEW;
+    hash_insert(e, r);
+    int64_t w = r->token_weight < 1 ? 1 : r->token_weight;
+    int64_t cap = e->cfg.token_cap;
+    if (e->cfg.token_sem && cap <= 0)
+        cap = bg_sem_max_value(e->cfg.token_sem);
+    if (cap > 0 && w > cap)
+        w = cap; /* bigger than the budget: runs alone instead of never */
+    r->weight_taken = w;
+    advance(e, r);
+}
+
+/* Cancel everything live (close). Collect first: finishing edits the hash. */
+static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
+{
+    size_t n = 0, cap = e->live;
+    if (!cap)
+        return;
+    bg_request **v = malloc(cap * sizeof(*v));
+    if (!v) {
+        /* Out of memory: cancel one at a time by rescanning. */
+        for (;;) {
+            bg_request *pick = NULL;
+            for (size_t i = 0; i < e->n_buckets && !pick; i++)
+                for (bg_request *r = e->buckets[i]; r && !pick; r = r->hnext)
+                    if ((!by_group || r->group == group) && !r->cancel_req)
+                        pick = r;
+            if (!pick)
+                return;
+            /* Each pass finishes pick or marks it, so this ends. */
+            cancel_request(e, pick, kind);
+        }
+    }
+    for (size_t i = 0; i < e->n_buckets; i++)
+        for (bg_request *r = e->buckets[i]; r; r = r->hnext)
+            if ((!by_group || r->group == group) && n < cap)
+                v[n++] = r;
+    for (size_t i = 0; i < n; i++)
+        if (!v[i]->cancel_req)
+            cancel_request(e, v[i], kind);
+    free(v);
+}
+
+static void *engine_main(void *arg)
+{
+    bg_engine *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        bg_request *in = e->inbox.head, *rd = e->ready.head;
+        e->inbox.head = e->inbox.tail = NULL;
+        e->ready.head = e->ready.tail = NULL;
+        uint64_t *ids = e->cancel_ids, *groups = e->cancel_groups;
+        size_t n_ids = e->n_cancel_ids, n_groups = e->n_cancel_groups;
+        e->cancel_ids = e->cancel_groups = NULL;
+        e->n_cancel_ids = e->cap_cancel_ids = e->n_cancel_groups = e->cap_cancel_groups = 0;
+        e->pending = false;
+        bool closing = e->closing;
+        pthread_mutex_unlock(&e->mu);
+
+        while (in) {
+            bg_request *nx = in->next;
+            intake(e, in);
+            in = nx;
+        }
+        while (rd) {
+            bg_request *nx = rd->next;
+            on_ready(e, rd);
+            rd = nx;
+        }
+        for (size_t i = 0; i < n_ids; i++) {
+            bg_request *r = hash_find(e, ids[i]);
+            if (r && !r->cancel_req)
+                cancel_request(e, r, BG_RES_CANCELLED);
+        }
+        for (size_t i = 0; i < n_groups; i++)
+            cancel_all(e, BG_RES_CANCELLED, true, groups[i]);
+        free(ids);
+        free(groups);
+        if (closing) {
+            cancel_all(e, BG_RES_CLOSED, false, 0);
+            if (e->live == 0)
+                break;
+        }
+
+        int64_t t = now_ns();
+        while (e->backoff.head && e->backoff.head->due_ns <= t) {
+            bg_request *r = e->backoff.head;
+            list_unlink(&e->backoff, r);
+            advance(e, r);
+        }
+
+        int running = 0;
+        curl_multi_perform(e->multi, &running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(e->multi, &left))) {
+            if (msg->msg == CURLMSG_DONE)
+                transfer_done(e, msg->easy_handle, msg->data.result);
+        }
+
+        int timeout_ms = 1000;
+        if (e->backoff.head) {
+            int64_t d = (e->backoff.head->due_ns - now_ns() + 999999) / 1000000;
+            if (d < timeout_ms)
+                timeout_ms = d < 0 ? 0 : (int)d;
+        }
+        pthread_mutex_lock(&e->mu);
+        if (e->pending)
+            timeout_ms = 0;
+        pthread_mutex_unlock(&e->mu);
+        curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
+    }
+    return NULL;
+}
+
+/* ---- public API ------------------------------------------------------ */
+
+static char *join_url(const char *base, const char *path)
+{
+    size_t bl = strlen(base);
+    while (bl && base[bl - 1] == '/')
+        bl--;
+    size_t pl = strlen(path);
+    char *u = malloc(bl + pl + 1);
+    if (!u)
+        return NULL;
+    memcpy(u, base, bl);
+    memcpy(u + bl, path, pl + 1);
+    return u;
+}
+
+bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen)
+{
+#define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto fail; } while (0)
+    bg_engine *e = calloc(1, sizeof(*e));
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    bool mu_init = false, close_mu_init = false;
+    e->cfg = *cfg;
+    if (!cfg->base_url || !cfg->base_url[0])
+        FAIL("base_url is required");
+    if (strncmp(cfg->base_url, "http://", 7) != 0 && strncmp(cfg->base_url, "https://", 8) != 0)
+        FAIL("base_url must start with http:// or https://");
+    if (!cfg->count_sem)
+        FAIL("count_sem is required");
+    if (!cfg->on_done)
+        FAIL("on_done is required");
+    if (cfg->max_retries < 0)
+        FAIL("max_retries must be >= 0");
+    e->base_url = strdup(cfg->base_url);
+    e->url_completions = join_url(cfg->base_url, "/completions");
+    e->url_chat = join_url(cfg->base_url, "/chat/completions");
+    if (!e->base_url || !e->url_completions || !e->url_chat)
+        FAIL("out of memory");
+    e->cfg.base_url = e->base_url;
+    e->cfg.api_key = NULL; /* only the header keeps it */
+    e->cfg.headers = NULL;
+    e->cfg.n_headers = 0;
+
+    struct curl_slist *sl = NULL, *tmp;
+#define ADD_HEADER(s)                                                                      \
+    do {                                                                                   \
+        tmp = curl_slist_append(sl, (s));                                                  \
+        if (!tmp)                                                                          \
+            FAIL("out of memory");                                                         \
+        sl = tmp;                                                                          \
+        e->headers = sl;                                                                   \
+    } while (0)
+    ADD_HEADER("Content-Type: application/json");
+    ADD_HEADER("Accept: application/json");
+    ADD_HEADER("Expect:"); /* no 100-continue round trip for big bodies */
+    if (cfg->api_key && cfg->api_key[0]) {
+        size_t kl = strlen(cfg->api_key);
+        char *h = malloc(kl + 32);
+        if (!h)
+            FAIL("out of memory");
+        snprintf(h, kl + 32, "Authorization: Bearer %s", cfg->api_key);
+        tmp = curl_slist_append(sl, h);
+        memset(h, 0, kl + 32);
+        free(h);
+        if (!tmp)
+            FAIL("out of memory");
+        sl = tmp;
+        e->headers = sl;
+    }
+    for (size_t i = 0; i < cfg->n_headers; i++) {
+        const char *h = cfg->headers[i];
+        if (!h || !strchr(h, ':') || strpbrk(h, "\r\n"))
+            FAIL("header %zu must look like \"Name: value\" on one line", i);
+        ADD_HEADER(h);
+    }
+#undef ADD_HEADER
+
+    e->multi = curl_multi_init();
+    if (!e->multi)
+        FAIL("curl_multi_init failed");
+    curl_multi_setopt(e->multi, CURLMOPT_MAXCONNECTS,
+                      cfg->max_connections > 0 ? cfg->max_connections : 1024L);
+    if (cfg->max_connections > 0)
+        curl_multi_setopt(e->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, cfg->max_connections);
+
+    if (pthread_mutex_init(&e->mu, NULL) != 0)
+        FAIL("pthread_mutex_init failed");
+    mu_init = true;
+    if (pthread_mutex_init(&e->close_mu, NULL) != 0)
+        FAIL("pthread_mutex_init failed");
+    close_mu_init = true;
+    e->rng = (uint64_t)now_ns() ^ ((uint64_t)(uintptr_t)e << 16) ^ 0x2545F4914F6CDD1Dull;
+    if (!e->rng)
+        e->rng = 1;
+    bg_sem_incref(cfg->count_sem);
+    if (cfg->token_sem)
+        bg_sem_incref(cfg->token_sem);
+
+    /* The engine thread takes no signals: Python's handlers run on the main thread. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&e->thread, NULL, engine_main, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        bg_sem_decref(cfg->count_sem);
+        if (cfg->token_sem)
+            bg_sem_decref(cfg->token_sem);
+        FAIL("cannot start the engine thread: %s", strerror(rc));
+    }
+    e->thread_started = true;
+    return e;
+
+fail:
+    if (e->multi)
+        curl_multi_cleanup(e->multi);
+    curl_slist_free_all(e->headers);
+    if (mu_init)
+        pthread_mutex_destroy(&e->mu);
+    if (close_mu_init)
+        pthread_mutex_destroy(&e->close_mu);
+    free(e->base_url);
+    free(e->url_completions);
+    free(e->url_chat);
+    free(e);
+    return NULL;
+#undef FAIL
+}
+
+int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
+{
+    if (n == 0)
+        return 0;
+    int64_t t = now_ns();
+    for (size_t i = 0; i < n; i++) {
+        bg_request *r = rs[i];
+        r->engine = e;
+        r->state = ST_INBOX;
+        r->kind = BG_RES_OK;
+        r->status = 0;
+        r->curl_code = 0;
+        r->message = NULL;
+        r->attempts = 0;
+        memset(&r->resp, 0, sizeof(r->resp));
+        r->t_submit_ns = t;
+        r->t_first_send_ns = r->t_done_ns = 0;
+        r->easy = NULL;
+        r->body = NULL;
+        r->rbuf = NULL;
+        r->rlen = r->rcap = 0;
+        r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
+        r->hnext = NULL;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (e->closing) {
+        pthread_mutex_unlock(&e->mu);
+        return -1;
+    }
+    STAT_ADD(e, st_submitted, n); /* before the engine can complete any of them */
+    for (size_t i = 0; i < n; i++)
+        list_push(&e->inbox, rs[i]);
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
+    return 0;
+}
+
+int bg_engine_submit(bg_engine *e, bg_request *r)
+{
+    return bg_engine_submit_many(e, &r, 1);
+}
+
+static void push_id(bg_engine *e, uint64_t **arr, size_t *n, size_t *cap, uint64_t v)
+{
+    pthread_mutex_lock(&e->mu);
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 16;
+        uint64_t *p = realloc(*arr, nc * sizeof(uint64_t));
+        if (!p) {
+            pthread_mutex_unlock(&e->mu);
+            return; /* out of memory: the cancel is dropped, the request still completes */
+        }
+        *arr = p;
+        *cap = nc;
+    }
+    (*arr)[(*n)++] = v;
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
+}
+
+void bg_engine_cancel(bg_engine *e, uint64_t id)
+{
+    push_id(e, &e->cancel_ids, &e->n_cancel_ids, &e->cap_cancel_ids, id);
+}
+
+void bg_engine_cancel_group(bg_engine *e, uint64_t group)
+{
+    push_id(e, &e->cancel_groups, &e->n_cancel_groups, &e->cap_cancel_groups, group);
+}
+
+void bg_engine_close(bg_engine *e)
+{
+    pthread_mutex_lock(&e->close_mu);
+    if (!e->closed) {
+        pthread_mutex_lock(&e->mu);
+        e->closing = true;
+        (void)mark_pending_locked(e);
+        pthread_mutex_unlock(&e->mu);
+        curl_multi_wakeup(e->multi);
+        if (e->thread_started)
+            pthread_join(e->thread, NULL);
+        e->closed = true;
+    }
+    pthread_mutex_unlock(&e->close_mu);
+}
+
+void bg_engine_destroy(bg_engine *e)
+{
+    if (!e)
+        return;
+    bg_engine_close(e);
+    while (e->easy_pool) {
+        bg_easy *x = e->easy_pool;
+        e->easy_pool = x->next;
+        curl_easy_cleanup(x->h);
+        free(x);
+    }
+    curl_multi_cleanup(e->multi);
+    curl_slist_free_all(e->headers);
+    bg_sem_decref(e->cfg.count_sem);
+    if (e->cfg.token_sem)
+        bg_sem_decref(e->cfg.token_sem);
+    pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->close_mu);
+    free(e->cancel_ids);
+    free(e->cancel_groups);
+    free(e->buckets);
+    free(e->base_url);
+    free(e->url_completions);
+    free(e->url_chat);
+    free(e);
+}
+
+void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out)
+{
+    out->submitted = __atomic_load_n(&e->st_submitted, __ATOMIC_RELAXED);
+    out->completed = __atomic_load_n(&e->st_completed, __ATOMIC_RELAXED);
+    out->attempts = __atomic_load_n(&e->st_attempts, __ATOMIC_RELAXED);
+    out->retries = __atomic_load_n(&e->st_retries, __ATOMIC_RELAXED);
+    out->in_flight = __atomic_load_n(&e->st_in_flight, __ATOMIC_RELAXED);
+    out->max_in_flight = __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED);
+    out->live = out->submitted - out->completed;
+}

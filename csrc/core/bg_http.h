@@ -1,0 +1,146 @@
+/* bg_http.h - the dispatcher engine: one native thread running a libcurl multi
+ * loop per engine.
+ *
+ * Pure C (no Python.h). Callers submit bg_request structs from any thread;
+ * the engine takes permits from one or two bg_sem (count cap, token budget),
+ * builds the body, sends it with keep-alive reuse, retries what is worth
+ * retrying, parses the answer, and hands every request back exactly once
+ * through on_done, called on the engine thread with no engine lock held.
+ */
+#ifndef BATCHGATE_BG_HTTP_H
+#define BATCHGATE_BG_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bg_json.h"
+#include "bg_sem.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct bg_engine bg_engine;
+typedef struct bg_request bg_request;
+
+/* Outcome of a request. */
+enum bg_result_kind {
+    BG_RES_OK = 0,
+    BG_RES_HTTP,      /* final non-2xx status: status, message (server's), attempts */
+    BG_RES_TRANSPORT, /* curl failure after retries: curl_code, message */
+    BG_RES_TIMEOUT,   /* connect or total timeout (curl_code says which) */
+    BG_RES_MALFORMED, /* 2xx but the body is not what the API promises, or too big */
+    BG_RES_CANCELLED, /* bg_engine_cancel */
+    BG_RES_CLOSED,    /* engine closed before the request finished */
+    BG_RES_NOMEM,
+};
+
+const char *bg_result_kind_name(int kind);
+
+struct bg_request {
+    /* ---- input, set by the caller before submit, read-only afterwards ---- */
+    uint64_t id;          /* caller's id; bg_engine_cancel() looks it up */
+    uint64_t group;       /* caller's group (e.g. one map() call); 0 = none */
+    enum bg_endpoint endpoint;
+    const bg_tmpl *tmpl;  /* borrowed: must outlive the request */
+    const bg_str *prompts; /* completions: borrowed until on_done */
+    size_t n_prompts;
+    bool prompt_as_list;  /* send "prompt": [..] even for one prompt */
+    const char *messages_json; /* chat: borrowed serialized JSON array */
+    size_t messages_len;
+    int64_t token_weight; /* permits taken from the token sem (clamped to its cap) */
+    void *user;           /* caller's data, untouched */
+
+    /* ---- output, valid in on_done ---- */
+    int kind;             /* enum bg_result_kind */
+    long status;          /* last HTTP status, 0 if none */
+    int curl_code;        /* last CURLcode, 0 if none */
+    char *message;        /* owned (free with bg_request_clear): error text;
+                             for BG_RES_HTTP the server's message only */
+    int attempts;         /* transfers started */
+    bg_resp resp;         /* BG_RES_OK: parsed choices and usage */
+    int64_t t_submit_ns, t_first_send_ns, t_done_ns; /* CLOCK_MONOTONIC */
+
+    /* ---- private to the engine ---- */
+    bg_engine *engine;
+    bg_request *next, *prev; /* engine lists */
+    bg_request *hnext;       /* id hash chain */
+    bg_sem_waiter w_count, w_tokens;
+    void *easy;              /* CURL* while in flight */
+    char *body;
+    size_t body_len;
+    char *rbuf;              /* response body */
+    size_t rlen, rcap;
+    int64_t due_ns;          /* backoff deadline */
+    double retry_after_s;    /* from the last response, -1 if none */
+    int64_t weight_taken;
+    int state;
+    bool held_count, held_tokens, cancel_req, oversize, in_hash;
+    int cancel_kind;
+};
+
+/* Reset outputs and free what the engine attached (message, resp). Inputs kept. */
+void bg_request_clear(bg_request *r);
+
+typedef void (*bg_done_fn)(bg_request *r, void *ctx);
+
+typedef struct {
+    const char *base_url;   /* e.g. "http://127.0.0.1:8000/v1" */
+    const char *api_key;    /* NULL: no Authorization header */
+    const char *const *headers; /* "Name: value" lines */
+    size_t n_headers;
+    long connect_timeout_ms; /* 0 = libcurl default */
+    long timeout_ms;         /* per attempt, 0 = none */
+    int max_retries;         /* retries after the first attempt */
+    bool verify_tls;
+    bool retry_timeouts;     /* treat timeouts like transport failures */
+    size_t max_response_bytes; /* 0 = unlimited */
+    double backoff_base_s;   /* first retry delay (before jitter) */
+    double backoff_max_s;
+    double retry_after_max_s; /* cap for Retry-After */
+    long max_connections;    /* 0 = no extra cap beyond the semaphores */
+    bg_sem *count_sem;       /* required: one permit per request in flight */
+    bg_sem *token_sem;       /* optional: token_weight permits */
+    int64_t token_cap;       /* token_sem's capacity; weights are clamped to it */
+    bg_done_fn on_done;
+    void *done_ctx;
+} bg_engine_config;
+
+void bg_engine_config_defaults(bg_engine_config *c);
+
+/* Creates the engine and starts its thread. NULL with err on failure. The
+ * engine takes a reference on each semaphore. curl_global_init must have run. */
+bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen);
+
+/* Queue requests (FIFO). Returns 0, or -1 if the engine is closing: then no
+ * request was taken and on_done will not be called for them. */
+int bg_engine_submit(bg_engine *e, bg_request *r);
+int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n);
+
+/* Ask the engine to cancel a request (by id) or every request of a group.
+ * Asynchronous: the request completes with BG_RES_CANCELLED (unless it
+ * already finished). Unknown ids are ignored. */
+void bg_engine_cancel(bg_engine *e, uint64_t id);
+void bg_engine_cancel_group(bg_engine *e, uint64_t group);
+
+/* Stop: every unfinished request completes with BG_RES_CLOSED (in-flight ones
+ * are aborted), then the thread is joined. Idempotent; must not be called
+ * from on_done. */
+void bg_engine_close(bg_engine *e);
+
+/* Close (if needed) and free. */
+void bg_engine_destroy(bg_engine *e);
+
+typedef struct {
+    uint64_t submitted, completed, attempts, retries;
+    uint64_t live;          /* submitted - completed */
+    uint64_t in_flight;     /* transfers running now */
+    uint64_t max_in_flight; /* most transfers ever running at once */
+} bg_engine_stats;
+void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BATCHGATE_BG_HTTP_H */

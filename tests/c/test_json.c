@@ -1,0 +1,245 @@
+/* test_json.c - the request/response codec (bg_json), no network. */
+#define _GNU_SOURCE
+#include "bg_json.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+
+#define CHECK(cond)                                                                   \
+    do {                                                                              \
+        if (!(cond)) {                                                                \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
+            failures++;                                                               \
+        }                                                                             \
+    } while (0)
+
+static void check_contains(const char *file, int line, const char *hay, const char *needle)
+{
+    if (!hay || !strstr(hay, needle)) {
+        fprintf(stderr, "%s:%d: \"%s\" does not contain \"%s\"\n", file, line,
+                hay ? hay : "(null)", needle);
+        failures++;
+    }
+}
+#define CHECK_CONTAINS(hay, needle) check_contains(__FILE__, __LINE__, (hay), (needle))
+
+static void test_escape(void)
+{
+    bg_buf b = {0};
+    const char in[] = "a\"b\\c\n\t\x01\xc3\xa9z";
+    CHECK(bg_buf_append_json_string(&b, in, sizeof(in) - 1) == 0);
+    CHECK(strcmp(b.data, "\"a\\\"b\\\\c\\n\\t\\u0001\xc3\xa9z\"") == 0);
+    /* Round trip through cJSON. */
+    cJSON *v = cJSON_Parse(b.data);
+    CHECK(cJSON_IsString(v) && strcmp(v->valuestring, in) == 0);
+    cJSON_Delete(v);
+    bg_buf_free(&b);
+}
+
+static void test_template_and_bodies(void)
+{
+    char err[256];
+    const char *extra = " { \"temperature\": 0.5, \"seed\": 12345678901234567, "
+                        "\"guided_json\": {\"type\": \"object\"}, \"max_tokens\": 64 } ";
+    bg_tmpl *t = bg_tmpl_new("qwen", extra, strlen(extra), err, sizeof(err));
+    CHECK(t != NULL);
+    if (!t)
+        return;
+    CHECK(t->max_tokens == 64 && t->n_per_prompt == 1);
+    bg_str p[2] = {{"hi \"there\"", 10}, {"second", 6}};
+    size_t len = 0;
+    char *body = bg_json_completions_body(t, p, 1, false, &len);
+    CHECK(body && len == strlen(body));
+    /* Big integers pass through as written (not rounded through a double). */
+    CHECK_CONTAINS(body, "12345678901234567");
+    cJSON *j = cJSON_Parse(body);
+    CHECK(cJSON_IsObject(j));
+    CHECK(strcmp(cJSON_GetObjectItem(j, "model")->valuestring, "qwen") == 0);
+    CHECK(strcmp(cJSON_GetObjectItem(j, "prompt")->valuestring, "hi \"there\"") == 0);
+    CHECK(cJSON_GetObjectItem(j, "temperature")->valuedouble == 0.5);
+    CHECK(cJSON_IsObject(cJSON_GetObjectItem(j, "guided_json")));
+    cJSON_Delete(j);
+    free(body);
+
+    body = bg_json_completions_body(t, p, 2, false, &len);
+    j = cJSON_Parse(body);
+    cJSON *arr = cJSON_GetObjectItem(j, "prompt");
+    CHECK(cJSON_IsArray(arr) && cJSON_GetArraySize(arr) == 2);
+    cJSON_Delete(j);
+    free(body);
+
+    body = bg_json_completions_body(t, p, 1, true, &len);
+    j = cJSON_Parse(body);
+    CHECK(cJSON_IsArray(cJSON_GetObjectItem(j, "prompt")));
+    cJSON_Delete(j);
+    free(body);
+
+    const char *msgs = "[{\"role\":\"user\",\"content\":\"hey\"}]";
+    CHECK(bg_json_check_messages(msgs, strlen(msgs), err, sizeof(err)) == 0);
+    body = bg_json_chat_body(t, msgs, strlen(msgs), &len);
+    j = cJSON_Parse(body);
+    CHECK(cJSON_IsArray(cJSON_GetObjectItem(j, "messages")));
+    cJSON_Delete(j);
+    free(body);
+    bg_tmpl_decref(t);
+
+    /* No extras, no model: just the prompt. */
+    t = bg_tmpl_new(NULL, NULL, 0, err, sizeof(err));
+    body = bg_json_completions_body(t, p, 1, false, &len);
+    CHECK(strcmp(body, "{\"prompt\":\"hi \\\"there\\\"\"}") == 0);
+    free(body);
+    bg_tmpl_decref(t);
+
+    /* A model in the params wins over the argument. */
+    const char *m2 = "{\"model\":\"other\",\"n\":3}";
+    t = bg_tmpl_new("qwen", m2, strlen(m2), err, sizeof(err));
+    CHECK(t && t->n_per_prompt == 3);
+    body = bg_json_completions_body(t, p, 1, false, &len);
+    j = cJSON_Parse(body);
+    CHECK(strcmp(cJSON_GetObjectItem(j, "model")->valuestring, "other") == 0);
+    cJSON_Delete(j);
+    free(body);
+    bg_tmpl_decref(t);
+}
+
+static void expect_tmpl_error(const char *extra, const char *needle)
+{
+    char err[256] = "";
+    bg_tmpl *t = bg_tmpl_new("m", extra, strlen(extra), err, sizeof(err));
+    CHECK(t == NULL);
+    bg_tmpl_decref(t);
+    CHECK_CONTAINS(err, needle);
+}
+
+static void test_template_errors(void)
+{
+    expect_tmpl_error("[1]", "must be a JSON object, got list");
+    expect_tmpl_error("{\"a\":", "not valid JSON");
+    expect_tmpl_error("{} x", "trailing data");
+    expect_tmpl_error("{\"prompt\":\"x\"}", "\"prompt\"");
+    expect_tmpl_error("{\"messages\":[]}", "\"messages\"");
+    expect_tmpl_error("{\"stream\":true}", "stream");
+    expect_tmpl_error("{\"n\":0}", "\"n\"");
+    expect_tmpl_error("{\"model\":5}", "\"model\" must be a string");
+    expect_tmpl_error("{\"max_tokens\":\"ten\"}", "max_tokens");
+    char err[256];
+    CHECK(bg_json_check_messages("{}", 2, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "must be a list");
+    CHECK(bg_json_check_messages("[{\"content\":\"x\"}]", 17, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "messages[0][\"role\"]");
+    CHECK(bg_json_check_messages("[]", 2, err, sizeof(err)) < 0);
+}
+
+static void test_parse_ok(void)
+{
+    char err[256];
+    bg_resp r;
+    const char *b = "{\"choices\":[{\"index\":1,\"text\":\"B\",\"finish_reason\":\"length\"},"
+                    "{\"index\":0,\"text\":\"A\",\"finish_reason\":null}],"
+                    "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}";
+    CHECK(bg_json_parse_response(b, strlen(b), BG_EP_COMPLETIONS, 2, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 2);
+    CHECK(strcmp(r.choices[0].text, "A") == 0 && r.choices[0].finish_reason == NULL);
+    CHECK(strcmp(r.choices[1].text, "B") == 0 &&
+          strcmp(r.choices[1].finish_reason, "length") == 0);
+    CHECK(r.usage.present && r.usage.prompt_tokens == 3 && r.usage.completion_tokens == 4 &&
+          r.usage.total_tokens == 7);
+    bg_resp_free(&r);
+
+    const char *c = "{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                    "\"content\":null},\"finish_reason\":\"tool_calls\"}]}";
+    CHECK(bg_json_parse_response(c, strlen(c), BG_EP_CHAT, 1, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 1 && strcmp(r.choices[0].text, "") == 0 && !r.usage.present);
+    bg_resp_free(&r);
+}
+
+static void expect_parse_error(const char *body, enum bg_endpoint ep, size_t expected,
+                               const char *needle)
+{
+    char err[256] = "";
+    bg_resp r;
+    CHECK(bg_json_parse_response(body, strlen(body), ep, expected, &r, err, sizeof(err)) < 0);
+    CHECK(r.choices == NULL && r.n_choices == 0);
+    CHECK_CONTAINS(err, needle);
+}
+
+static void test_parse_errors(void)
+{
+    const enum bg_endpoint C = BG_EP_COMPLETIONS;
+    expect_parse_error("<html>oops</html>", C, 1, "not JSON");
+    expect_parse_error("", C, 1, "not JSON");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":\"a\"}", C, 1, "not JSON");
+    expect_parse_error("[1,2]", C, 1, "must be a JSON object, got list");
+    expect_parse_error("{\"id\":1}", C, 1, "no \"choices\"");
+    expect_parse_error("{\"error\":{\"message\":\"overloaded\"}}", C, 1, "overloaded");
+    expect_parse_error("{\"choices\":{}}", C, 1, "must be a list, got object");
+    expect_parse_error("{\"choices\":[]}", C, 1, "0 choices, expected 1");
+    expect_parse_error("{\"choices\":[\"x\"]}", C, 1, "choices[0] must be an object, got string");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":5}]}", C, 1,
+                       "choices[0][\"text\"] must be a string, got number");
+    expect_parse_error("{\"choices\":[{\"index\":0}]}", C, 1,
+                       "choices[0][\"text\"] must be a string, got missing");
+    expect_parse_error("{\"choices\":[{\"index\":\"0\",\"text\":\"a\"}]}", C, 1,
+                       "[\"index\"] must be an integer, got string");
+    expect_parse_error("{\"choices\":[{\"index\":0.5,\"text\":\"a\"}]}", C, 1,
+                       "must be an integer");
+    expect_parse_error("{\"choices\":[{\"index\":3,\"text\":\"a\"}]}", C, 1,
+                       "index 3, out of range 0..0");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":\"a\"},{\"index\":0,\"text\":\"b\"}]}",
+                       C, 2, "choices[1] repeats index 0");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":7}]}", C, 1,
+                       "finish_reason");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":\"a\"}],\"usage\":\"x\"}", C, 1,
+                       "\"usage\" must be an object");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"message\":\"hi\"}]}", BG_EP_CHAT, 1,
+                       "[\"message\"] must be an object, got string");
+    expect_parse_error("{\"choices\":[{\"index\":0,\"message\":{\"content\":1}}]}", BG_EP_CHAT,
+                       1, "[\"message\"][\"content\"] must be a string, got number");
+}
+
+static void expect_msg(const char *body, const char *want)
+{
+    char *m = bg_json_error_message(body, strlen(body), 50);
+    CHECK(m && strcmp(m, want) == 0);
+    if (m && strcmp(m, want) != 0)
+        fprintf(stderr, "  got \"%s\", want \"%s\"\n", m, want);
+    free(m);
+}
+
+static void test_error_messages(void)
+{
+    expect_msg("{\"error\":{\"message\":\"This model's maximum context length is 4096\"}}",
+               "This model's maximum context length is 4096");
+    expect_msg("{\"object\":\"error\",\"message\":\"bad\",\"code\":400}", "bad");
+    expect_msg("{\"error\":\"plain\"}", "plain");
+    expect_msg("{\"detail\":\"Not Found\"}", "Not Found");
+    expect_msg("{\"detail\":[{\"loc\":1}]}", "[{\"loc\":1}]");
+    expect_msg("<html>\n502</html>", "<html> 502</html>");
+    expect_msg("", "");
+    char big[200];
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    char *m = bg_json_error_message(big, strlen(big), 50);
+    CHECK(m && strlen(m) == 53 && strcmp(m + 50, "...") == 0);
+    free(m);
+}
+
+int main(void)
+{
+    test_escape();
+    test_template_and_bodies();
+    test_template_errors();
+    test_parse_ok();
+    test_parse_errors();
+    test_error_messages();
+    if (failures) {
+        fprintf(stderr, "test_json: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test_json: ok\n");
+    return 0;
+}
