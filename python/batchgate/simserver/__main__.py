@@ -13,15 +13,20 @@ from .server import DEFAULT_MODEL, SimServer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m batchgate.simserver",
-        description="A local vLLM look-alike that models KV-cache memory (no GPU).")
-    p.add_argument("--host", default="127.0.0.1")
+        description="A local vLLM look-alike that models KV-cache memory (no GPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
-    p.add_argument("--kv-cache-tokens", type=int, default=131072)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=32768)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=131072,
+                   help="KV cache size in tokens (the simulated GPU memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, default=32768,
+                   help="longest prompt + completion; longer prompts get vLLM's 400")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences running in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step; None means max(8192, max-model-len)")
     p.add_argument("--mode", choices=("preempt", "naive"), default="preempt",
                    help="preempt (vLLM) or naive (fail with out-of-memory)")
     p.add_argument("--step-base-s", type=float, default=0.02,

@@ -5,9 +5,11 @@ reproducible. Prompts that ask for ``positive_count`` and ``negative_count``
 (batchgate's built-in sentiment prompt) get a valid JSON answer whose counts
 come from keyword rules over the reviews in the prompt:
 
-- the reviews are the prompt's list-item lines ("1. ...", "2) ...", "[3] ...",
-  "- ...", "* ..."), or, when there are none, every non-empty line that does
-  not mention the answer keys and does not end with ":";
+- the reviews are the prompt's list items: a line starting "1. ", "2) ",
+  "[3] ", "- ", "* " or "• " begins one, and the following lines up to the next
+  item or a blank line continue it (a review with newlines stays one review);
+  without list items, every non-empty line that does not mention the answer
+  keys and does not end with ":" is one review;
 - a review is positive when it has more positive than negative keyword hits,
   negative when it has more negative hits, and a tie is broken by a CRC of the
   text, so ``positive_count + negative_count`` always equals the number of
@@ -22,7 +24,7 @@ import json
 import math
 import re
 import zlib
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 try:  # the calibrated native estimator, when the package is built
     from batchgate.sizing import estimate_tokens as _native_estimate
@@ -51,13 +53,17 @@ _POSITIVE = (
     "👍", "😊", "😍", "❤", "🥰", "😋",
 )
 _NEGATIVE = (
-    "별로", "실망", "최악", "불친절", "비싸", "느리", "늦", "걸렸", "더럽", "불만", "아쉽",
+    "안 좋", "안좋", "별로", "실망", "최악", "불친절", "비싸", "느리", "늦", "걸렸", "더럽", "불만", "아쉽",
     "아쉬", "다시는", "비추", "식었", "차갑", "짜요", "짰", "싱거", "불쾌", "엉망", "최저",
     "bad", "terrible", "awful", "slow", "rude", "cold", "expensive", "disappoint",
     "worst", "dirty", "never again", "bland", "overpriced",
     "👎", "😡", "😠", "🤮",
 )
 
+_POSITIVE_SET = frozenset(_POSITIVE)
+# One pass over the text; longest keywords first so "불친절" is not read as "친절".
+_KEYWORD = re.compile("|".join(
+    re.escape(k) for k in sorted(_POSITIVE + _NEGATIVE, key=len, reverse=True)))
 _ITEM = re.compile(r"^\s*(?:\d{1,6}\s*[.):]|\[\d{1,6}\]|[-*•])\s+(.*\S)")
 _ANSWER_KEYS = ("positive_count", "negative_count")
 
@@ -70,7 +76,22 @@ def is_sentiment_prompt(prompt: str) -> bool:
 def review_lines(prompt: str) -> List[str]:
     """The reviews of a sentiment prompt, one per line (rules in the module doc)."""
     lines = prompt.splitlines()
-    items = [m.group(1) for m in map(_ITEM.match, lines) if m]
+    items: List[str] = []
+    current: Optional[List[str]] = None
+    for line in lines:
+        m = _ITEM.match(line)
+        if m:
+            if current is not None:
+                items.append("\n".join(current))
+            current = [m.group(1)]
+        elif current is not None:
+            if line.strip():
+                current.append(line)
+            else:
+                items.append("\n".join(current))
+                current = None
+    if current is not None:
+        items.append("\n".join(current))
     if items:
         return items
     out = []
@@ -87,9 +108,9 @@ def review_lines(prompt: str) -> List[str]:
 
 def classify(review: str) -> bool:
     """True when the review counts as positive."""
-    low = review.lower()
-    pos = sum(low.count(k) for k in _POSITIVE)
-    neg = sum(low.count(k) for k in _NEGATIVE)
+    hits = _KEYWORD.findall(review.lower())
+    pos = sum(1 for h in hits if h in _POSITIVE_SET)
+    neg = len(hits) - pos
     if pos != neg:
         return pos > neg
     return zlib.crc32(review.encode("utf-8")) & 1 == 0

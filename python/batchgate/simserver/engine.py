@@ -55,7 +55,8 @@ class Sequence:
 
 
 class Timeline:
-    """KV usage, running and waiting over time, sampled at engine steps.
+    """KV usage, running, waiting and the cumulative preemptions and
+    out-of-memory failures over time, sampled at engine steps.
 
     A sample is kept when at least ``interval_s`` passed since the previous
     one; past ``max_samples`` every other sample is dropped and the interval
@@ -75,13 +76,17 @@ class Timeline:
         self.kv_cache_usage: List[float] = []
         self.running: List[int] = []
         self.waiting: List[int] = []
+        self.preemptions: List[int] = []
+        self.oom_errors: List[int] = []
         self._last = -1e300
 
-    def record(self, now: float, kv: float, running: int, waiting: int, force: bool = False) -> None:
+    def record(self, now: float, kv: float, running: int, waiting: int,
+               preemptions: int = 0, oom_errors: int = 0, force: bool = False) -> None:
         t = now - self.t0
-        if force:
-            if self.t and (self.kv_cache_usage[-1], self.running[-1],
-                           self.waiting[-1]) == (kv, running, waiting):
+        if force:  # an idle sample: skip when nothing changed since the last one
+            if self.t and (self.kv_cache_usage[-1], self.running[-1], self.waiting[-1],
+                           self.preemptions[-1], self.oom_errors[-1]) == (
+                               kv, running, waiting, preemptions, oom_errors):
                 return
         elif t - self._last < self.interval_s:
             return
@@ -90,10 +95,16 @@ class Timeline:
         self.kv_cache_usage.append(kv)
         self.running.append(running)
         self.waiting.append(waiting)
+        self.preemptions.append(preemptions)
+        self.oom_errors.append(oom_errors)
         if len(self.t) > self.max_samples:
-            for series in (self.t, self.kv_cache_usage, self.running, self.waiting):
+            for series in self._series():
                 del series[1::2]
             self.interval_s = max(self.interval_s * 2, 1e-6)
+
+    def _series(self) -> List[list]:
+        return [self.t, self.kv_cache_usage, self.running, self.waiting,
+                self.preemptions, self.oom_errors]
 
     def snapshot(self, since: float = -1.0) -> Dict[str, list]:
         """Copies of the series, from the first sample with ``t > since``."""
@@ -112,6 +123,8 @@ class Timeline:
             "kv_cache_usage": self.kv_cache_usage[start:],
             "running": self.running[start:],
             "waiting": self.waiting[start:],
+            "preemptions": self.preemptions[start:],
+            "oom_errors": self.oom_errors[start:],
         }
 
 
@@ -167,6 +180,7 @@ class Engine:
         self.running: List[Sequence] = []
         self.timeline = Timeline(non_negative("timeline_interval_s", timeline_interval_s),
                                  positive_int("timeline_max_samples", timeline_max_samples))
+        self._tokens_this_step = 0
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self.reset_stats()
@@ -355,7 +369,8 @@ class Engine:
             self.peak_running = nrun
         if nwait > self.peak_waiting:
             self.peak_waiting = nwait
-        self.timeline.record(now, kv, nrun, nwait, force)
+        self.timeline.record(now, kv, nrun, nwait, self.num_preemptions,
+                             self.num_oom_errors, force)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -116,6 +116,7 @@ class HttpProtocol(asyncio.Protocol):
         # Parsed head of the request whose body is still arriving.
         self._head: Optional[Tuple[str, str, str, Dict[str, str], bool, int, bool]] = None
         self._sent_continue = False
+        self._eof = False
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -139,7 +140,8 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> Optional[bool]:
-        # A half-closed client still gets the answer in progress.
+        # A half-closed client still gets the answer in progress, then we close.
+        self._eof = True
         return bool(self._busy)
 
     def close(self) -> None:
@@ -271,6 +273,8 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.resume_reading()
         if self._buf:
             self._process()
+        if self._eof and not self._busy:
+            self.close()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         if self._closing:

@@ -45,6 +45,8 @@ def _int_field(body: Dict[str, Any], name: str, default: Optional[int], minimum:
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():  # pydantic accepts 16.0 too
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(f"{name} must be an integer, got {json.dumps(value)[:40]}", param=name)
     if value < minimum:
@@ -285,6 +287,8 @@ class SimServer:
             prompt = body.get("prompt")
             texts: List[str]
             counts: List[int]
+            if prompt == "" or (isinstance(prompt, list) and "" in prompt):
+                raise ApiError("The prompt cannot be empty", param="prompt")
             if isinstance(prompt, str):
                 texts = [prompt]
                 counts = [answers.count_tokens(prompt)]
@@ -397,6 +401,9 @@ class SimServer:
                "Number of requests waiting to be processed.", len(e.waiting))
         metric("vllm:kv_cache_usage_perc", "gauge",
                "KV-cache usage. 1 means 100 percent usage.", e.kv_cache_usage)
+        # Deprecated name of the same gauge, still read by older dashboards.
+        metric("vllm:gpu_cache_usage_perc", "gauge",
+               "GPU KV-cache usage. 1 means 100 percent usage.", e.kv_cache_usage)
         metric("vllm:num_preemptions", "counter",
                "Cumulative number of preemption from the engine.", e.num_preemptions)
         metric("vllm:prompt_tokens", "counter",
