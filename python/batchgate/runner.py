@@ -36,6 +36,7 @@ SENTIMENT_PROMPT = """다음은 한 음식점에 대한 고객 리뷰 {count}개
 """
 
 ANSWER_MAX_TOKENS = 64
+MEASURE_ONLY_TOKEN_CAP = 1 << 50
 # Tokens the numbering ("12. ") and newline add per review, on top of its text.
 _PER_REVIEW_TOKENS = 4
 
@@ -222,6 +223,9 @@ def make_dispatcher(base_url: str, *, api_key: Optional[str] = None, model: Opti
                 raise
     if cls is None:
         from ._fallback import FallbackDispatcher as cls  # type: ignore[no-redef]
+    elif max_inflight_tokens is None:
+        # A cap no run reaches, so the native token counters show what is in flight.
+        max_inflight_tokens = MEASURE_ONLY_TOKEN_CAP
     return cls(base_url, api_key, model, max_concurrent=max_concurrent,
                max_inflight_tokens=max_inflight_tokens, max_retries=max_retries,
                timeout=timeout, backoff=backoff)
