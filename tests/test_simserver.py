@@ -153,6 +153,29 @@ def test_sentiment_answer_is_json_with_counts_from_the_reviews(sim):
     assert answers.classify("음식이 식었고 별로였어요") is False
 
 
+def test_fault_markers_for_client_tests(sim):
+    srv = sim()
+    garbage = sentiment_prompt(["좋아요", "별로 [[sim:garbage]]"])
+    for _ in range(2):
+        status, data = post(srv, "/v1/completions", {"prompt": garbage, "max_tokens": 50})
+        assert status == 200
+        with pytest.raises(ValueError):
+            json.loads(data["choices"][0]["text"])
+    once = sentiment_prompt(["좋아요", "별로 [[sim:garbage-once]]"])
+    first = post(srv, "/v1/completions", {"prompt": once, "max_tokens": 50})[1]
+    again = post(srv, "/v1/completions", {"prompt": once, "max_tokens": 50})[1]
+    with pytest.raises(ValueError):
+        json.loads(first["choices"][0]["text"])
+    assert json.loads(again["choices"][0]["text"]) == {"positive_count": 1, "negative_count": 1}
+    status, data = post(srv, "/v1/completions", {"prompt": "x [[sim:error]]"})
+    assert status == 500 and data["error"]["type"] == "InternalServerError"
+    assert data["error"]["code"] == 500
+    assert post(srv, "/v1/completions", {"prompt": "x [[sim:error]]"})[0] == 500
+    assert post(srv, "/v1/completions", {"prompt": "y [[sim:error-once]]"})[0] == 500
+    assert post(srv, "/v1/completions", {"prompt": "y [[sim:error-once]]"})[0] == 200
+    assert srv.stats()["num_bad_requests"] == 0
+
+
 def test_chat_completion(sim):
     srv = sim()
     messages = [{"role": "system", "content": "You count reviews."},
@@ -380,20 +403,26 @@ def test_naive_mode_fails_with_out_of_memory(sim):
     assert status == 200
 
 
-def test_client_disconnect_frees_its_kv_blocks(sim):
+@pytest.mark.parametrize("how", ["close", "half-close"])
+def test_client_disconnect_aborts_and_frees_kv_blocks(sim, how):
     srv = sim(step_base_s=0.05)
     body = json.dumps({"prompt": "abandoned " * 50, "max_tokens": 200}).encode()
-    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 5
         while srv.stats()["num_requests_running"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        if how == "half-close":
+            # vLLM (uvicorn) treats EOF as a disconnect: no answer, request aborted.
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(65536) == b""
     deadline = time.monotonic() + 5
     while srv.stats()["num_requests_running"] or srv.stats()["kv_cache_usage_perc"]:
         assert time.monotonic() < deadline, srv.stats()
         time.sleep(0.01)
+    assert srv.stats()["generation_tokens"] < 200  # it did not run to the end
 
 
 # -- the timeline -------------------------------------------------------------------
@@ -530,14 +559,6 @@ def test_keep_alive_pipelining_chunked_and_expect(sim):
         while chunk := s.recv(65536):
             rest += chunk
         assert rest.startswith(b"HTTP/1.1 200 OK")
-    # A client that half-closes after its request still gets the answer, then EOF.
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
-        s.sendall(one)
-        s.shutdown(socket.SHUT_WR)
-        rest = b""
-        while chunk := s.recv(65536):
-            rest += chunk
-        assert rest.startswith(b"HTTP/1.1 200 OK") and b"pipelined" in rest
     # HTTP/1.0 closes unless asked to keep alive.
     out = raw_exchange(srv.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in out
@@ -604,6 +625,13 @@ def test_async_context_manager_and_stop_cancels_requests():
             await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
+
+
+def test_thread_runner_numbers_stay_readable_after_stop():
+    with SimServerThread(step_base_s=0.0, step_per_token_s=0.0) as srv:
+        assert request(srv, "POST", "/v1/completions", {"prompt": "hi"})[0] == 200
+    assert srv.stats()["generation_tokens"] > 0
+    assert len(srv.timeline()["t"]) > 0
 
 
 def test_constructor_rejects_bad_settings():

@@ -17,6 +17,12 @@ come from keyword rules over the reviews in the prompt:
 
 Any other prompt gets an echo-like text that names the prompt's size and
 repeats its start.
+
+Fault markers, for testing clients (put one anywhere in a prompt, e.g. inside a
+review): ``[[sim:garbage]]`` makes the answer a non-JSON sentence,
+``[[sim:error]]`` makes the request fail with HTTP 500; the ``-once`` forms
+(``[[sim:garbage-once]]``, ``[[sim:error-once]]``) do so only the first time
+the server sees that exact prompt, so a retry succeeds.
 """
 from __future__ import annotations
 
@@ -126,6 +132,18 @@ def echo_answer(prompt: str) -> str:
     head = " ".join(prompt.split())[:160]
     digest = zlib.crc32(prompt.encode("utf-8"))
     return f"Simulated reply #{digest:08x} to {len(prompt)} characters: {head}"
+
+
+GARBAGE_ANSWER = "Sorry, I lost count of the reviews."
+_FAULT = re.compile(r"\[\[sim:(garbage|error)(-once)?\]\]")
+
+
+def fault_marker(prompt: str) -> Optional[Tuple[str, bool]]:
+    """(kind, once) of the first fault marker in the prompt, or None."""
+    if "[[sim:" not in prompt:
+        return None
+    m = _FAULT.search(prompt)
+    return (m.group(1), m.group(2) is not None) if m else None
 
 
 def answer_for(prompt: str) -> str:

@@ -116,7 +116,6 @@ class HttpProtocol(asyncio.Protocol):
         # Parsed head of the request whose body is still arriving.
         self._head: Optional[Tuple[str, str, str, Dict[str, str], bool, int, bool]] = None
         self._sent_continue = False
-        self._eof = False
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -140,9 +139,9 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> Optional[bool]:
-        # A half-closed client still gets the answer in progress, then we close.
-        self._eof = True
-        return bool(self._busy)
+        # As uvicorn (vLLM's server) does: EOF closes the connection, and the
+        # request in progress is aborted, its KV blocks freed.
+        return None
 
     def close(self) -> None:
         if self._transport is not None and not self._closing:
@@ -273,8 +272,6 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.resume_reading()
         if self._buf:
             self._process()
-        if self._eof and not self._busy:
-            self.close()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         if self._closing:

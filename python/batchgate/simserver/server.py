@@ -101,6 +101,7 @@ class SimServer:
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: Set[HttpProtocol] = set()
         self._next_id = 0
+        self._faults_seen: Set[Tuple[str, str]] = set()  # "-once" markers already applied
         self.num_bad_requests = 0
         self._routes = {
             ("POST", "/v1/completions"): self._completions,
@@ -226,7 +227,8 @@ class SimServer:
                 f"{prompt_tokens}).", param="max_tokens")
 
     def _bad(self, e: ApiError) -> Response:
-        self.num_bad_requests += 1
+        if e.status < 500:
+            self.num_bad_requests += 1
         return e.response()
 
     # -- generation -----------------------------------------------------------------
@@ -239,7 +241,11 @@ class SimServer:
         loop = asyncio.get_running_loop()
         plan = []
         for text, pt in zip(texts, prompt_tokens):
-            answer = answers.answer_for(text)
+            fault = self._fault(text)
+            if fault == "error":
+                raise ApiError("Simulated failure requested by a [[sim:error]] marker "
+                               "in the prompt", 500, "InternalServerError")
+            answer = answers.GARBAGE_ANSWER if fault else answers.answer_for(text)
             answer_tokens = max(1, answers.count_tokens(answer))
             limit = max_tokens if max_tokens is not None else self.max_model_len - pt
             target = min(limit, answer_tokens)
@@ -248,6 +254,18 @@ class SimServer:
             for _ in range(n):
                 plan.append((shown, pt, Sequence(pt, target, reason, loop.create_future())))
         return plan
+
+    def _fault(self, text: str) -> Optional[str]:
+        marker = answers.fault_marker(text)
+        if marker is None:
+            return None
+        kind, once = marker
+        if once:
+            key = (kind, text)
+            if key in self._faults_seen:
+                return None
+            self._faults_seen.add(key)
+        return kind
 
     async def _generate(self, plan: List[Tuple[str, int, Sequence]]) -> Optional[Response]:
         """Run the sequences; None when all finished, else the error response."""
@@ -512,7 +530,11 @@ class SimServerThread:
         self._thread = None
 
     def call(self, fn, *args: Any) -> Any:
-        """Run fn(*args) on the server's loop and return its result."""
+        """Run fn(*args) on the server's loop and return its result (directly
+        once the server is stopped, so its numbers stay readable)."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn(*args)
+
         async def run() -> Any:
             return fn(*args)
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
