@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 from .config import Config
 from .corpus import generate_corpus
 from .runner import (SENTIMENT_PROMPT, BatchLog, build_batches, dispatch_batches,
-                     is_native, make_dispatcher)
+                     make_dispatcher)
 
 # A small GPU: the KV cache holds ~9 of the original's 100-review batches.
 KV_CACHE_TOKENS = 65536
@@ -129,13 +129,13 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
             st = await dispatch_batches(d, batches, SENTIMENT_PROMPT, log=log,
                                         max_retries=max_retries,
                                         window=len(batches) if unlimited else None)
-            return st, is_native(d)
+            return st
         finally:
             await d.aclose()
 
     srv.reset_stats()
     t0 = time.monotonic()
-    st, native = asyncio.run(go())
+    st = asyncio.run(go())
     wall = time.monotonic() - t0
     s = srv.stats()
     tl = srv.timeline()
@@ -154,7 +154,6 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
         "requests": st.requests, "peak_in_flight": st.peak_in_flight,
         "peak_in_flight_tokens": st.peak_in_flight_tokens, "wall_s": wall,
         "reviews_scored": scored, "reviews_per_s": scored / wall if wall > 0 else 0.0,
-        "native_dispatcher": native,
         "timeline": {"t": tl["t"], "kv": tl["kv_cache_usage"]},
     }
 
@@ -224,9 +223,6 @@ def demo_command(args: Any) -> int:
         finally:
             srv.stop()
     print(format_table(rows))
-    if not rows[0]["native_dispatcher"]:
-        print("(client: pure-Python fallback dispatcher; the native Dispatcher is not in "
-              "this build)")
     print(f"total demo time {time.monotonic() - t0:.1f} s")
     json_path = os.path.join(args.out_dir, "batchgate_demo.json")
     with open(json_path, "w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from ._native import BatchgateError
 from .config import Config
+from .dispatcher import Dispatcher
 from .sizing import calculate_dynamic_batch_size, estimate_many, estimate_tokens, plan_batches
 
 # The original pipeline's prompt, in its style: count, answer JSON only. Review
@@ -210,29 +211,13 @@ class BatchLog:
 
 def make_dispatcher(base_url: str, *, api_key: Optional[str] = None, model: Optional[str] = None,
                     max_concurrent: int, max_inflight_tokens: Optional[int] = None,
-                    max_retries: int, timeout: float = 600.0, backoff: float = 0.5,
-                    native: Optional[bool] = None) -> Any:
-    """The native ``batchgate.Dispatcher`` when this build has it, else the
-    pure-Python fallback (same interface)."""
-    cls = None
-    if native is not False:
-        try:
-            from .dispatcher import Dispatcher as cls  # type: ignore[no-redef]
-        except ImportError:
-            if native:
-                raise
-    if cls is None:
-        from ._fallback import FallbackDispatcher as cls  # type: ignore[no-redef]
-    elif max_inflight_tokens is None:
+                    max_retries: int, timeout: float = 600.0, backoff: float = 0.5) -> Dispatcher:
+    if max_inflight_tokens is None:
         # A cap no run reaches, so the native token counters show what is in flight.
         max_inflight_tokens = MEASURE_ONLY_TOKEN_CAP
-    return cls(base_url, api_key, model, max_concurrent=max_concurrent,
-               max_inflight_tokens=max_inflight_tokens, max_retries=max_retries,
-               timeout=timeout, backoff=backoff)
-
-
-def is_native(dispatcher: Any) -> bool:
-    return type(dispatcher).__name__ == "Dispatcher"
+    return Dispatcher(base_url, api_key, model, max_concurrent=max_concurrent,
+                      max_inflight_tokens=max_inflight_tokens, max_retries=max_retries,
+                      timeout=timeout, backoff=backoff)
 
 
 @dataclass
@@ -251,27 +236,19 @@ class DispatchStats:
 
 
 class _PeakSampler:
-    """Peak in-flight tokens from the dispatcher's counters (sampled every few
-    ms when the dispatcher does not keep the peak itself)."""
+    """Peak estimated tokens in flight, sampled every few ms from the
+    dispatcher's token semaphore (the engine keeps the request peak itself)."""
 
-    def __init__(self, d: Any) -> None:
+    def __init__(self, d: Dispatcher) -> None:
         self.d = d
         self.peak: Optional[int] = None
         self._task: Optional[asyncio.Task] = None
 
-    def _now(self) -> Optional[int]:
-        s = self.d.stats()
-        if "max_tokens_in_flight" in s:
-            return int(s["max_tokens_in_flight"])
-        cap = getattr(self.d, "max_inflight_tokens", None)
-        free = s.get("tokens_free", -1)
-        if cap and free is not None and free >= 0:
-            return int(cap - free)
-        return None
-
     def sample(self) -> None:
-        v = self._now()
-        if v is not None:
+        cap = self.d.max_inflight_tokens
+        free = self.d.stats().get("tokens_free", -1)
+        if cap and free >= 0:
+            v = int(cap - free)
             self.peak = v if self.peak is None else max(self.peak, v)
 
     async def _loop(self) -> None:
@@ -280,8 +257,7 @@ class _PeakSampler:
             await asyncio.sleep(0.005)
 
     def start(self) -> None:
-        if "max_tokens_in_flight" not in self.d.stats():
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -290,10 +266,9 @@ class _PeakSampler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.sample()
 
 
-async def dispatch_batches(dispatcher: Any, batches: Sequence[Batch], template: str, *,
+async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], template: str, *,
                            log: BatchLog, max_retries: int, max_tokens: int = ANSWER_MAX_TOKENS,
                            params: Optional[Dict[str, Any]] = None,
                            window: Optional[int] = None,
@@ -581,9 +556,6 @@ def _run(args: Any, template: str, groups: Dict[str, List[Tuple[str, int]]], pla
                                 max_concurrent=args.max_concurrent,
                                 max_inflight_tokens=args.max_inflight_tokens,
                                 max_retries=args.max_retries, timeout=args.timeout)
-            if not is_native(d):
-                _say("note: the native Dispatcher is not in this build; using the "
-                     "pure-Python fallback client")
             try:
                 return await dispatch_batches(d, todo, template, log=log,
                                               max_retries=args.max_retries,
@@ -638,7 +610,8 @@ def _print_summary(st: DispatchStats, total: int, skipped: int, failed: int,
         f"tokens:     {st.prompt_tokens_est} prompt (estimated), {st.prompt_tokens} prompt + "
         f"{st.completion_tokens} completion (server usage)",
         f"wall time:  {st.wall:.2f} s, {st.requests} requests, {rps:.1f} req/s",
-        f"in flight:  peak {st.peak_in_flight} requests, peak {peak_tok} tokens",
+        f"in flight:  peak {st.peak_in_flight} requests, peak {peak_tok} estimated tokens "
+        "(sampled every 5 ms)",
     ]
     if n_reviews is not None:
         lines.insert(0, f"reviews:    {n_reviews}")
