@@ -334,3 +334,25 @@ def test_demo_small_table_and_plot(tmp_path):
     capped = [r for r in rows if r["max_inflight_tokens"]]
     assert capped and all(r["peak_kv_usage"] < 1 and r["failed_batches"] == 0 for r in capped)
     assert all(r["peak_in_flight_tokens"] <= r["max_inflight_tokens"] for r in capped)
+
+
+def test_prompt_over_max_model_len_is_a_reported_failure(tmp_path):
+    long_review = "김치찌개가 진하고 칼칼해서 밥 한 공기 뚝딱했어요. " * 300
+    recs = [{"restaurant_id": "r1", "text": "맛있어요 최고"},
+            {"restaurant_id": "r1", "text": long_review},
+            {"restaurant_id": "r1", "text": "별로예요"}]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                    encoding="utf-8")
+    out = str(tmp_path / "r.jsonl")
+    p = bg("run", str(path), "--out", out, "--max-tokens-per-batch", "1000",
+           "--sim-max-model-len", "2048", "--sim-kv-cache-tokens", "8192")
+    assert p.returncode == 1
+    assert "line 2 (r1) alone exceeds the batch budget" in p.stderr
+    assert "maximum context length is 2048 tokens" in p.stderr
+    (r,) = read_jsonl(out)
+    assert r["failed_batches"] == 1 and r["unscored_reviews"] == 1 and r["complete"] is False
+    assert r["positive_count"] + r["negative_count"] == 2
+    log = read_jsonl(out + ".batches.jsonl")
+    failed = [x for x in log if x["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["attempts"] == 1   # a 400 is not retried

@@ -37,7 +37,6 @@ SENTIMENT_PROMPT = """다음은 한 음식점에 대한 고객 리뷰 {count}개
 """
 
 ANSWER_MAX_TOKENS = 64
-MEASURE_ONLY_TOKEN_CAP = 1 << 50
 # Tokens the numbering ("12. ") and newline add per review, on top of its text.
 _PER_REVIEW_TOKENS = 4
 
@@ -212,9 +211,6 @@ class BatchLog:
 def make_dispatcher(base_url: str, *, api_key: Optional[str] = None, model: Optional[str] = None,
                     max_concurrent: int, max_inflight_tokens: Optional[int] = None,
                     max_retries: int, timeout: float = 600.0, backoff: float = 0.5) -> Dispatcher:
-    if max_inflight_tokens is None:
-        # A cap no run reaches, so the native token counters show what is in flight.
-        max_inflight_tokens = MEASURE_ONLY_TOKEN_CAP
     return Dispatcher(base_url, api_key, model, max_concurrent=max_concurrent,
                       max_inflight_tokens=max_inflight_tokens, max_retries=max_retries,
                       timeout=timeout, backoff=backoff)
@@ -231,13 +227,16 @@ class DispatchStats:
     requests: int = 0
     peak_in_flight: int = 0
     peak_in_flight_tokens: Optional[int] = None
+    token_cap: Optional[int] = None
     wall: float = 0.0
     interrupted: bool = False
 
 
 class _PeakSampler:
-    """Peak estimated tokens in flight, sampled every few ms from the
-    dispatcher's token semaphore (the engine keeps the request peak itself)."""
+    """Peak estimated tokens reserved under the token cap, sampled every few ms
+    from the dispatcher's token semaphore (the engine keeps the request peak
+    itself). Reserved = on the wire plus waiting there for a request slot, so
+    it bounds the tokens on the wire from above; None without a token cap."""
 
     def __init__(self, d: Dispatcher) -> None:
         self.d = d
@@ -361,6 +360,7 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
     st.requests = int(s.get("attempts", 0)) - int(base_requests)
     st.peak_in_flight = int(s.get("max_in_flight", 0))
     st.peak_in_flight_tokens = sampler.peak
+    st.token_cap = dispatcher.max_inflight_tokens
     st.wall = time.monotonic() - t0
     return st
 
@@ -472,8 +472,17 @@ def _say(msg: str) -> None:
 
 
 def run_command(args: Any) -> int:
-    """``batchgate run``: exit 0 (all batches scored), 1 (some failed or lines
-    skipped), 2 (usage/input error), 3 (server unreachable), 130 (interrupted)."""
+    """``batchgate run``: exit 0 (all batches scored), 1 (some failed, or lines
+    skipped with --strict), 2 (usage/input error), 3 (server unreachable),
+    130 (interrupted; finished batches are in the batch log)."""
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt:
+        _say("interrupted; finished batches are in the batch log, continue with --resume")
+        return 130
+
+
+def _run_command(args: Any) -> int:
     template = load_template(args.prompt_template)
     groups, errors = read_groups(args.file, args.text_field, args.group_field)
     for err in errors:
@@ -603,15 +612,18 @@ def _run(args: Any, template: str, groups: Dict[str, List[Tuple[str, int]]], pla
 def _print_summary(st: DispatchStats, total: int, skipped: int, failed: int,
                    n_reviews: Optional[int]) -> None:
     rps = st.requests / st.wall if st.wall > 0 else 0.0
-    peak_tok = "n/a" if st.peak_in_flight_tokens is None else str(st.peak_in_flight_tokens)
+    if st.peak_in_flight_tokens is None:
+        tok = "no token cap (--max-inflight-tokens)"
+    else:
+        tok = (f"peak {st.peak_in_flight_tokens} of {st.token_cap} estimated tokens reserved "
+               "under the token cap (sampled every 5 ms)")
     lines = [
         f"batches:    {total} planned, {skipped} already done, {st.ok + st.failed} sent this "
         f"run ({st.ok} ok, {st.failed} failed); failed overall: {failed}",
         f"tokens:     {st.prompt_tokens_est} prompt (estimated), {st.prompt_tokens} prompt + "
         f"{st.completion_tokens} completion (server usage)",
         f"wall time:  {st.wall:.2f} s, {st.requests} requests, {rps:.1f} req/s",
-        f"in flight:  peak {st.peak_in_flight} requests, peak {peak_tok} estimated tokens "
-        "(sampled every 5 ms)",
+        f"in flight:  peak {st.peak_in_flight} requests; {tok}",
     ]
     if n_reviews is not None:
         lines.insert(0, f"reviews:    {n_reviews}")
