@@ -159,14 +159,19 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    head = (f"{'mode':<8} {'scenario':<31} {'batches':>7} {'peak KV':>7} {'preempt':>7} "
-            f"{'OOM':>5} {'400s':>5} {'failed':>6} {'wall s':>7} {'reviews/s':>9}")
+    head = (f"{'mode':<8} {'scenario':<31} {'batches':>7} {'max tok':>7} {'requests':>8} "
+            f"{'peak KV':>7} {'preempt':>7} {'OOM':>5} {'400s':>4} {'failed':>6} "
+            f"{'wall s':>6} {'reviews/s':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(f"{r['mode']:<8} {r['scenario']:<31} {r['batches']:>7} "
+                   f"{r['max_batch_tokens_est']:>7} {r['requests']:>8} "
                    f"{100 * r['peak_kv_usage']:>6.1f}% {r['preemptions']:>7} "
-                   f"{r['oom_errors']:>5} {r['rejected_400']:>5} {r['failed_batches']:>6} "
-                   f"{r['wall_s']:>7.2f} {r['reviews_per_s']:>9.0f}")
+                   f"{r['oom_errors']:>5} {r['rejected_400']:>4} {r['failed_batches']:>6} "
+                   f"{r['wall_s']:>6.1f} {r['reviews_per_s']:>9.0f}")
+    out.append("max tok = largest batch prompt (estimated tokens; budget "
+               f"{Config.VLLM_MAX_TOKENS_PER_BATCH}); requests include retries; reviews/s "
+               "counts scored reviews only")
     return "\n".join(out)
 
 
@@ -200,7 +205,11 @@ def demo_command(args: Any) -> int:
     n_rest, per = args.restaurants, args.reviews_per_restaurant
     if args.small:
         n_rest, per = 10, 100
-    kv = KV_CACHE_TOKENS
+    kv = args.kv_cache_tokens
+    if kv < MAX_MODEL_LEN:
+        print(f"batchgate: error: --kv-cache-tokens must be at least the server's max_model_len "
+              f"({MAX_MODEL_LEN}), got {kv}", file=sys.stderr)
+        return 2
     groups = _groups(n_rest, per)
     modes = ["preempt", "naive"] if args.mode == "both" else [args.mode]
     os.makedirs(args.out_dir, exist_ok=True)
@@ -212,8 +221,12 @@ def demo_command(args: Any) -> int:
     t0 = time.monotonic()
     planned = [scenario_batches(groups, sc) for sc in SCENARIOS]
     for mode in modes:
-        srv = ServerProcess(kv_cache_tokens=kv, max_model_len=MAX_MODEL_LEN, mode=mode,
-                            step_base_s=STEP_BASE_S, step_per_token_s=STEP_PER_TOKEN_S)
+        try:
+            srv = ServerProcess(kv_cache_tokens=kv, max_model_len=MAX_MODEL_LEN, mode=mode,
+                                step_base_s=STEP_BASE_S, step_per_token_s=STEP_PER_TOKEN_S)
+        except (OSError, RuntimeError) as e:
+            print(f"batchgate: error: {e}", file=sys.stderr)
+            return 2
         base = srv.base_url + "/v1"
         try:
             for sc, batches in zip(SCENARIOS, planned):
