@@ -311,8 +311,6 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
                        attempts=attempts, latency=round(r.latency, 4))
             st.ok += 1
             break
-        else:
-            pass
         if rec.get("status") != "ok":
             rec.update(status="failed", error=error, attempts=attempts)
             st.failed += 1
@@ -320,42 +318,56 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
         if progress is not None:
             progress(st)
 
-    window = window or max(1024, 8 * int(getattr(dispatcher, "max_concurrent", 1) or 1))
+    window = window or max(1024, 8 * dispatcher.max_concurrent)
     it = iter(batches)
     pending: set = set()
+    failures: List[BaseException] = []
     loop = asyncio.get_running_loop()
+    all_done = asyncio.Event()
+    closing = asyncio.Event()  # set once we stop: no more batches are started
+
+    def finished(t: "asyncio.Task[None]") -> None:
+        # O(1) per batch: refill from the done callback, no re-wait on the whole set.
+        pending.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            failures.append(t.exception())  # a bug in one(); surfaced below
+            all_done.set()
+            return
+        fill()
+        if not pending:
+            all_done.set()
 
     def fill() -> None:
-        while len(pending) < window:
+        while len(pending) < window and not closing.is_set():
             b = next(it, None)
             if b is None:
                 return
             st.sent += 1
             st.prompt_tokens_est += b.tokens
-            pending.add(loop.create_task(one(b)))
+            t = loop.create_task(one(b))
+            pending.add(t)
+            t.add_done_callback(finished)
 
-    stop_wait = loop.create_task(stop.wait()) if stop is not None else None
+    waiters = [loop.create_task(all_done.wait())]
+    if stop is not None:
+        waiters.append(loop.create_task(stop.wait()))
     sampler.start()
     try:
         fill()
-        while pending:
-            waitset = pending | ({stop_wait} if stop_wait else set())
-            done, _ = await asyncio.wait(waitset, return_when=asyncio.FIRST_COMPLETED)
-            if stop_wait is not None and stop_wait in done:
-                st.interrupted = True
-                break
-            for t in done:
-                pending.discard(t)
-                t.result()
-            fill()
+        if pending:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        st.interrupted = stop is not None and stop.is_set() and not all_done.is_set()
     finally:
-        for t in pending:
+        closing.set()
+        for w in waiters:
+            w.cancel()
+        for t in list(pending):
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        if stop_wait is not None:
-            stop_wait.cancel()
         await sampler.stop()
+    if failures:
+        raise failures[0]
     s = dispatcher.stats()
     st.requests = int(s.get("attempts", 0)) - int(base_requests)
     st.peak_in_flight = int(s.get("max_in_flight", 0))
