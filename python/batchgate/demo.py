@@ -181,21 +181,24 @@ def plot(rows: List[Dict[str, Any]], path: str, kv_tokens: int) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 3.6 * len(modes)), squeeze=False)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 4.2 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         for r in rows:
             if r["mode"] != mode:
                 continue
             tl = r["timeline"]
-            ax.plot(tl["t"], [100 * k for k in tl["kv"]], linewidth=1.0,
-                    label=f"{r['scenario']} (preempt {r['preemptions']}, OOM "
-                          f"{r['oom_errors']}, failed {r['failed_batches']})")
+            # Samples are taken at engine steps: a value holds until the next one.
+            ax.plot(tl["t"], [100 * k for k in tl["kv"]], linewidth=0.9, drawstyle="steps-post",
+                    label=f"{r['scenario']}: preempt {r['preemptions']}, OOM "
+                          f"{r['oom_errors']}, failed {r['failed_batches']}")
         ax.axhline(100, color="black", linewidth=0.6, linestyle="--")
+        ax.axhline(100 * TOKEN_CAP_FRACTION, color="tab:red", linewidth=0.6, linestyle=":")
         ax.set_ylim(0, 105)
         ax.set_xlabel("seconds")
         ax.set_ylabel("KV cache usage %")
-        ax.set_title(f"simulated vLLM, KV cache {kv_tokens} tokens, mode={mode}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"simulated vLLM, KV cache {kv_tokens} tokens, mode={mode} "
+                     f"(dotted: batchgate's token cap)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
