@@ -356,3 +356,23 @@ def test_prompt_over_max_model_len_is_a_reported_failure(tmp_path):
     log = read_jsonl(out + ".batches.jsonl")
     failed = [x for x in log if x["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["attempts"] == 1   # a 400 is not retried
+
+
+def test_chat_endpoint(corpus, tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    p = bg("run", corpus, "--out", out, "--chat")
+    assert p.returncode == 0, p.stderr
+    check_results(out, corpus)
+
+
+def test_resume_with_another_plan_ignores_stale_records(corpus, tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    assert bg("run", corpus, "--out", out, "--max-tokens-per-batch", "3000").returncode == 0
+    n_before = len(read_jsonl(out + ".batches.jsonl"))
+    p = bg("run", corpus, "--out", out, "--max-tokens-per-batch", "1200", "--resume")
+    assert p.returncode == 0, p.stderr
+    assert "match no batch of this input/plan (ignored)" in p.stderr
+    log = read_jsonl(out + ".batches.jsonl")
+    planned = _planned_keys(corpus)
+    assert sorted(r["key"] for r in log[n_before:]) == planned
+    check_results(out, corpus)

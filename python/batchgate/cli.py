@@ -116,6 +116,8 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                      "http://127.0.0.1:8000/v1 (default: $VLLM_BASE_URL, else the embedded "
                      "server); API key from $VLLM_API_KEY")
     run.add_argument("--model", help="model name (default: $VLLM_MODEL, else the server's first)")
+    run.add_argument("--chat", action="store_true", help="send each prompt as a user message "
+                     "to /v1/chat/completions (instruct models) instead of /v1/completions")
     run.add_argument("--prompt-template", help="file with a {reviews} placeholder (and "
                      "optionally {count}) replacing the built-in sentiment prompt")
     run.add_argument("--text-field", default="text")

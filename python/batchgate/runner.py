@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._native import BatchgateError
 from .config import Config
@@ -270,13 +270,14 @@ class _PeakSampler:
 async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], template: str, *,
                            log: BatchLog, max_retries: int, max_tokens: int = ANSWER_MAX_TOKENS,
                            params: Optional[Dict[str, Any]] = None,
-                           window: Optional[int] = None,
+                           window: Optional[int] = None, chat: bool = False,
                            progress: Optional[Callable[[DispatchStats], None]] = None,
                            stop: Optional[asyncio.Event] = None) -> DispatchStats:
     """Send each batch (one prompt), parse and log its answer. A batch whose
     answer is not a valid count is sent again up to ``max_retries`` times,
-    then logged as failed. Setting ``stop`` cancels what is in flight; what
-    finished is already in the log."""
+    then logged as failed. ``chat`` sends the prompt as one user message to
+    /v1/chat/completions instead of /v1/completions. Setting ``stop`` cancels
+    what is in flight; what finished is already in the log."""
     body = {"max_tokens": max_tokens, "temperature": 0.0}
     body.update(params or {})
     st = DispatchStats()
@@ -293,7 +294,10 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
         error = None
         for _ in range(max_retries + 1):
             try:
-                r = await dispatcher.generate(prompt, **body)
+                if chat:
+                    r = await dispatcher.chat([{"role": "user", "content": prompt}], **body)
+                else:
+                    r = await dispatcher.generate(prompt, **body)
             except BatchgateError as e:
                 attempts += int(getattr(e, "attempts", 1) or 1)
                 error = f"{type(e).__name__}: {e}"
@@ -580,7 +584,7 @@ def _run(args: Any, template: str, groups: Dict[str, List[Tuple[str, int]]], pla
             try:
                 return await dispatch_batches(d, todo, template, log=log,
                                               max_retries=args.max_retries,
-                                              max_tokens=args.max_tokens,
+                                              max_tokens=args.max_tokens, chat=args.chat,
                                               progress=progress, stop=stop)
             finally:
                 await d.aclose()
