@@ -424,7 +424,10 @@ def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0) -> Op
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             data = json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise ServerUnreachable(f"{base_url}/models answered HTTP {e.code} {e.reason}") from None
+        hint = (" (the base URL is the OpenAI-style one, ending in /v1)" if e.code == 404 else
+                " (check VLLM_API_KEY)" if e.code in (401, 403) else "")
+        raise ServerUnreachable(f"{base_url.rstrip('/')}/models answered HTTP {e.code} "
+                                f"{e.reason}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ServerUnreachable(f"cannot reach the server at {base_url}: {reason}") from None
