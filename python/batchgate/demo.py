@@ -208,6 +208,13 @@ def demo_command(args: Any) -> int:
     n_rest, per = args.restaurants, args.reviews_per_restaurant
     if args.small:
         n_rest, per = 10, 100
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("batchgate: error: the demo's plot needs matplotlib: pip install "
+                  "'batchgate[demo]' (or pass --no-plot)", file=sys.stderr)
+            return 2
     kv = args.kv_cache_tokens
     if kv < MAX_MODEL_LEN:
         print(f"batchgate: error: --kv-cache-tokens must be at least the server's max_model_len "
@@ -246,11 +253,6 @@ def demo_command(args: Any) -> int:
     print(f"numbers: {json_path}")
     if not args.no_plot:
         png = os.path.join(args.out_dir, "batchgate_demo_kv.png")
-        try:
-            plot(rows, png, kv)
-        except ImportError:
-            print("batchgate: matplotlib is not installed (pip install 'batchgate[demo]'); "
-                  "no plot written", file=sys.stderr)
-            return 1
+        plot(rows, png, kv)
         print(f"plot: {png}")
     return 0
