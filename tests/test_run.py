@@ -376,3 +376,20 @@ def test_resume_with_another_plan_ignores_stale_records(corpus, tmp_path):
     planned = _planned_keys(corpus)
     assert sorted(r["key"] for r in log[n_before:]) == planned
     check_results(out, corpus)
+
+
+def test_config_from_environment(corpus, tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    env = _env()
+    env.update(VLLM_MAX_CONCURRENT_BATCHES="3", VLLM_MAX_TOKENS_PER_BATCH="1500")
+    p = subprocess.run([sys.executable, "-m", "batchgate", "run", corpus, "--out", out],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "peak 3 requests" in p.stdout
+    groups, _ = read_groups(corpus, "text", "restaurant_id")
+    n = len(build_batches(groups, SENTIMENT_PROMPT, max_tokens_per_batch=1500).batches)
+    assert f"batches:    {n} planned" in p.stdout
+    env["VLLM_BASE_URL"] = f"http://127.0.0.1:{_closed_port()}/v1"
+    p2 = subprocess.run([sys.executable, "-m", "batchgate", "run", corpus, "--out", out,
+                         "--overwrite"], env=env, capture_output=True, text=True, timeout=60)
+    assert p2.returncode == 3 and env["VLLM_BASE_URL"] in p2.stderr
