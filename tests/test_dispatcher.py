@@ -473,6 +473,66 @@ def test_uvloop(fake):
             loop.close()
 
 
+def test_loop_without_add_reader(fake):
+    """Loops without add_reader (e.g. Windows proactor) get a watcher thread."""
+    class NoReaderLoop(asyncio.SelectorEventLoop):
+        def add_reader(self, *args, **kwargs):
+            raise NotImplementedError
+
+    async def main():
+        async with make(fake, max_concurrent=8) as d:
+            res = await d.map([f"n{i}" for i in range(500)])
+            assert [r.text for r in res] == [f"echo:n{i}" for i in range(500)]
+            assert (await d.generate("one")).text == "echo:one"
+            with pytest.raises(HTTPStatusError):
+                await d.generate("x [[status=400]]")
+    loop = NoReaderLoop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_no_leak_over_rounds():
+    p = _run_script("""
+        import asyncio, gc, batchgate
+        from fake_vllm import FakeVLLM
+        srv = FakeVLLM().start_in_thread()
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        async def rounds(d, k):
+            for _ in range(k):
+                await d.map([f"p{i} é" for i in range(2000)], return_exceptions=True)
+                await asyncio.gather(*(d.generate(["a", "b"]) for _ in range(200)))
+                await d.map(["x [[status=400]]"] * 50, return_exceptions=True)
+                async for _ in d.as_completed([f"s{i}" for i in range(300)]):
+                    pass
+                t = asyncio.ensure_future(d.map([f"c{i} [[delay=0.01]]" for i in range(300)]))
+                await asyncio.sleep(0.02)
+                t.cancel()
+                try:
+                    await t
+                except asyncio.CancelledError:
+                    pass
+        async def main():
+            d = batchgate.Dispatcher(srv.base_url, max_concurrent=16)
+            await rounds(d, 3)
+            await asyncio.sleep(0.2)
+            gc.collect(); r0 = rss(); n0 = len(gc.get_objects())
+            await rounds(d, 8)
+            await asyncio.sleep(0.2)
+            gc.collect(); r1 = rss(); n1 = len(gc.get_objects())
+            d.close()
+            print(r1 - r0, n1 - n0)
+        asyncio.run(main())
+        srv.stop()
+    """)
+    assert p.returncode == 0, p.stderr
+    drss, dobj = map(float, p.stdout.split())
+    assert drss < 4.0 and dobj < 500, (drss, dobj)
+
+
 def test_second_python_thread_keeps_running(fake):
     counter = 0
     stop = threading.Event()

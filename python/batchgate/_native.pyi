@@ -1,5 +1,6 @@
 from types import TracebackType
-from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Type
+from builtins import TimeoutError as builtins_TimeoutError
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple, Type
 
 libcurl_version: str
 
@@ -53,3 +54,108 @@ class Semaphore:
 
 class BoundedSemaphore(Semaphore):
     """Semaphore whose release() past the initial value raises ValueError."""
+
+# ---- dispatcher (bg_dispatcher.c) ----
+
+class HTTPStatusError(BatchgateError):
+    status: int
+    message: str
+    attempts: int
+    curl_code: Optional[int]
+    index: Optional[int]
+
+class TransportError(BatchgateError):
+    curl_code: int
+    message: str
+    attempts: int
+    status: Optional[int]
+    index: Optional[int]
+
+class TimeoutError(BatchgateError, builtins_TimeoutError):
+    curl_code: int
+    message: str
+    attempts: int
+    status: Optional[int]
+    index: Optional[int]
+
+class MalformedResponseError(BatchgateError):
+    message: str
+    attempts: int
+    status: Optional[int]
+    curl_code: Optional[int]
+    index: Optional[int]
+
+class ClosedError(BatchgateError): ...
+
+JOB_ONE: int
+JOB_MAP: int
+JOB_STREAM: int
+
+class Result:
+    """One completion: text of the first choice, all choices' texts, usage."""
+    @property
+    def text(self) -> str: ...
+    @property
+    def finish_reason(self) -> Optional[str]: ...
+    @property
+    def texts(self) -> Tuple[str, ...]: ...
+    @property
+    def usage(self) -> Optional[Dict[str, Optional[int]]]: ...
+    @property
+    def latency(self) -> float: ...
+    @property
+    def attempts(self) -> int: ...
+
+class _Template:
+    @property
+    def max_tokens(self) -> Optional[int]: ...
+    @property
+    def n(self) -> int: ...
+
+class _Job:
+    @property
+    def live(self) -> int: ...
+    @property
+    def pulled(self) -> int: ...
+    @property
+    def finished(self) -> bool: ...
+    def cancel(self) -> None: ...
+    def take(self) -> Optional[List[Tuple[int, Any]]]: ...
+    def arm(self, fut: Any) -> None: ...
+
+class _Dispatcher:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Optional[str] = None,
+        max_concurrent: int = 20,
+        semaphore: Optional[Semaphore] = None,
+        max_inflight_tokens: int = 0,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        max_retries: int = 3,
+        headers: Optional[Sequence[str]] = None,
+        verify: bool = True,
+        max_response_bytes: int = ...,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 60.0,
+        retry_timeouts: bool = False,
+        max_connections: int = 0,
+        default_max_tokens: int = 16,
+    ) -> None: ...
+    @property
+    def live(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def _on_readable(self) -> None: ...
+    def wait(self, timeout_ms: int) -> bool: ...
+    def fileno(self) -> int: ...
+    def bind(self, loop: Any) -> None: ...
+    def template(self, model: Optional[str], params_json: Optional[str]) -> _Template: ...
+    def submit(
+        self, mode: int, chat: bool, source: Any, template: _Template, future: Any,
+        window: int, return_exceptions: bool,
+    ) -> _Job: ...
+    def close(self, drop: bool = False) -> None: ...
+    def stats(self) -> Dict[str, int]: ...

@@ -132,24 +132,42 @@ class Dispatcher:
                 raise RuntimeError(f"{self!r} has requests pending on another event loop")
             self._unbind()
         fd = self._core.fileno()
+        self._core.bind(loop)
+        self._loop = loop
         try:
             loop.add_reader(fd, self._core._on_readable)
         except NotImplementedError:
             # e.g. the Windows proactor loop: a thread waits on the fd instead.
             self._start_watcher(loop)
-        self._core.bind(loop)
-        self._loop = loop
+        except BaseException:
+            self._loop = None
+            self._core.bind(None)
+            raise
         return loop
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         core = self._core
 
+        ran = threading.Event()
+
+        def deliver() -> None:
+            try:
+                core._on_readable()
+            finally:
+                ran.set()
+
         def watch() -> None:
-            while not core.closed and not loop.is_closed():
-                if core.wait(200):
-                    try:
-                        loop.call_soon_threadsafe(core._on_readable)
-                    except RuntimeError:
+            while not core.closed and not loop.is_closed() and self._loop is loop:
+                if not core.wait(200):
+                    continue
+                # The fd stays readable until deliver() drains it: wait for that.
+                ran.clear()
+                try:
+                    loop.call_soon_threadsafe(deliver)
+                except RuntimeError:  # loop closed
+                    return
+                while not ran.wait(0.2):
+                    if core.closed or loop.is_closed():
                         return
 
         self._watcher = threading.Thread(target=watch, name="batchgate-dispatcher-watch",

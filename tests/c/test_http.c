@@ -414,6 +414,29 @@ static void test_retry_after(void)
     fx_close(&fx);
 }
 
+/* With a cap of 1, a request backing off must not hold the only permit. */
+static void test_permit_released_during_backoff(void)
+{
+    fixture fx;
+    fx_open(&fx, 1, NULL, NULL);
+    item *v = make_items(&fx, 2, "b%d");
+    snprintf(v[0].text, sizeof(v[0].text), "slow [[status=503,retry_after=1,times=1]]");
+    v[0].p.len = strlen(v[0].text);
+    CHECK(bg_engine_submit(fx.e, &v[0].r) == 0);
+    usleep(200 * 1000); /* A got its 503 and now waits ~1 s */
+    double t0 = now_s();
+    CHECK(bg_engine_submit(fx.e, &v[1].r) == 0);
+    CHECK(wait_done(&coll, 1, 10));
+    CHECK(now_s() - t0 < 0.5); /* B ran while A was backing off */
+    CHECK(v[1].seen == 1 && v[0].seen == 0);
+    CHECK(wait_done(&coll, 2, 10));
+    expect_ok_text(&v[0]);
+    expect_ok_text(&v[1]);
+    CHECK(v[0].r.attempts == 2);
+    fx_close(&fx);
+    free_items(v, 2);
+}
+
 static void test_transport_faults(void)
 {
     fixture fx;
@@ -755,6 +778,7 @@ int main(int argc, char **argv)
         {"list_and_chat", test_list_and_chat},
         {"retryable_statuses", test_retryable_statuses},
         {"retry_after", test_retry_after},
+        {"permit_released_during_backoff", test_permit_released_during_backoff},
         {"transport_faults", test_transport_faults},
         {"malformed", test_malformed},
         {"headers_and_body_passthrough", test_headers_and_body_passthrough},
