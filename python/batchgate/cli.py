@@ -164,8 +164,9 @@ def _add_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
                       help="server behaviour when the KV cache is full: preempt = vLLM's "
                       "recompute preemption, naive = fail with out-of-memory (HTTP 500), "
                       "both (default) = the four scenarios in each mode")
-    demo.add_argument("--kv-cache-tokens", type=_positive_int, default=65536,
-                      help="the simulated GPU's KV cache (>= 16384, the max_model_len)")
+    demo.add_argument("--kv-cache-tokens", type=_positive_int, default=None,
+                      help="the simulated GPU's KV cache (default 65536; at least 16384, "
+                      "the server's max_model_len)")
     demo.add_argument("--small", action="store_true",
                       help="a small corpus (10 x 100) for a quick check")
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG")

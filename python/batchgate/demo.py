@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ SCENARIOS = [
     Scenario("1 dynamic size, no cap", "dynamic", None),
     Scenario("2 semaphore 20, fixed 50", "fixed", 20),
     Scenario("3 dynamic size + semaphore 20", "dynamic", 20),
+    # The token cap is what binds here; the count cap only bounds connections.
     Scenario("4 batchgate token cap", "plan", Config.VLLM_MAX_CONCURRENT_BATCHES * 4,
              token_cap=True),
 ]
@@ -67,7 +69,8 @@ class ServerProcess:
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if ready and self.proc.stdout else ""
         if "http://" not in line:
             self.proc.kill()
             self.proc.wait()
@@ -215,7 +218,7 @@ def demo_command(args: Any) -> int:
             print("batchgate: error: the demo's plot needs matplotlib: pip install "
                   "'batchgate[demo]' (or pass --no-plot)", file=sys.stderr)
             return 2
-    kv = args.kv_cache_tokens
+    kv = args.kv_cache_tokens or KV_CACHE_TOKENS
     if kv < MAX_MODEL_LEN:
         print(f"batchgate: error: --kv-cache-tokens must be at least the server's max_model_len "
               f"({MAX_MODEL_LEN}), got {kv}", file=sys.stderr)
