@@ -393,3 +393,16 @@ def test_config_from_environment(corpus, tmp_path):
     p2 = subprocess.run([sys.executable, "-m", "batchgate", "run", corpus, "--out", out,
                          "--overwrite"], env=env, capture_output=True, text=True, timeout=60)
     assert p2.returncode == 3 and env["VLLM_BASE_URL"] in p2.stderr
+
+
+def test_token_cap_auto_from_server_metrics(corpus, tmp_path):
+    from batchgate.runner import server_kv_tokens
+    out = str(tmp_path / "r.jsonl")
+    p = bg("run", corpus, "--out", out, "--max-inflight-tokens", "auto",
+           "--sim-kv-cache-tokens", "40000", "--max-tokens-per-batch", "3000")
+    assert p.returncode == 0, p.stderr
+    assert "token cap: 38000 tokens in flight (95% of the server's KV cache of 40000" in p.stderr
+    peak = int(p.stdout.split("; peak ")[1].split(" of 38000")[0])
+    assert 0 < peak <= 38000
+    check_results(out, corpus)
+    assert server_kv_tokens(f"http://127.0.0.1:{_closed_port()}/v1", None, timeout=2) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from .config import Config
 from .reviews import SAMPLE_REVIEWS, ReviewFileError, group_reviews, read_reviews
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _optional_positive_int(text: str) -> Optional[int]:
+def _token_cap(text: str) -> Union[int, str, None]:
+    if text.lower() == "auto":
+        return "auto"
     if text.lower() in ("", "none", "0"):
         return None
     return _positive_int(text)
@@ -128,8 +130,10 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     run.add_argument("--max-concurrent", type=_positive_int,
                      default=Config.VLLM_MAX_CONCURRENT_BATCHES,
                      help="requests in flight at most (default: VLLM_MAX_CONCURRENT_BATCHES)")
-    run.add_argument("--max-inflight-tokens", type=_optional_positive_int, default=None,
-                     help="cap on estimated prompt + answer tokens in flight (default: none)")
+    run.add_argument("--max-inflight-tokens", type=_token_cap, default=None,
+                     help="cap on estimated prompt + answer tokens in flight: a number, or "
+                     "'auto' = 95%% of the server's KV cache from vLLM's /metrics "
+                     "(vllm:cache_config_info); default: none")
     run.add_argument("--max-retries", type=int, default=Config.MAX_RETRIES,
                      help="retries per request and per unusable answer (default: MAX_RETRIES)")
     run.add_argument("--max-tokens", type=_positive_int, default=64,

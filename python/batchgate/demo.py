@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from .config import Config
 from .corpus import generate_corpus
-from .runner import (SENTIMENT_PROMPT, BatchLog, build_batches, dispatch_batches,
-                     make_dispatcher)
+from .runner import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
+                     dispatch_batches, make_dispatcher, server_kv_tokens)
 
 # A small GPU: the KV cache holds ~9 of the original's 100-review batches.
 KV_CACHE_TOKENS = 65536
@@ -35,8 +35,6 @@ MAX_MODEL_LEN = 16384
 # A fast step-time model so the demo runs in seconds on 2 cores.
 STEP_BASE_S = 0.0005
 STEP_PER_TOKEN_S = 2.5e-7
-# batchgate's cap: the KV cache less a margin for block rounding.
-TOKEN_CAP_FRACTION = 0.95
 
 
 @dataclass
@@ -119,10 +117,15 @@ def scenario_batches(groups: Dict[str, List[Any]], sc: Scenario) -> List[Any]:
 
 
 def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
-                 kv_tokens: int, max_retries: int) -> Dict[str, Any]:
+                 max_retries: int) -> Dict[str, Any]:
     unlimited = sc.max_concurrent is None
     max_conc = len(batches) if unlimited else sc.max_concurrent
-    token_cap = int(kv_tokens * TOKEN_CAP_FRACTION) if sc.token_cap else None
+    token_cap = None
+    if sc.token_cap:  # as `run --max-inflight-tokens auto`: from the server's /metrics
+        kv = server_kv_tokens(base_url, None)
+        if kv is None:
+            raise RuntimeError("the server publishes no vllm:cache_config_info")
+        token_cap = int(kv * AUTO_TOKEN_CAP_FRACTION)
     log = BatchLog(None, resume=False)
 
     async def go() -> Any:
@@ -195,7 +198,7 @@ def plot(rows: List[Dict[str, Any]], path: str, kv_tokens: int) -> None:
                     label=f"{r['scenario']}: preempt {r['preemptions']}, OOM "
                           f"{r['oom_errors']}, failed {r['failed_batches']}")
         ax.axhline(100, color="black", linewidth=0.6, linestyle="--")
-        ax.axhline(100 * TOKEN_CAP_FRACTION, color="tab:red", linewidth=0.6, linestyle=":")
+        ax.axhline(100 * AUTO_TOKEN_CAP_FRACTION, color="tab:red", linewidth=0.6, linestyle=":")
         ax.set_ylim(0, 105)
         ax.set_xlabel("seconds")
         ax.set_ylabel("KV cache usage %")
@@ -228,8 +231,9 @@ def demo_command(args: Any) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"corpus: {n_rest} restaurants x {per} synthetic reviews; embedded simulated vLLM "
           f"server: KV cache {kv} tokens, max_model_len {MAX_MODEL_LEN}; token budget "
-          f"{Config.VLLM_MAX_TOKENS_PER_BATCH}/batch; batchgate cap "
-          f"{int(kv * TOKEN_CAP_FRACTION)} tokens in flight", flush=True)
+          f"{Config.VLLM_MAX_TOKENS_PER_BATCH}/batch; batchgate's token cap: "
+          f"{AUTO_TOKEN_CAP_FRACTION:.0%} of the KV cache read from the server's /metrics",
+          flush=True)
     rows: List[Dict[str, Any]] = []
     t0 = time.monotonic()
     planned = [scenario_batches(groups, sc) for sc in SCENARIOS]
@@ -243,7 +247,7 @@ def demo_command(args: Any) -> int:
         base = srv.base_url + "/v1"
         try:
             for sc, batches in zip(SCENARIOS, planned):
-                r = run_scenario(srv, base, batches, sc, kv, Config.MAX_RETRIES)
+                r = run_scenario(srv, base, batches, sc, Config.MAX_RETRIES)
                 rows.append(r)
                 print(f"  [{mode}] {sc.name}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
         finally:

@@ -440,6 +440,40 @@ def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0) -> Op
         return None
 
 
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+# Share of the server's KV cache that ``--max-inflight-tokens auto`` takes: block
+# rounding and the answers' own tokens need the rest.
+AUTO_TOKEN_CAP_FRACTION = 0.95
+
+
+def server_kv_tokens(base_url: str, api_key: Optional[str], timeout: float = 5.0
+                     ) -> Optional[int]:
+    """The server's KV cache in tokens (num_gpu_blocks x block_size) from
+    vLLM's ``vllm:cache_config_info`` metric at /metrics, or None."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+    u = urlsplit(base_url)
+    req = urllib.request.Request(f"{u.scheme}://{u.netloc}/metrics")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    for m in _CACHE_INFO.finditer(text):
+        labels = dict(_LABEL.findall(m.group(1)))
+        try:
+            blocks, size = int(labels["num_gpu_blocks"]), int(labels["block_size"])
+        except (KeyError, ValueError):
+            continue
+        if blocks > 0 and size > 0:
+            return blocks * size
+    return None
+
+
 # ---- progress -------------------------------------------------------------------------
 
 class Progress:
@@ -544,6 +578,15 @@ def _run_command(args: Any) -> int:
             _say(f"error: {e}")
             return 3
         model = model or served
+        if args.max_inflight_tokens == "auto":
+            kv = server_kv_tokens(base_url, api_key, timeout=args.connect_timeout)
+            if kv is None:
+                _say("error: --max-inflight-tokens auto: the server publishes no "
+                     "vllm:cache_config_info at /metrics; give a number of tokens")
+                return 2
+            args.max_inflight_tokens = int(kv * AUTO_TOKEN_CAP_FRACTION)
+            _say(f"token cap: {args.max_inflight_tokens} tokens in flight "
+                 f"({AUTO_TOKEN_CAP_FRACTION:.0%} of the server's KV cache of {kv} tokens)")
         return _run(args, template, groups, plan, errors, batch_log_path, base_url, api_key,
                     model)
     finally:
