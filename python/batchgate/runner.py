@@ -256,7 +256,8 @@ class _PeakSampler:
             await asyncio.sleep(0.005)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        if self.d.max_inflight_tokens:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:
