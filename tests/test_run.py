@@ -350,6 +350,7 @@ def test_prompt_over_max_model_len_is_a_reported_failure(tmp_path):
     assert p.returncode == 1
     assert "line 2 (r1) alone exceeds the batch budget" in p.stderr
     assert "maximum context length is 2048 tokens" in p.stderr
+    assert "exceeds the server's max_model_len (2048)" in p.stderr   # warned up front
     (r,) = read_jsonl(out)
     assert r["failed_batches"] == 1 and r["unscored_reviews"] == 1 and r["complete"] is False
     assert r["positive_count"] + r["negative_count"] == 2

@@ -414,8 +414,10 @@ def aggregate(groups: Dict[str, List[Tuple[str, int]]], batches: Sequence[Batch]
 
 # ---- embedded server ----------------------------------------------------------------
 
-def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0) -> Optional[str]:
-    """GET {base_url}/models: the first model id, or ServerUnreachable."""
+def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0
+              ) -> Tuple[Optional[str], Optional[int]]:
+    """GET {base_url}/models: the first model's id and max_model_len (vLLM
+    lists it), or ServerUnreachable."""
     import urllib.error
     import urllib.request
     req = urllib.request.Request(base_url.rstrip("/") + "/models")
@@ -436,9 +438,11 @@ def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0) -> Op
         raise ServerUnreachable(f"{base_url}/models did not return JSON; is this an "
                                 "OpenAI-compatible server (base URL ending in /v1)?") from None
     try:
-        return str(data["data"][0]["id"])
-    except (KeyError, IndexError, TypeError):
-        return None
+        first = data["data"][0]
+        mml = first.get("max_model_len")
+        return str(first["id"]), (mml if isinstance(mml, int) and mml > 0 else None)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None, None
 
 
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
@@ -574,11 +578,17 @@ def _run_command(args: Any) -> int:
                  f"server at {base_url} (KV cache {args.sim_kv_cache_tokens} tokens, "
                  f"mode {args.sim_mode}); answers are simulated, not a real model's")
         try:
-            served = preflight(base_url, api_key, timeout=args.connect_timeout)
+            served, max_model_len = preflight(base_url, api_key, timeout=args.connect_timeout)
         except ServerUnreachable as e:
             _say(f"error: {e}")
             return 3
         model = model or served
+        biggest = max(b.tokens for b in plan.batches)
+        if max_model_len and biggest + args.max_tokens > max_model_len:
+            _say(f"warning: the largest batch ({biggest} estimated prompt tokens + "
+                 f"{args.max_tokens} answer tokens) exceeds the server's max_model_len "
+                 f"({max_model_len}); such batches will be rejected. Lower "
+                 "--max-tokens-per-batch.")
         if args.max_inflight_tokens == "auto":
             kv = server_kv_tokens(base_url, api_key, timeout=args.connect_timeout)
             if kv is None:
@@ -684,7 +694,7 @@ def _print_summary(st: DispatchStats, total: int, skipped: int, failed: int,
         f"batches:    {total} planned, {skipped} already done, {st.ok + st.failed} sent this "
         f"run ({st.ok} ok, {st.failed} failed); failed overall: {failed}",
         f"tokens:     {st.prompt_tokens_est} prompt (estimated), {st.prompt_tokens} prompt + "
-        f"{st.completion_tokens} completion (server usage)",
+        f"{st.completion_tokens} completion (server usage, all requests)",
         f"wall time:  {st.wall:.2f} s, {st.requests} requests, {rps:.1f} req/s",
         f"in flight:  peak {st.peak_in_flight} requests; {tok}",
     ]
