@@ -407,3 +407,14 @@ def test_token_cap_auto_from_server_metrics(corpus, tmp_path):
     assert 0 < peak <= 38000
     check_results(out, corpus)
     assert server_kv_tokens(f"http://127.0.0.1:{_closed_port()}/v1", None, timeout=2) is None
+
+
+def test_extra_body_reaches_the_server(corpus, tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    # The simulated server checks "model" like vLLM: a wrong one is a 404 for every batch.
+    p = bg("run", corpus, "--out", out, "--extra-body", '{"model": "no-such-model"}',
+           "--max-retries", "0")
+    assert p.returncode == 1
+    assert "The model `no-such-model` does not exist" in p.stderr
+    p2 = bg("run", corpus, "--out", out, "--extra-body", "[1]")
+    assert p2.returncode == 2 and "must be a JSON object" in p2.stderr

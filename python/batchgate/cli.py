@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _token_cap(text: str) -> Union[int, str, None]:
     if text.lower() == "auto":
         return "auto"
@@ -120,6 +131,9 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     run.add_argument("--model", help="model name (default: $VLLM_MODEL, else the server's first)")
     run.add_argument("--chat", action="store_true", help="send each prompt as a user message "
                      "to /v1/chat/completions (instruct models) instead of /v1/completions")
+    run.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                     help="fields added to every request body, e.g. vLLM structured output: "
+                     "'{\"response_format\": {\"type\": \"json_object\"}}'")
     run.add_argument("--prompt-template", help="file with a {reviews} placeholder (and "
                      "optionally {count}) replacing the built-in sentiment prompt")
     run.add_argument("--text-field", default="text")

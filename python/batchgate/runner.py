@@ -642,6 +642,7 @@ def _run(args: Any, template: str, groups: Dict[str, List[Tuple[str, int]]], pla
                 return await dispatch_batches(d, todo, template, log=log,
                                               max_retries=args.max_retries,
                                               max_tokens=args.max_tokens, chat=args.chat,
+                                              params=args.extra_body,
                                               progress=progress, stop=stop)
             finally:
                 await d.aclose()
