@@ -191,6 +191,17 @@ def test_shared_semaphore_caps_dispatchers_and_python(fake):
     assert fake.stats()["max_in_flight"] <= 3
 
 
+def test_own_semaphore_is_shareable(fake):
+    async def main():
+        async with make(fake, max_concurrent=4) as d:
+            assert isinstance(d.semaphore, batchgate.Semaphore)
+            async with d.semaphore:  # Python work counts against the same cap
+                await d.map([f"o{i} [[delay=0.005]]" for i in range(50)])
+            assert d.stats()["permits_free"] == 4
+    run(main())
+    assert fake.stats()["max_in_flight"] <= 3
+
+
 # ---- retries and errors -------------------------------------------------
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -342,6 +353,12 @@ def test_bad_input_is_a_clear_exception(fake):
         Dispatcher("http://127.0.0.1:1/v1", max_concurrent=0)
     with pytest.raises(TypeError):
         Dispatcher("http://127.0.0.1:1/v1", max_concurrent="3")
+    with pytest.raises(ValueError, match="timeout"):
+        Dispatcher("http://127.0.0.1:1/v1", timeout=-1)
+    with pytest.raises(TypeError, match="semaphore"):
+        Dispatcher("http://127.0.0.1:1/v1", semaphore=asyncio.Semaphore(2))
+    with pytest.raises(ValueError, match="max_inflight_tokens"):
+        Dispatcher("http://127.0.0.1:1/v1", max_inflight_tokens=0)
 
 
 # ---- streaming -----------------------------------------------------------

@@ -2,7 +2,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* strdup, strncasecmp, clock_gettime */
 #endif
-#include "bg_http.h"
+#include "bg_http_internal.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -15,57 +15,6 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
-
-enum req_state {
-    ST_NEW = 0,
-    ST_INBOX,      /* submitted, not yet seen by the engine thread */
-    ST_WAIT_TOKENS, /* queued on the token semaphore */
-    ST_WAIT_COUNT, /* queued on the count semaphore */
-    ST_FLIGHT,     /* transfer running */
-    ST_BACKOFF,    /* waiting to retry, no permits held */
-    ST_DONE,
-};
-
-typedef struct bg_easy {
-    CURL *h;
-    struct bg_easy *next;
-    char errbuf[CURL_ERROR_SIZE];
-} bg_easy;
-
-typedef struct {
-    bg_request *head, *tail;
-} req_list;
-
-struct bg_engine {
-    bg_engine_config cfg; /* string fields point into owned copies below */
-    char *base_url, *api_key;
-    char *url_completions, *url_chat;
-    struct curl_slist *headers;
-    CURLM *multi;
-    pthread_t thread;
-    bool thread_started;
-    bool closed; /* bg_engine_close has joined */
-    pthread_mutex_t close_mu;
-
-    /* Shared with submitters and grant callbacks, under mu. */
-    pthread_mutex_t mu;
-    req_list inbox, ready;
-    uint64_t *cancel_ids, *cancel_groups;
-    size_t n_cancel_ids, cap_cancel_ids, n_cancel_groups, cap_cancel_groups;
-    bool pending; /* something above is waiting: a wakeup is already on its way */
-    bool closing;
-
-    /* Engine thread only. */
-    bg_request **buckets;
-    size_t n_buckets, live;
-    req_list backoff; /* sorted by due_ns */
-    bg_easy *easy_pool;
-    uint64_t rng;
-
-    /* Statistics (atomic). */
-    uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
-    uint64_t st_max_in_flight; /* written by the engine thread only */
-};
 
 const char *bg_result_kind_name(int kind)
 {
@@ -81,15 +30,6 @@ const char *bg_result_kind_name(int kind)
     default: return "?";
     }
 }
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-#define STAT_ADD(e, field, v) __atomic_add_fetch(&(e)->field, (v), __ATOMIC_RELAXED)
 
 void bg_request_clear(bg_request *r)
 {
@@ -142,7 +82,7 @@ static void list_unlink(req_list *l, bg_request *r)
 }
 
 /* Insert by due time; retries mostly arrive in deadline order, so scan from the tail. */
-static void backoff_insert(req_list *l, bg_request *r)
+void bgh_backoff_insert(req_list *l, bg_request *r)
 {
     bg_request *after = l->tail;
     while (after && after->due_ns > r->due_ns)
@@ -243,6 +183,9 @@ static bool mark_pending_locked(bg_engine *e)
     return wake;
 }
 
+/* The engine whose thread this is (NULL on other threads). */
+static _Thread_local bg_engine *tls_engine;
+
 /* Runs under the semaphore's lock on whatever thread released: tiny. */
 static void on_grant(bg_sem_waiter *w)
 {
@@ -252,123 +195,14 @@ static void on_grant(bg_sem_waiter *w)
     list_push(&e->ready, r);
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
-    if (wake)
+    /* Our own thread checks `pending` before it polls: no syscall needed. */
+    if (wake && tls_engine != e)
         curl_multi_wakeup(e->multi);
-}
-
-/* ---- easy handles ---------------------------------------------------- */
-
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
-{
-    bg_request *r = userp;
-    size_t n = size * nmemb;
-    size_t cap = r->engine->cfg.max_response_bytes;
-    if (cap && (r->rlen + n > cap || r->rlen + n < r->rlen)) {
-        r->oversize = true;
-        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
-    }
-    if (r->rcap - r->rlen <= n) {
-        size_t nc = r->rcap ? r->rcap : 4096;
-        while (nc - r->rlen <= n)
-            nc *= 2;
-        char *p = realloc(r->rbuf, nc);
-        if (!p)
-            return 0;
-        r->rbuf = p;
-        r->rcap = nc;
-    }
-    memcpy(r->rbuf + r->rlen, data, n);
-    r->rlen += n;
-    r->rbuf[r->rlen] = '\0';
-    return n;
-}
-
-static double parse_retry_after(const char *v, size_t n)
-{
-    while (n && (*v == ' ' || *v == '\t')) {
-        v++;
-        n--;
-    }
-    while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' ' || v[n - 1] == '\t'))
-        n--;
-    if (n == 0 || n > 63)
-        return -1;
-    char tmp[64];
-    memcpy(tmp, v, n);
-    tmp[n] = '\0';
-    char *end;
-    errno = 0;
-    double secs = strtod(tmp, &end);
-    if (end != tmp && *end == '\0' && errno == 0 && isfinite(secs))
-        return secs < 0 ? 0 : secs;
-    time_t t = curl_getdate(tmp, NULL); /* HTTP date */
-    if (t == (time_t)-1)
-        return -1;
-    double d = difftime(t, time(NULL));
-    return d < 0 ? 0 : d;
-}
-
-static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
-{
-    bg_request *r = userp;
-    size_t n = size * nmemb;
-    static const char key[] = "retry-after:";
-    if (n > 5 && memcmp(data, "HTTP/", 5) == 0)
-        r->retry_after_s = -1; /* a new response (e.g. after 100 Continue) */
-    else if (n >= sizeof(key) - 1 && strncasecmp(data, key, sizeof(key) - 1) == 0)
-        r->retry_after_s = parse_retry_after(data + sizeof(key) - 1, n - (sizeof(key) - 1));
-    return n;
-}
-
-static bg_easy *easy_get(bg_engine *e)
-{
-    bg_easy *x = e->easy_pool;
-    if (x) {
-        e->easy_pool = x->next;
-        return x;
-    }
-    x = calloc(1, sizeof(*x));
-    if (!x)
-        return NULL;
-    x->h = curl_easy_init();
-    if (!x->h) {
-        free(x);
-        return NULL;
-    }
-    const bg_engine_config *c = &e->cfg;
-    CURL *h = x->h;
-    /* Options fixed for the engine's lifetime; per-request ones are set in start_transfer. */
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, x->errbuf);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, e->headers);
-    curl_easy_setopt(h, CURLOPT_POST, 1L);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
-    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
-#if LIBCURL_VERSION_NUM >= 0x075500
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-#endif
-    if (c->connect_timeout_ms > 0)
-        curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
-    if (c->timeout_ms > 0)
-        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, c->timeout_ms);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, c->verify_tls ? 1L : 0L);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, c->verify_tls ? 2L : 0L);
-    if (c->max_response_bytes)
-        curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)c->max_response_bytes);
-    return x;
-}
-
-static void easy_put(bg_engine *e, bg_easy *x)
-{
-    x->next = e->easy_pool;
-    e->easy_pool = x;
 }
 
 /* ---- request lifecycle (engine thread) ------------------------------- */
 
-static void release_permits(bg_engine *e, bg_request *r)
+void bgh_release_permits(bg_engine *e, bg_request *r)
 {
     if (r->held_count) {
         r->held_count = false;
@@ -380,9 +214,9 @@ static void release_permits(bg_engine *e, bg_request *r)
     }
 }
 
-static void set_message(bg_request *r, const char *fmt, ...)
+void bgh_set_message(bg_request *r, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
-static void set_message(bg_request *r, const char *fmt, ...)
+void bgh_set_message(bg_request *r, const char *fmt, ...)
 {
     char buf[512];
     va_list ap;
@@ -394,9 +228,9 @@ static void set_message(bg_request *r, const char *fmt, ...)
 }
 
 /* Hand the request back. It may be freed by on_done: touch nothing after. */
-static void finish(bg_engine *e, bg_request *r, int kind)
+void bgh_finish(bg_engine *e, bg_request *r, int kind)
 {
-    release_permits(e, r);
+    bgh_release_permits(e, r);
     hash_remove(e, r);
     if (kind != BG_RES_OK)
         bg_resp_free(&r->resp);
@@ -407,60 +241,9 @@ static void finish(bg_engine *e, bg_request *r, int kind)
     free(r->rbuf);
     r->rbuf = NULL;
     r->rlen = r->rcap = 0;
-    r->t_done_ns = now_ns();
+    r->t_done_ns = bgh_now_ns();
     STAT_ADD(e, st_completed, 1);
     e->cfg.on_done(r, e->cfg.done_ctx);
-}
-
-static void start_transfer(bg_engine *e, bg_request *r)
-{
-    if (!r->body) {
-        if (r->endpoint == BG_EP_CHAT)
-            r->body = bg_json_chat_body(r->tmpl, r->messages_json, r->messages_len, &r->body_len);
-        else
-            r->body = bg_json_completions_body(r->tmpl, r->prompts, r->n_prompts,
-                                               r->prompt_as_list, &r->body_len);
-        if (!r->body) {
-            set_message(r, "out of memory building the request body");
-            finish(e, r, BG_RES_NOMEM);
-            return;
-        }
-    }
-    bg_easy *x = easy_get(e);
-    if (!x) {
-        set_message(r, "out of memory creating a transfer");
-        finish(e, r, BG_RES_NOMEM);
-        return;
-    }
-    CURL *h = x->h;
-    curl_easy_setopt(h, CURLOPT_URL,
-                     r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions);
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
-    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
-    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
-    x->errbuf[0] = '\0';
-    r->rlen = 0;
-    r->oversize = false;
-    r->retry_after_s = -1;
-    r->easy = x;
-    r->attempts++;
-    if (!r->t_first_send_ns)
-        r->t_first_send_ns = now_ns();
-    CURLMcode mc = curl_multi_add_handle(e->multi, h);
-    if (mc != CURLM_OK) {
-        r->easy = NULL;
-        easy_put(e, x);
-        set_message(r, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
-        finish(e, r, BG_RES_TRANSPORT);
-        return;
-    }
-    r->state = ST_FLIGHT;
-    STAT_ADD(e, st_attempts, 1);
-    uint64_t inf = STAT_ADD(e, st_in_flight, 1);
-    if (inf > __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED))
-        __atomic_store_n(&e->st_max_in_flight, inf, __ATOMIC_RELAXED);
 }
 
 /* Take the permits the request still lacks; start it once it has all. Tokens
@@ -468,7 +251,7 @@ static void start_transfer(bg_engine *e, bg_request *r)
 static void advance(bg_engine *e, bg_request *r)
 {
     if (r->cancel_req) {
-        finish(e, r, r->cancel_kind);
+        bgh_finish(e, r, r->cancel_kind);
         return;
     }
     if (e->cfg.token_sem && !r->held_tokens) {
@@ -478,8 +261,8 @@ static void advance(bg_engine *e, bg_request *r)
         if (rc == 0)
             return;
         if (rc < 0) {
-            set_message(r, "invalid token weight %lld", (long long)r->weight_taken);
-            finish(e, r, BG_RES_NOMEM);
+            bgh_set_message(r, "invalid token weight %lld", (long long)r->weight_taken);
+            bgh_finish(e, r, BG_RES_NOMEM);
             return;
         }
         r->held_tokens = true;
@@ -491,13 +274,13 @@ static void advance(bg_engine *e, bg_request *r)
         if (rc == 0)
             return;
         if (rc < 0) {
-            set_message(r, "the count semaphore cannot grant a permit (max_value < 1)");
-            finish(e, r, BG_RES_NOMEM);
+            bgh_set_message(r, "the count semaphore cannot grant a permit (max_value < 1)");
+            bgh_finish(e, r, BG_RES_NOMEM);
             return;
         }
         r->held_count = true;
     }
-    start_transfer(e, r);
+    bgh_start_transfer(e, r);
 }
 
 /* A grant arrived through the ready list. */
@@ -518,7 +301,7 @@ static void cancel_request(bg_engine *e, bg_request *r, int kind)
         bool tok = r->state == ST_WAIT_TOKENS;
         if (bg_sem_cancel(tok ? e->cfg.token_sem : e->cfg.count_sem,
                           tok ? &r->w_tokens : &r->w_count) == 1) {
-            finish(e, r, kind);
+            bgh_finish(e, r, kind);
         } else {
             /* Granted already: it sits in the ready list; on_ready finishes it. */
             r->cancel_req = true;
@@ -530,137 +313,18 @@ static void cancel_request(bg_engine *e, bg_request *r, int kind)
         bg_easy *x = r->easy;
         curl_multi_remove_handle(e->multi, x->h);
         r->easy = NULL;
-        easy_put(e, x);
+        bgh_easy_put(e, x);
         STAT_ADD(e, st_in_flight, (uint64_t)-1);
-        finish(e, r, kind);
+        bgh_finish(e, r, kind);
         break;
     }
     case ST_BACKOFF:
         list_unlink(&e->backoff, r);
-        finish(e, r, kind);
+        bgh_finish(e, r, kind);
         break;
     default:
         break;
     }
-}
-
-static bool retryable_status(long s)
-{
-    return s == 408 || s == 429 || s == 500 || s == 502 || s == 503 || s == 504;
-}
-
-static bool retryable_curl(CURLcode c)
-{
-    switch (c) {
-    case CURLE_COULDNT_CONNECT:
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_SEND_ERROR:
-    case CURLE_RECV_ERROR:
-    case CURLE_GOT_NOTHING:
-    case CURLE_PARTIAL_FILE:
-    case CURLE_HTTP2:
-    case CURLE_HTTP2_STREAM:
-    case CURLE_SSL_CONNECT_ERROR:
-        return true;
-    default:
-        return false;
-    }
-}
-
-static uint64_t rng_next(bg_engine *e)
-{
-    uint64_t x = e->rng;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return e->rng = x;
-}
-
-static void schedule_retry(bg_engine *e, bg_request *r)
-{
-    release_permits(e, r);
-    double d;
-    if (r->retry_after_s >= 0) {
-        d = r->retry_after_s < e->cfg.retry_after_max_s ? r->retry_after_s
-                                                         : e->cfg.retry_after_max_s;
-    } else {
-        d = e->cfg.backoff_base_s * ldexp(1.0, r->attempts - 1);
-        if (d > e->cfg.backoff_max_s)
-            d = e->cfg.backoff_max_s;
-        /* Equal jitter: half fixed, half random, so a burst of failures spreads out. */
-        double u = (double)(rng_next(e) >> 11) / 9007199254740992.0;
-        d = d / 2 + u * d / 2;
-    }
-    r->due_ns = now_ns() + (int64_t)(d * 1e9);
-    r->state = ST_BACKOFF;
-    backoff_insert(&e->backoff, r);
-    STAT_ADD(e, st_retries, 1);
-}
-
-static void transfer_done(bg_engine *e, CURL *h, CURLcode code)
-{
-    bg_request *r = NULL;
-    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
-    long status = 0;
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    bg_easy *x = r->easy;
-    curl_multi_remove_handle(e->multi, h);
-    r->easy = NULL;
-    STAT_ADD(e, st_in_flight, (uint64_t)-1);
-    r->status = status;
-    r->curl_code = (int)code;
-    bool can_retry = r->attempts <= e->cfg.max_retries;
-    size_t cap = e->cfg.max_response_bytes;
-
-    if (code != CURLE_OK) {
-        char cmsg[CURL_ERROR_SIZE];
-        snprintf(cmsg, sizeof(cmsg), "%s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(code));
-        easy_put(e, x);
-        if (r->oversize || code == CURLE_FILESIZE_EXCEEDED) {
-            set_message(r, "response body exceeds max_response_bytes (%zu)", cap);
-            finish(e, r, BG_RES_MALFORMED);
-        } else if (code == CURLE_OPERATION_TIMEDOUT) {
-            if (e->cfg.retry_timeouts && can_retry) {
-                schedule_retry(e, r);
-                return;
-            }
-            set_message(r, "timed out after %d attempt(s): %s", r->attempts, cmsg);
-            finish(e, r, BG_RES_TIMEOUT);
-        } else if (retryable_curl(code) && can_retry) {
-            schedule_retry(e, r);
-        } else {
-            set_message(r, "%s (curl error %d, %d attempt(s))", cmsg, (int)code, r->attempts);
-            finish(e, r, BG_RES_TRANSPORT);
-        }
-        return;
-    }
-    easy_put(e, x);
-    if (status >= 200 && status < 300) {
-        /* Permits go back before parsing so the next request starts meanwhile. */
-        release_permits(e, r);
-        size_t expected = 0;
-        if (r->endpoint == BG_EP_COMPLETIONS)
-            expected = r->n_prompts * (size_t)r->tmpl->n_per_prompt;
-        else
-            expected = (size_t)r->tmpl->n_per_prompt;
-        char err[256];
-        if (bg_json_parse_response(r->rbuf ? r->rbuf : "", r->rlen, r->endpoint, expected,
-                                   &r->resp, err, sizeof(err)) < 0) {
-            set_message(r, "%s", err);
-            finish(e, r, BG_RES_MALFORMED);
-        } else {
-            finish(e, r, BG_RES_OK);
-        }
-        return;
-    }
-    if (retryable_status(status) && can_retry) {
-        schedule_retry(e, r);
-        return;
-    }
-    /* The server's own words; callers add status and attempts. */
-    free(r->message);
-    r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
-    finish(e, r, BG_RES_HTTP);
 }
 
 /* ---- engine thread --------------------------------------------------- */
@@ -713,6 +377,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
 static void *engine_main(void *arg)
 {
     bg_engine *e = arg;
+    tls_engine = e;
     for (;;) {
         pthread_mutex_lock(&e->mu);
         bg_request *in = e->inbox.head, *rd = e->ready.head;
@@ -751,7 +416,7 @@ static void *engine_main(void *arg)
                 break;
         }
 
-        int64_t t = now_ns();
+        int64_t t = bgh_now_ns();
         while (e->backoff.head && e->backoff.head->due_ns <= t) {
             bg_request *r = e->backoff.head;
             list_unlink(&e->backoff, r);
@@ -764,12 +429,12 @@ static void *engine_main(void *arg)
         int left;
         while ((msg = curl_multi_info_read(e->multi, &left))) {
             if (msg->msg == CURLMSG_DONE)
-                transfer_done(e, msg->easy_handle, msg->data.result);
+                bgh_transfer_done(e, msg->easy_handle, msg->data.result);
         }
 
         int timeout_ms = 1000;
         if (e->backoff.head) {
-            int64_t d = (e->backoff.head->due_ns - now_ns() + 999999) / 1000000;
+            int64_t d = (e->backoff.head->due_ns - bgh_now_ns() + 999999) / 1000000;
             if (d < timeout_ms)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
@@ -876,7 +541,7 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     if (pthread_mutex_init(&e->close_mu, NULL) != 0)
         FAIL("pthread_mutex_init failed");
     close_mu_init = true;
-    e->rng = (uint64_t)now_ns() ^ ((uint64_t)(uintptr_t)e << 16) ^ 0x2545F4914F6CDD1Dull;
+    e->rng = (uint64_t)bgh_now_ns() ^ ((uint64_t)(uintptr_t)e << 16) ^ 0x2545F4914F6CDD1Dull;
     if (!e->rng)
         e->rng = 1;
     bg_sem_incref(cfg->count_sem);
@@ -918,7 +583,7 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
 {
     if (n == 0)
         return 0;
-    int64_t t = now_ns();
+    int64_t t = bgh_now_ns();
     for (size_t i = 0; i < n; i++) {
         bg_request *r = rs[i];
         r->engine = e;

@@ -80,11 +80,28 @@ class Dispatcher:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        for name, t in (("timeout", timeout), ("connect_timeout", connect_timeout),
+                        ("backoff", backoff), ("max_backoff", max_backoff),
+                        ("max_retry_after", max_retry_after)):
+            if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)):
+                raise TypeError(f"{name} must be a number, not {type(t).__name__}")
+            if t is not None and not t >= 0:
+                raise ValueError(f"{name} must be >= 0, got {t!r}")
+        if max_response_bytes is not None and max_response_bytes < 0:
+            raise ValueError(f"max_response_bytes must be >= 0, got {max_response_bytes}")
         if max_inflight_tokens is not None:
             if not isinstance(max_inflight_tokens, int) or isinstance(max_inflight_tokens, bool):
                 raise TypeError("max_inflight_tokens must be an int or None")
             if max_inflight_tokens < 1:
                 raise ValueError(f"max_inflight_tokens must be >= 1, got {max_inflight_tokens}")
+        if semaphore is not None and not isinstance(semaphore, _native.Semaphore):
+            t = type(semaphore)
+            raise TypeError(f"semaphore must be a batchgate.Semaphore (shared natively), "
+                            f"not {t.__module__}.{t.__qualname__}")
+        if semaphore is None:
+            # Our own cap, still a real batchgate.Semaphore: Python code can
+            # share it with `async with dispatcher.semaphore:`.
+            semaphore = _native.Semaphore(max_concurrent)
         hdr_lines = []
         for k, v in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -99,6 +116,7 @@ class Dispatcher:
             float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens)
         self.base_url = base_url
         self.model = model
+        self.semaphore = semaphore
         self.max_concurrent = max_concurrent
         self.max_inflight_tokens = max_inflight_tokens
         self.window = window

@@ -1,0 +1,85 @@
+/* bg_http_internal.h - private to bg_http.c (engine thread, lists, public
+ * API) and bg_http_transfer.c (one HTTP attempt: easy handles, answers,
+ * retry policy). Everything here runs on the engine thread unless noted. */
+#ifndef BATCHGATE_BG_HTTP_INTERNAL_H
+#define BATCHGATE_BG_HTTP_INTERNAL_H
+
+#include "bg_http.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <time.h>
+
+enum req_state {
+    ST_NEW = 0,
+    ST_INBOX,      /* submitted, not yet seen by the engine thread */
+    ST_WAIT_TOKENS, /* queued on the token semaphore */
+    ST_WAIT_COUNT, /* queued on the count semaphore */
+    ST_FLIGHT,     /* transfer running */
+    ST_BACKOFF,    /* waiting to retry, no permits held */
+    ST_DONE,
+};
+
+typedef struct bg_easy {
+    CURL *h;
+    struct bg_easy *next;
+    char errbuf[CURL_ERROR_SIZE];
+} bg_easy;
+
+typedef struct {
+    bg_request *head, *tail;
+} req_list;
+
+struct bg_engine {
+    bg_engine_config cfg; /* string fields point into owned copies below */
+    char *base_url, *api_key;
+    char *url_completions, *url_chat;
+    struct curl_slist *headers;
+    CURLM *multi;
+    pthread_t thread;
+    bool thread_started;
+    bool closed; /* bg_engine_close has joined */
+    pthread_mutex_t close_mu;
+
+    /* Shared with submitters and grant callbacks, under mu. */
+    pthread_mutex_t mu;
+    req_list inbox, ready;
+    uint64_t *cancel_ids, *cancel_groups;
+    size_t n_cancel_ids, cap_cancel_ids, n_cancel_groups, cap_cancel_groups;
+    bool pending; /* something above is waiting: a wakeup is already on its way */
+    bool closing;
+
+    /* Engine thread only. */
+    bg_request **buckets;
+    size_t n_buckets, live;
+    req_list backoff; /* sorted by due_ns */
+    bg_easy *easy_pool;
+    uint64_t rng;
+
+    /* Statistics (atomic). */
+    uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
+    uint64_t st_max_in_flight; /* written by the engine thread only */
+};
+
+#define STAT_ADD(e, field, v) __atomic_add_fetch(&(e)->field, (v), __ATOMIC_RELAXED)
+
+static inline int64_t bgh_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* bg_http.c */
+void bgh_backoff_insert(req_list *l, bg_request *r);
+void bgh_release_permits(bg_engine *e, bg_request *r);
+void bgh_set_message(bg_request *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Hand the request back (on_done). It may be freed there: touch nothing after. */
+void bgh_finish(bg_engine *e, bg_request *r, int kind);
+
+/* bg_http_transfer.c */
+void bgh_easy_put(bg_engine *e, bg_easy *x);
+void bgh_start_transfer(bg_engine *e, bg_request *r);
+void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code);
+
+#endif /* BATCHGATE_BG_HTTP_INTERNAL_H */

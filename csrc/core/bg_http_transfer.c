@@ -1,0 +1,294 @@
+/* bg_http_transfer.c - one HTTP attempt on the engine thread: pooled easy
+ * handles, body and header callbacks, and what an answer means (success,
+ * retry after a backoff or Retry-After, or a final error). */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* strncasecmp */
+#endif
+#include "bg_http_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ---- easy handles ---------------------------------------------------- */
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    bg_request *r = userp;
+    size_t n = size * nmemb;
+    size_t cap = r->engine->cfg.max_response_bytes;
+    if (cap && (r->rlen + n > cap || r->rlen + n < r->rlen)) {
+        r->oversize = true;
+        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+    }
+    if (r->rcap - r->rlen <= n) {
+        size_t nc = r->rcap ? r->rcap : 4096;
+        while (nc - r->rlen <= n)
+            nc *= 2;
+        char *p = realloc(r->rbuf, nc);
+        if (!p)
+            return 0;
+        r->rbuf = p;
+        r->rcap = nc;
+    }
+    memcpy(r->rbuf + r->rlen, data, n);
+    r->rlen += n;
+    r->rbuf[r->rlen] = '\0';
+    return n;
+}
+
+static double parse_retry_after(const char *v, size_t n)
+{
+    while (n && (*v == ' ' || *v == '\t')) {
+        v++;
+        n--;
+    }
+    while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    if (n == 0 || n > 63)
+        return -1;
+    char tmp[64];
+    memcpy(tmp, v, n);
+    tmp[n] = '\0';
+    char *end;
+    errno = 0;
+    double secs = strtod(tmp, &end);
+    if (end != tmp && *end == '\0' && errno == 0 && isfinite(secs))
+        return secs < 0 ? 0 : secs;
+    time_t t = curl_getdate(tmp, NULL); /* HTTP date */
+    if (t == (time_t)-1)
+        return -1;
+    double d = difftime(t, time(NULL));
+    return d < 0 ? 0 : d;
+}
+
+static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    bg_request *r = userp;
+    size_t n = size * nmemb;
+    static const char key[] = "retry-after:";
+    if (n > 5 && memcmp(data, "HTTP/", 5) == 0)
+        r->retry_after_s = -1; /* a new response (e.g. after 100 Continue) */
+    else if (n >= sizeof(key) - 1 && strncasecmp(data, key, sizeof(key) - 1) == 0)
+        r->retry_after_s = parse_retry_after(data + sizeof(key) - 1, n - (sizeof(key) - 1));
+    return n;
+}
+
+static bg_easy *easy_get(bg_engine *e)
+{
+    bg_easy *x = e->easy_pool;
+    if (x) {
+        e->easy_pool = x->next;
+        return x;
+    }
+    x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->h = curl_easy_init();
+    if (!x->h) {
+        free(x);
+        return NULL;
+    }
+    const bg_engine_config *c = &e->cfg;
+    CURL *h = x->h;
+    /* Options fixed for the engine's lifetime; per-request ones are set in start_transfer. */
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, x->errbuf);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, e->headers);
+    curl_easy_setopt(h, CURLOPT_POST, 1L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+#endif
+    if (c->connect_timeout_ms > 0)
+        curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+    if (c->timeout_ms > 0)
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, c->timeout_ms);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, c->verify_tls ? 1L : 0L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, c->verify_tls ? 2L : 0L);
+    if (c->max_response_bytes)
+        curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)c->max_response_bytes);
+    return x;
+}
+
+void bgh_easy_put(bg_engine *e, bg_easy *x)
+{
+    x->next = e->easy_pool;
+    e->easy_pool = x;
+}
+
+void bgh_start_transfer(bg_engine *e, bg_request *r)
+{
+    if (!r->body) {
+        if (r->endpoint == BG_EP_CHAT)
+            r->body = bg_json_chat_body(r->tmpl, r->messages_json, r->messages_len, &r->body_len);
+        else
+            r->body = bg_json_completions_body(r->tmpl, r->prompts, r->n_prompts,
+                                               r->prompt_as_list, &r->body_len);
+        if (!r->body) {
+            bgh_set_message(r, "out of memory building the request body");
+            bgh_finish(e, r, BG_RES_NOMEM);
+            return;
+        }
+    }
+    bg_easy *x = easy_get(e);
+    if (!x) {
+        bgh_set_message(r, "out of memory creating a transfer");
+        bgh_finish(e, r, BG_RES_NOMEM);
+        return;
+    }
+    CURL *h = x->h;
+    curl_easy_setopt(h, CURLOPT_URL,
+                     r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    x->errbuf[0] = '\0';
+    r->rlen = 0;
+    r->oversize = false;
+    r->retry_after_s = -1;
+    r->easy = x;
+    r->attempts++;
+    if (!r->t_first_send_ns)
+        r->t_first_send_ns = bgh_now_ns();
+    CURLMcode mc = curl_multi_add_handle(e->multi, h);
+    if (mc != CURLM_OK) {
+        r->easy = NULL;
+        bgh_easy_put(e, x);
+        bgh_set_message(r, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
+        bgh_finish(e, r, BG_RES_TRANSPORT);
+        return;
+    }
+    r->state = ST_FLIGHT;
+    STAT_ADD(e, st_attempts, 1);
+    uint64_t inf = STAT_ADD(e, st_in_flight, 1);
+    if (inf > __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED))
+        __atomic_store_n(&e->st_max_in_flight, inf, __ATOMIC_RELAXED);
+}
+
+static bool retryable_status(long s)
+{
+    return s == 408 || s == 429 || s == 500 || s == 502 || s == 503 || s == 504;
+}
+
+static bool retryable_curl(CURLcode c)
+{
+    switch (c) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+    case CURLE_SSL_CONNECT_ERROR:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static uint64_t rng_next(bg_engine *e)
+{
+    uint64_t x = e->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return e->rng = x;
+}
+
+static void schedule_retry(bg_engine *e, bg_request *r)
+{
+    bgh_release_permits(e, r);
+    double d;
+    if (r->retry_after_s >= 0) {
+        d = r->retry_after_s < e->cfg.retry_after_max_s ? r->retry_after_s
+                                                         : e->cfg.retry_after_max_s;
+    } else {
+        d = e->cfg.backoff_base_s * ldexp(1.0, r->attempts - 1);
+        if (d > e->cfg.backoff_max_s)
+            d = e->cfg.backoff_max_s;
+        /* Equal jitter: half fixed, half random, so a burst of failures spreads out. */
+        double u = (double)(rng_next(e) >> 11) / 9007199254740992.0;
+        d = d / 2 + u * d / 2;
+    }
+    r->due_ns = bgh_now_ns() + (int64_t)(d * 1e9);
+    r->state = ST_BACKOFF;
+    bgh_backoff_insert(&e->backoff, r);
+    STAT_ADD(e, st_retries, 1);
+}
+
+void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
+{
+    bg_request *r = NULL;
+    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    bg_easy *x = r->easy;
+    curl_multi_remove_handle(e->multi, h);
+    r->easy = NULL;
+    STAT_ADD(e, st_in_flight, (uint64_t)-1);
+    r->status = status;
+    r->curl_code = (int)code;
+    bool can_retry = r->attempts <= e->cfg.max_retries;
+    size_t cap = e->cfg.max_response_bytes;
+
+    if (code != CURLE_OK) {
+        char cmsg[CURL_ERROR_SIZE];
+        snprintf(cmsg, sizeof(cmsg), "%s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(code));
+        bgh_easy_put(e, x);
+        if (r->oversize || code == CURLE_FILESIZE_EXCEEDED) {
+            bgh_set_message(r, "response body exceeds max_response_bytes (%zu)", cap);
+            bgh_finish(e, r, BG_RES_MALFORMED);
+        } else if (code == CURLE_OPERATION_TIMEDOUT) {
+            if (e->cfg.retry_timeouts && can_retry) {
+                schedule_retry(e, r);
+                return;
+            }
+            bgh_set_message(r, "timed out after %d attempt(s): %s", r->attempts, cmsg);
+            bgh_finish(e, r, BG_RES_TIMEOUT);
+        } else if (retryable_curl(code) && can_retry) {
+            schedule_retry(e, r);
+        } else {
+            bgh_set_message(r, "%s (curl error %d, %d attempt(s))", cmsg, (int)code, r->attempts);
+            bgh_finish(e, r, BG_RES_TRANSPORT);
+        }
+        return;
+    }
+    bgh_easy_put(e, x);
+    if (status >= 200 && status < 300) {
+        /* Permits go back before parsing so the next request starts meanwhile. */
+        bgh_release_permits(e, r);
+        size_t expected = 0;
+        if (r->endpoint == BG_EP_COMPLETIONS)
+            expected = r->n_prompts * (size_t)r->tmpl->n_per_prompt;
+        else
+            expected = (size_t)r->tmpl->n_per_prompt;
+        char err[256];
+        if (bg_json_parse_response(r->rbuf ? r->rbuf : "", r->rlen, r->endpoint, expected,
+                                   &r->resp, err, sizeof(err)) < 0) {
+            bgh_set_message(r, "%s", err);
+            bgh_finish(e, r, BG_RES_MALFORMED);
+        } else {
+            bgh_finish(e, r, BG_RES_OK);
+        }
+        return;
+    }
+    if (retryable_status(status) && can_retry) {
+        schedule_retry(e, r);
+        return;
+    }
+    /* The server's own words; callers add status and attempts. */
+    free(r->message);
+    r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
+    bgh_finish(e, r, BG_RES_HTTP);
+}
