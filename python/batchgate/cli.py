@@ -1,9 +1,11 @@
-"""Command line: ``batchgate plan`` sizes and plans batches for a review file."""
+"""Command line: ``batchgate plan`` sizes and plans batches for a review file,
+``batchgate run`` scores them through a vLLM server, ``batchgate demo`` compares
+the original pipeline's settings with batchgate's on an embedded server."""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from .config import Config
 from .reviews import SAMPLE_REVIEWS, ReviewFileError, group_reviews, read_reviews
@@ -86,7 +88,112 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--strict", action="store_true", help="exit 1 if any line was skipped")
     plan.add_argument("-v", "--verbose", action="store_true", help="print every batch")
     plan.set_defaults(func=_cmd_plan)
+    _add_run(sub)
+    _add_demo(sub)
     return p
+
+
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _token_cap(text: str) -> Union[int, str, None]:
+    if text.lower() == "auto":
+        return "auto"
+    if text.lower() in ("", "none", "0"):
+        return None
+    return _positive_int(text)
+
+
+def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    run = sub.add_parser(
+        "run", help="count positive/negative reviews per restaurant through a vLLM server",
+        description="Group reviews per restaurant, split them into token-budgeted batches, "
+        "send one prompt per batch and sum the answers per restaurant. Without --base-url "
+        "(or VLLM_BASE_URL) an embedded simulated vLLM server is started.")
+    run.add_argument("file", help="reviews as .jsonl or .csv")
+    run.add_argument("--out", required=True, help="per-restaurant results (JSONL)")
+    run.add_argument("--batch-log", help="per-batch log (JSONL; default: OUT.batches.jsonl)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run: send only batches not in the batch log")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over even if the batch log exists")
+    run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. "
+                     "http://127.0.0.1:8000/v1 (default: $VLLM_BASE_URL, else the embedded "
+                     "server); API key from $VLLM_API_KEY")
+    run.add_argument("--model", help="model name (default: $VLLM_MODEL, else the server's first)")
+    run.add_argument("--chat", action="store_true", help="send each prompt as a user message "
+                     "to /v1/chat/completions (instruct models) instead of /v1/completions")
+    run.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                     help="fields added to every request body, e.g. vLLM structured output: "
+                     "'{\"response_format\": {\"type\": \"json_object\"}}'")
+    run.add_argument("--prompt-template", help="file with a {reviews} placeholder (and "
+                     "optionally {count}) replacing the built-in sentiment prompt")
+    run.add_argument("--text-field", default="text")
+    run.add_argument("--group-field", default="restaurant_id")
+    run.add_argument("--max-tokens-per-batch", type=_positive_int,
+                     default=Config.VLLM_MAX_TOKENS_PER_BATCH)
+    run.add_argument("--max-batch-size", type=_positive_int, default=Config.VLLM_MAX_BATCH_SIZE)
+    run.add_argument("--max-concurrent", type=_positive_int,
+                     default=Config.VLLM_MAX_CONCURRENT_BATCHES,
+                     help="requests in flight at most (default: VLLM_MAX_CONCURRENT_BATCHES)")
+    run.add_argument("--max-inflight-tokens", type=_token_cap, default=None,
+                     help="cap on estimated prompt + answer tokens in flight: a number, or "
+                     "'auto' = 95%% of the server's KV cache from vLLM's /metrics "
+                     "(vllm:cache_config_info); default: none")
+    run.add_argument("--max-retries", type=int, default=Config.MAX_RETRIES,
+                     help="retries per request and per unusable answer (default: MAX_RETRIES)")
+    run.add_argument("--max-tokens", type=_positive_int, default=64,
+                     help="max_tokens of each answer")
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    run.add_argument("--connect-timeout", type=float, default=5.0)
+    run.add_argument("--strict", action="store_true", help="exit 1 if any line was skipped")
+    sim = run.add_argument_group("embedded server (only without --base-url)")
+    sim.add_argument("--sim-kv-cache-tokens", type=_positive_int, default=131072)
+    sim.add_argument("--sim-max-model-len", type=_positive_int, default=32768)
+    sim.add_argument("--sim-mode", choices=("preempt", "naive"), default="preempt")
+    run.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_command
+    return run_command(args)
+
+
+def _add_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    demo = sub.add_parser(
+        "demo", help="four scenarios on a synthetic corpus against the embedded server: "
+        "KV-cache usage, preemptions/OOM, failures, time",
+        description="Runs the original pipeline's settings (dynamic batch size only; a "
+        "semaphore with a fixed batch size; both) and batchgate's token-weighted cap on the "
+        "same synthetic corpus against the embedded simulated vLLM server with a small KV "
+        "cache, prints a table and writes a PNG of KV-cache usage over time.")
+    demo.add_argument("--out-dir", default=".", help="where to write the plot and table")
+    demo.add_argument("--restaurants", type=_positive_int, default=100)
+    demo.add_argument("--reviews-per-restaurant", type=_positive_int, default=500)
+    demo.add_argument("--mode", choices=("both", "preempt", "naive"), default="both",
+                      help="server behaviour when the KV cache is full: preempt = vLLM's "
+                      "recompute preemption, naive = fail with out-of-memory (HTTP 500), "
+                      "both (default) = the four scenarios in each mode")
+    demo.add_argument("--kv-cache-tokens", type=_positive_int, default=None,
+                      help="the simulated GPU's KV cache (default 65536; at least 16384, "
+                      "the server's max_model_len)")
+    demo.add_argument("--small", action="store_true",
+                      help="a small corpus (10 x 100) for a quick check")
+    demo.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_command
+    return demo_command(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
