@@ -236,6 +236,11 @@ def main(argv=None) -> int:
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         num_blocks=args.num_blocks or None, block_size=args.block_size,
                         kv_cache_bytes=args.kv_cache_bytes, log_path=args.log)
+    server.python = args.python or find_vllm_python()
+    if server.python is None:
+        print("no interpreter with vllm found (set --python or BATCHGATE_VLLM_PYTHON)",
+              file=sys.stderr)
+        return 2
     stop = {"now": False}
 
     def on_signal(signum, frame):
