@@ -9,7 +9,6 @@ vllm (BATCHGATE_VLLM_PYTHON, default /work/venvs/vllm/bin/python).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -45,31 +44,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class ExternalServer:
-    """A server someone else started (run.sh): same interface the tests use."""
-
-    def __init__(self, base_url: str, model_name: str | None):
-        self.base_url = base_url.rstrip("/")
-        self.root_url = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-        if not self.root_url.startswith(("http://127.", "http://localhost")):
-            raise pytest.UsageError("BATCHGATE_VLLM_URL must be a loopback URL")
-        if model_name is None:
-            status, body = serve.http_get(self.base_url + "/models")
-            model_name = json.loads(body)["data"][0]["id"]
-        self.model_name = model_name
-        self.start_seconds = None
-
-    def metrics(self) -> dict[str, float]:
-        status, body = serve.http_get(self.root_url + "/metrics")
-        assert status == 200, f"/metrics answered {status}"
-        return serve.parse_metrics(body.decode("utf-8", "replace"))
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     url = os.environ.get("BATCHGATE_VLLM_URL")
     if url:
-        yield ExternalServer(url, os.environ.get("BATCHGATE_VLLM_MODEL"))
+        yield serve.ExternalServer(url, os.environ.get("BATCHGATE_VLLM_MODEL"))
         return
     python = serve.find_vllm_python()
     if python is None:

@@ -217,6 +217,27 @@ class VllmServer:
         self.stop()
 
 
+class ExternalServer:
+    """A server started elsewhere (run.sh, or by hand): the interface tests and benchmark use."""
+
+    def __init__(self, base_url: str, model_name: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.root_url = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        if not self.root_url.startswith(("http://127.", "http://localhost")):
+            raise ValueError(f"only loopback servers are allowed, got {base_url!r}")
+        if model_name is None:
+            status, body = http_get(self.base_url + "/models")
+            model_name = json.loads(body)["data"][0]["id"]
+        self.model_name = model_name
+        self.start_seconds = None
+
+    def metrics(self) -> dict[str, float]:
+        status, body = http_get(self.root_url + "/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return parse_metrics(body.decode("utf-8", "replace"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run a local CPU vLLM server for batchgate's tier.")
     ap.add_argument("--model", required=True, help="model directory (make_tiny_model.py)")
