@@ -42,7 +42,8 @@ E2E = "vllm:e2e_request_latency_seconds"
 def load_prompts(n: int) -> list[str]:
     lines = resources.files("batchgate.data").joinpath(
         "sample_reviews.jsonl").read_text(encoding="utf-8").splitlines()
-    texts = [json.loads(x)["text"] for x in lines]
+    # Short and medium reviews only: every request must fit --max-model-len.
+    texts = [t for t in (json.loads(x)["text"] for x in lines) if len(t) <= 400]
     out = []
     for i in range(n):
         out.append("Summarise the sentiment of this review in one word.\n"
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     else:
         if not args.model_dir:
             ap.error("no running server (BATCHGATE_VLLM_URL) and no --model-dir to start one")
-        own = serve.VllmServer(args.model_dir, max_model_len=512,
+        own = serve.VllmServer(args.model_dir, max_model_len=1024,
                                max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
                                block_size=32)
         own.start()
