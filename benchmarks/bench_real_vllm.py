@@ -79,6 +79,7 @@ class Watch:
     def __init__(self, server, period=0.05):
         self.server, self.period = server, period
         self.peak_running = self.peak_waiting = self.peak_kv = 0.0
+        self.cpu = 0.0  # this watcher's own CPU time, taken out of the client's
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -89,6 +90,7 @@ class Watch:
             self.peak_waiting = max(self.peak_waiting, m.get(WAITING, 0.0))
             self.peak_kv = max(self.peak_kv, m.get(KV, 0.0))
             self._stop.wait(self.period)
+        self.cpu = time.thread_time()
 
     def __enter__(self):
         self._t.start()
@@ -195,7 +197,7 @@ def one_run(server, label, fn, prompts, conc, params, **kw):
     with Watch(server) as watch:
         done = asyncio.run(fn(server, prompts, conc, params, **kw))
     wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    cpu = time.process_time() - cpu0 - watch.cpu
     after = wait_idle(server)
     e2e50, e2e99 = histogram_percentiles(before, after, E2E)
     return {
