@@ -85,7 +85,7 @@ static void test_threads(void)
     /* Consume like an event loop: wait for the fd, then drain. A lost wakeup
      * shows up as a timeout here. */
     while (got < PRODUCERS * PER_PRODUCER) {
-        int r = bg_notify_wait(n, 5000);
+        int r = bg_notify_wait(n, 30000); /* generous: sanitizers on a loaded machine */
         CHECK(r == 1);
         if (r != 1)
             break;
