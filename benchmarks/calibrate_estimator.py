@@ -31,7 +31,8 @@ is under-estimated.
     python benchmarks/calibrate_estimator.py --objective rel   # compare objectives
     python benchmarks/calibrate_estimator.py --selftest        # feature spec examples only
 
-token_features() is the pure-Python reference of the C estimator's features; keep it to spec.
+token_features() comes from tests/reference_sizing.py, the pure-Python reference of the C
+estimator's features; the self-test checks it (and the native one) on hand-made examples.
 """
 
 from __future__ import annotations
@@ -47,74 +48,18 @@ import numpy as np
 from scipy.optimize import nnls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from make_sample_reviews import generate_reviews  # noqa: E402
+from reference_sizing import token_features as _spec_token_features  # noqa: E402
 
 FEATURE_NAMES = [
     "hangul_chars", "hangul_runs", "cjk_chars", "letter_chars", "letter_runs", "digit_chars",
     "punct_chars", "punct_runs", "newline_chars", "emoji_cps", "other_utf8_bytes", "extra_spaces",
 ]
 
-HANGUL, CJK, LETTER, DIGIT, NEWLINE, SPACE, EMOJI, PUNCT, OTHER = range(9)
-
-
-def char_class(cp: int) -> int:
-    """Class of one code point; the first matching class wins (spec order)."""
-    if (0xAC00 <= cp <= 0xD7A3 or 0x1100 <= cp <= 0x11FF or 0x3130 <= cp <= 0x318F
-            or 0xA960 <= cp <= 0xA97F or 0xD7B0 <= cp <= 0xD7FF):
-        return HANGUL
-    if (0x3040 <= cp <= 0x30FF or 0x3400 <= cp <= 0x4DBF or 0x4E00 <= cp <= 0x9FFF
-            or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x3FFFF):
-        return CJK
-    if (0x41 <= cp <= 0x5A or 0x61 <= cp <= 0x7A or (0xC0 <= cp <= 0x24F and cp not in (0xD7, 0xF7))
-            or 0x370 <= cp <= 0x3FF or 0x400 <= cp <= 0x4FF):
-        return LETTER
-    if 0x30 <= cp <= 0x39:
-        return DIGIT
-    if cp == 0x0A:
-        return NEWLINE
-    if cp in (0x20, 0x09, 0x0D, 0x0B, 0x0C, 0xA0, 0x3000):
-        return SPACE
-    if (0x1F000 <= cp <= 0x1FAFF or 0x2600 <= cp <= 0x27BF or 0x2B00 <= cp <= 0x2BFF or cp == 0x200D
-            or 0xFE00 <= cp <= 0xFE0F or 0xE0000 <= cp <= 0xE007F):
-        return EMOJI
-    if (0x21 <= cp <= 0x2F or 0x3A <= cp <= 0x40 or 0x5B <= cp <= 0x60 or 0x7B <= cp <= 0x7E
-            or 0xA1 <= cp <= 0xBF or cp in (0xD7, 0xF7) or 0x2000 <= cp <= 0x206F
-            or 0x3001 <= cp <= 0x303F or 0xFF00 <= cp <= 0xFFEF):
-        return PUNCT  # 0x200D already went to EMOJI above
-    return OTHER
-
-
 def token_features(text: str) -> list[int]:
-    """The 12 estimator features of `text`, exactly as the C core must compute them."""
-    f = [0] * 12
-    prev = -1
-    for ch in text:
-        cp = ord(ch)
-        c = char_class(cp)
-        new_run = c != prev
-        if c == HANGUL:
-            f[0] += 1
-            f[1] += new_run
-        elif c == CJK:
-            f[2] += 1
-        elif c == LETTER:
-            f[3] += 1
-            f[4] += new_run
-        elif c == DIGIT:
-            f[5] += 1
-        elif c == PUNCT:
-            f[6] += 1
-            f[7] += new_run
-        elif c == NEWLINE:
-            f[8] += 1
-        elif c == EMOJI:
-            f[9] += 1
-        elif c == SPACE:
-            f[11] += not new_run  # a run of length L adds L-1
-        else:
-            f[10] += 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
-        prev = c
-    return f
+    """The estimator's 12 features, from the spec reference the tests also use."""
+    return list(_spec_token_features(text))
 
 
 def estimate(weights: list[int], feats: list[int], text: str) -> int:

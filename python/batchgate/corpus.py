@@ -2,7 +2,7 @@
 long-tailed lengths, for the demo and tests. Deterministic for a given seed.
 
 The phrase lists and review shapes are batchgate's own (the same generator as
-benchmarks/make_sample_reviews.py, which wrote the bundled sample file).
+benchmarks/make_sample_reviews.py writes the bundled sample file with one_review()).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _sentence(rng: random.Random) -> str:
     return s
 
 
-def _review(rng: random.Random) -> str:
+def one_review(rng: random.Random) -> str:
     # Long-tailed length: most reviews 1-4 sentences, a few very long ones.
     n = min(80, max(1, int(rng.lognormvariate(0.9, 0.9))))
     if rng.random() < 0.015:
@@ -104,7 +104,7 @@ def generate_corpus(n_restaurants: int = 100, reviews_per_restaurant: int = 500,
     for r in range(1, n_restaurants + 1):
         rid = f"r{r:0{width}d}"
         for i in range(1, reviews_per_restaurant + 1):
-            yield {"restaurant_id": rid, "review_id": f"{rid}-{i:05d}", "text": _review(rng)}
+            yield {"restaurant_id": rid, "review_id": f"{rid}-{i:05d}", "text": one_review(rng)}
 
 
 def write_corpus(path: str, n_restaurants: int = 100, reviews_per_restaurant: int = 500,

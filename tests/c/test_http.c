@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "bg_http.h"
+#include "check.h"
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -17,26 +18,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-static int failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            failures++;                                                               \
-        }                                                                             \
-    } while (0)
-
-static void check_contains(const char *file, int line, const char *hay, const char *needle)
-{
-    if (!hay || !strstr(hay, needle)) {
-        fprintf(stderr, "%s:%d: \"%s\" does not contain \"%s\"\n", file, line,
-                hay ? hay : "(null)", needle);
-        failures++;
-    }
-}
-#define CHECK_CONTAINS(hay, needle) check_contains(__FILE__, __LINE__, (hay), (needle))
 
 static double now_s(void)
 {

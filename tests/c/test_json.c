@@ -1,31 +1,12 @@
 /* test_json.c - the request/response codec (bg_json), no network. */
 #define _GNU_SOURCE
 #include "bg_json.h"
+#include "check.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            failures++;                                                               \
-        }                                                                             \
-    } while (0)
-
-static void check_contains(const char *file, int line, const char *hay, const char *needle)
-{
-    if (!hay || !strstr(hay, needle)) {
-        fprintf(stderr, "%s:%d: \"%s\" does not contain \"%s\"\n", file, line,
-                hay ? hay : "(null)", needle);
-        failures++;
-    }
-}
-#define CHECK_CONTAINS(hay, needle) check_contains(__FILE__, __LINE__, (hay), (needle))
 
 static void test_escape(void)
 {

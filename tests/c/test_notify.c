@@ -1,22 +1,12 @@
 /* test_notify.c - tests of the pure C loop notifier (no Python). */
 #define _POSIX_C_SOURCE 200809L
 #include "bg_notify.h"
+#include "check.h"
 
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 static void test_order_and_edge(void)
 {

@@ -3,6 +3,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "bg_sem.h"
+#include "check.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -11,17 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 /* Grant log shared by the single-threaded tests. */
 static int grant_log[64];

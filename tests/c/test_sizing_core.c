@@ -1,20 +1,12 @@
 /* test_sizing_core.c - the estimator and planner without Python, meant to run
  * under ASan/UBSan and valgrind. Exits non-zero on the first failed check. */
 #include "bg_estimate.h"
+#include "check.h"
 #include "bg_plan.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures = 0;
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void)
