@@ -5,43 +5,27 @@
 #include <string.h>
 
 /* Growable arrays for the plan's outputs. */
-typedef struct {
-    size_t *v;
-    size_t len, cap;
-} size_vec;
-
-typedef struct {
-    uint64_t *v;
-    size_t len, cap;
-} u64_vec;
-
-static int size_vec_push(size_vec *a, size_t x)
-{
-    if (a->len == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 64;
-        size_t *v = realloc(a->v, cap * sizeof *v);
-        if (!v)
-            return -1;
-        a->v = v;
-        a->cap = cap;
+#define DEFINE_VEC(NAME, T)                                  \
+    typedef struct {                                         \
+        T *v;                                                \
+        size_t len, cap;                                     \
+    } NAME;                                                  \
+    static int NAME##_push(NAME *a, T x)                     \
+    {                                                        \
+        if (a->len == a->cap) {                              \
+            size_t cap = a->cap ? a->cap * 2 : 64;           \
+            T *v = realloc(a->v, cap * sizeof *v);           \
+            if (!v)                                          \
+                return -1;                                   \
+            a->v = v;                                        \
+            a->cap = cap;                                    \
+        }                                                    \
+        a->v[a->len++] = x;                                  \
+        return 0;                                            \
     }
-    a->v[a->len++] = x;
-    return 0;
-}
 
-static int u64_vec_push(u64_vec *a, uint64_t x)
-{
-    if (a->len == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 64;
-        uint64_t *v = realloc(a->v, cap * sizeof *v);
-        if (!v)
-            return -1;
-        a->v = v;
-        a->cap = cap;
-    }
-    a->v[a->len++] = x;
-    return 0;
-}
+DEFINE_VEC(size_vec, size_t)
+DEFINE_VEC(u64_vec, uint64_t)
 
 void bg_plan_free(bg_plan *p)
 {
