@@ -241,6 +241,174 @@ def test_same_input_same_output(sim):
     assert a["usage"] == b["usage"] == c["usage"]
 
 
+# -- answer lengths: ignore_eos, min_tokens, --output-len ---------------------------------
+
+def test_ignore_eos_generates_max_tokens(sim):
+    srv = sim()
+    body = {"prompt": "short answer please", "max_tokens": 300}
+    _, natural = post(srv, "/v1/completions", body)
+    assert natural["choices"][0]["finish_reason"] == "stop"
+    assert natural["usage"]["completion_tokens"] < 100
+    status, data = post(srv, "/v1/completions", dict(body, ignore_eos=True))
+    assert status == 200
+    assert data["usage"]["completion_tokens"] == 300
+    assert data["choices"][0]["finish_reason"] == "length"
+    # The text goes on past the natural answer, about as long as the count says.
+    text = data["choices"][0]["text"]
+    assert text.startswith(natural["choices"][0]["text"])
+    assert 250 <= estimate_tokens(text) <= 300
+    # Chat: no max_tokens means up to max_model_len, as in vLLM.
+    srv2 = sim(max_model_len=512, kv_cache_tokens=1024)
+    status, chat = post(srv2, "/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+    assert status == 200
+    assert chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"] == 512
+    _, values = metrics(srv)
+    assert values[("vllm:request_success_total",
+                   'model_name="sim-qwen2.5-7b",engine="0",finished_reason="length"')] == 1
+
+
+def test_min_tokens_delays_the_stop(sim):
+    srv = sim()
+    body = {"prompt": sentiment_prompt(["맛있어요", "별로"]), "max_tokens": 200}
+    _, natural = post(srv, "/v1/completions", body)
+    n0 = natural["usage"]["completion_tokens"]
+    assert n0 < 40
+    status, data = post(srv, "/v1/completions", dict(body, min_tokens=120))
+    assert status == 200
+    assert data["usage"]["completion_tokens"] == 120
+    assert data["choices"][0]["finish_reason"] == "stop"  # EOS right after min_tokens
+    # Below the natural length min_tokens changes nothing.
+    assert post(srv, "/v1/completions", dict(body, min_tokens=2))[1]["choices"] == \
+        natural["choices"]
+    # vLLM's checks, with its 400 shape.
+    status, err = post(srv, "/v1/completions", dict(body, min_tokens=201))
+    assert status == 400 and err["error"]["param"] == "min_tokens"
+    assert err["error"]["message"] == ("min_tokens must be less than or equal to "
+                                       "max_tokens=200, got 201.")
+    assert post(srv, "/v1/completions", dict(body, min_tokens=-1))[0] == 400
+    status, err = post(srv, "/v1/completions", dict(body, ignore_eos="yes"))
+    assert status == 400 and err["error"]["param"] == "ignore_eos"
+
+
+def _lengths(srv, prompts, max_tokens=4000):
+    status, data = post(srv, "/v1/completions", {"prompt": prompts, "max_tokens": max_tokens})
+    assert status == 200, data
+    return data
+
+
+def test_output_len_distributions_are_seeded_and_per_prompt(sim):
+    prompts = [f"summarise document {i}: " + "words " * (i % 7) for i in range(300)]
+    fixed = _lengths(sim(output_len="fixed:37"), prompts[:5])
+    assert fixed["usage"]["completion_tokens"] == 5 * 37
+    assert all(c["finish_reason"] == "stop" for c in fixed["choices"])
+
+    uni = sim(output_len="uniform:50:150", output_len_seed=1)
+    data = _lengths(uni, prompts)
+    per = [estimate_tokens(c["text"]) for c in data["choices"]]
+    total = data["usage"]["completion_tokens"]
+    assert 50 * 300 <= total <= 150 * 300
+    assert max(per) - min(per) > 60  # spread, not one value
+    # Same prompt, same seed: same length (a retry is not luckier); another seed differs.
+    again = _lengths(sim(output_len="uniform:50:150", output_len_seed=1), prompts)
+    assert again["usage"] == data["usage"]
+    other = _lengths(sim(output_len="uniform:50:150", output_len_seed=2), prompts)
+    assert other["usage"]["completion_tokens"] != total
+
+    logn = sim(output_len="lognormal:200:0.8", max_model_len=8192, kv_cache_tokens=1 << 20)
+    single = [_lengths(logn, [p])["usage"]["completion_tokens"] for p in prompts[:200]]
+    mean = sum(single) / len(single)
+    assert 160 <= mean <= 240, mean
+    assert max(single) > 2.5 * sorted(single)[len(single) // 2]  # a long tail
+
+    # max_tokens still cuts; JSON sentiment answers keep their own length.
+    cut = _lengths(sim(output_len="fixed:500"), prompts[:1], max_tokens=20)
+    assert cut["usage"]["completion_tokens"] == 20
+    assert cut["choices"][0]["finish_reason"] == "length"
+    js = _lengths(sim(output_len="fixed:500"), [sentiment_prompt(["좋아요"])])
+    assert json.loads(js["choices"][0]["text"]) == {"positive_count": 1, "negative_count": 0}
+
+
+@pytest.mark.parametrize("spec", ["fixed:0", "uniform:9:3", "lognormal:0:1", "lognormal:5",
+                                  "gauss:1:2", "fixed:x", "lognormal:100:9"])
+def test_output_len_rejects_bad_specs(spec):
+    with pytest.raises(ValueError, match="output_len"):
+        SimServer(output_len=spec)
+
+
+# -- the step-time model and what preemption costs -------------------------------------
+
+def test_step_time_is_base_plus_prefill_tokens_plus_decode_seqs(sim):
+    srv = sim(step_base_s=0.001, step_prefill_token_s=0.0002, step_decode_seq_s=0.004)
+    t0 = time.monotonic()
+    status, data = post(srv, "/v1/completions",
+                        {"prompt": list(range(1, 301)), "max_tokens": 25, "ignore_eos": True})
+    elapsed = time.monotonic() - t0
+    assert status == 200
+    st = srv.stats()
+    # One prefill step (300 tokens, the first token) and 24 decode steps of one sequence.
+    assert st["steps"] == 25
+    assert st["busy_s"] == pytest.approx(25 * 0.001 + 300 * 0.0002 + 24 * 0.004)
+    assert elapsed >= 0.95 * st["busy_s"]
+    # Four at once: every decode step pays for four sequences; the base cost is shared.
+    srv.reset_stats()
+    bodies = [{"prompt": [i + 1] * 100, "max_tokens": 25, "ignore_eos": True} for i in range(4)]
+    assert all(s == 200 for s, _ in concurrent_posts(srv, bodies))
+    st = srv.stats()
+    assert st["busy_s"] == pytest.approx(st["steps"] * 0.001 + 400 * 0.0002
+                                         + (100 - 4) * 0.004)
+
+
+def test_preemption_costs_the_recompute_time(sim):
+    # 8 sequences of 100 + 60 tokens need 80 blocks of 16; the cache has 32.
+    kw = dict(max_model_len=512, step_base_s=0.0, step_prefill_token_s=0.0001,
+              step_decode_seq_s=0.0)
+    bodies = [{"prompt": [i + 1] * 100, "max_tokens": 60, "ignore_eos": True} for i in range(8)]
+    tight = sim(kv_cache_tokens=512, **kw)
+    assert all(s == 200 for s, _ in concurrent_posts(tight, bodies))
+    st = tight.stats()
+    assert st["num_preemptions"] > 0 and st["recomputed_tokens"] > 0
+    # A preempted sequence is prefilled again: prompt and the tokens it had made.
+    assert st["recomputed_tokens"] >= 100 * st["num_preemptions"]
+    assert st["busy_s"] == pytest.approx(0.0001 * (800 + st["recomputed_tokens"]))
+    roomy = sim(kv_cache_tokens=65536, **kw)
+    assert all(s == 200 for s, _ in concurrent_posts(roomy, bodies))
+    assert roomy.stats()["busy_s"] == pytest.approx(0.0001 * 800)
+    assert st["busy_s"] >= roomy.stats()["busy_s"] + 0.0001 * 100 * st["num_preemptions"]
+
+
+def test_blocks_waste_their_tail(sim):
+    # 4 blocks of 16 = 64 tokens. Three 17-token sequences are 51 tokens but need 6 blocks.
+    srv = sim(kv_cache_tokens=64, max_model_len=64, block_size=16, mode="naive",
+              step_base_s=0.01)
+    text, values = metrics(srv)
+    assert 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="4"} 1.0' in text
+    bodies = [{"prompt": [i + 1] * 17, "max_tokens": 10, "ignore_eos": True} for i in range(3)]
+    results = concurrent_posts(srv, bodies)
+    assert sorted(s for s, _ in results) == [200, 200, 500]
+    assert srv.stats()["peak_kv_cache_usage"] == 1.0
+    # One 17-token sequence holds 2 of 4 blocks: usage 50 %, not 17/64.
+    one = sim(kv_cache_tokens=64, max_model_len=64, block_size=16, step_base_s=0.05)
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            st = one.stats()
+            if st["num_requests_running"]:
+                seen.append(st["kv_cache_usage_perc"])
+            time.sleep(0.005)
+    w = threading.Thread(target=watch)
+    w.start()
+    assert post(one, "/v1/completions", {"prompt": [7] * 17, "max_tokens": 3,
+                                         "ignore_eos": True})[0] == 200
+    w.join()
+    assert seen and seen[0] == 0.5
+    _, big = metrics(sim(kv_cache_tokens=4096, max_model_len=1024, block_size=32))
+    assert big[("vllm:cache_config_info",
+                'block_size="32",engine="0",num_gpu_blocks="128"')] == 1
+
+
 # -- vLLM's limits and errors -----------------------------------------------------------
 
 def test_over_long_prompt_gets_vllms_400(sim):

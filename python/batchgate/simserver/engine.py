@@ -16,9 +16,15 @@ Model (close to vLLM v1's scheduler, without chunked prefill or prefix caching):
   (preempt mode) their blocks are free. In naive mode a sequence is admitted
   without looking at memory and fails with out-of-memory when its blocks
   cannot be allocated.
-- The step lasts ``step_base_s + step_per_token_s * tokens`` (tokens = decode
-  tokens + prefill tokens of the step); then every scheduled sequence has one
-  more token, and a sequence that reached its target length finishes.
+- The step lasts ``step_base_s + step_prefill_token_s * prefill_tokens +
+  step_decode_seq_s * decode_seqs``: a fixed cost (weights read, kernel
+  launches, scheduler), a cost per prompt token prefilled in the step
+  (including the tokens a preempted sequence recomputes when it is admitted
+  again, which is what makes preemption expensive) and a cost per sequence
+  decoding one token. That is the shape of a real vLLM step (see
+  benchmarks/calibrate_simserver.py for the fit against the CPU build). Then
+  every scheduled sequence has one more token, and a sequence that reached its
+  target length finishes.
 """
 from __future__ import annotations
 
@@ -133,7 +139,7 @@ class Engine:
 
     def __init__(self, *, kv_cache_tokens: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: Optional[int], mode: str,
-                 step_base_s: float, step_per_token_s: float,
+                 step_base_s: float, step_prefill_token_s: float, step_decode_seq_s: float,
                  timeline_interval_s: float, timeline_max_samples: int) -> None:
         def positive_int(name: str, value: object) -> int:
             if isinstance(value, bool) or not isinstance(value, int):
@@ -173,14 +179,16 @@ class Engine:
         self.mode = mode
         self.naive = mode == "naive"
         self.step_base_s = non_negative("step_base_s", step_base_s)
-        self.step_per_token_s = non_negative("step_per_token_s", step_per_token_s)
+        self.step_prefill_token_s = non_negative("step_prefill_token_s", step_prefill_token_s)
+        self.step_decode_seq_s = non_negative("step_decode_seq_s", step_decode_seq_s)
 
         self.free_blocks = self.num_blocks
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.timeline = Timeline(non_negative("timeline_interval_s", timeline_interval_s),
                                  positive_int("timeline_max_samples", timeline_max_samples))
-        self._tokens_this_step = 0
+        self._prefill_this_step = 0
+        self._decode_this_step = 0
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self.reset_stats()
@@ -196,6 +204,7 @@ class Engine:
         self.recomputed_tokens_total = 0
         self.success_total = {"stop": 0, "length": 0}
         self.steps_total = 0
+        self.busy_s = 0.0
         self.peak_kv_cache_usage = self.kv_cache_usage
         self.peak_running = len(self.running)
         self.peak_waiting = len(self.waiting)
@@ -216,6 +225,7 @@ class Engine:
             "generation_tokens": self.generation_tokens_total,
             "recomputed_tokens": self.recomputed_tokens_total,
             "steps": self.steps_total,
+            "busy_s": self.busy_s,
             "peak_kv_cache_usage": self.peak_kv_cache_usage,
             "peak_running": self.peak_running,
             "peak_waiting": self.peak_waiting,
@@ -309,6 +319,7 @@ class Engine:
             budget -= 1
             i += 1
         scheduled = list(running)
+        self._decode_this_step = len(scheduled)
 
         waiting = self.waiting
         if not preempted:
@@ -336,7 +347,8 @@ class Engine:
                 else:
                     seq.admitted_before = True
                     self.prompt_tokens_total += seq.prompt_tokens
-        self._tokens_this_step = self.max_num_batched_tokens - budget
+        self._prefill_this_step = (self.max_num_batched_tokens - budget
+                                   - self._decode_this_step)
         return scheduled
 
     def _commit(self, scheduled: List[Sequence]) -> None:
@@ -386,6 +398,8 @@ class Engine:
             scheduled = self._schedule()
             self.steps_total += 1
             self._sample(clock())
-            dt = self.step_base_s + self.step_per_token_s * self._tokens_this_step
+            dt = (self.step_base_s + self.step_prefill_token_s * self._prefill_this_step
+                  + self.step_decode_seq_s * self._decode_this_step)
+            self.busy_s += dt
             await sleep(max(0.0, start + dt - loop.time()) if dt > 0 else 0)
             self._commit(scheduled)

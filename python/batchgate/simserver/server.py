@@ -15,10 +15,15 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import answers
 from .engine import Engine, OutOfMemory, Sequence
+from .lengths import OutputLength
 from .http import HttpProtocol, Request, Response, json_response
 
 DEFAULT_MODEL = "sim-qwen2.5-7b"
 MAX_N = 128
+# Step-time model defaults (seconds): see engine.py and benchmarks/calibrate_simserver.py.
+STEP_BASE_S = 0.02
+STEP_PREFILL_TOKEN_S = 0.00005
+STEP_DECODE_SEQ_S = 0.00005
 
 
 class ApiError(Exception):
@@ -80,17 +85,31 @@ class SimServer:
     def __init__(self, *, kv_cache_tokens: int = 131072, block_size: int = 16,
                  max_model_len: int = 32768, max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None, mode: str = "preempt",
-                 step_base_s: float = 0.02, step_per_token_s: float = 0.00005,
+                 step_base_s: float = STEP_BASE_S,
+                 step_prefill_token_s: Optional[float] = None,
+                 step_decode_seq_s: Optional[float] = None,
+                 step_per_token_s: Optional[float] = None,
+                 output_len: str = "natural", output_len_seed: int = 0,
                  model: str = DEFAULT_MODEL, timeline_interval_s: float = 0.005,
                  timeline_max_samples: int = 100_000) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         self.model = model
+        # step_per_token_s is the older one-rate model: every token of a step,
+        # prefilled or decoded, costs the same. It is the default of both rates.
+        if step_prefill_token_s is None:
+            step_prefill_token_s = (STEP_PREFILL_TOKEN_S if step_per_token_s is None
+                                    else step_per_token_s)
+        if step_decode_seq_s is None:
+            step_decode_seq_s = (STEP_DECODE_SEQ_S if step_per_token_s is None
+                                 else step_per_token_s)
+        self.output_len = OutputLength(output_len, output_len_seed)
         self.engine = Engine(
             kv_cache_tokens=kv_cache_tokens, block_size=block_size,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, mode=mode,
-            step_base_s=step_base_s, step_per_token_s=step_per_token_s,
+            step_base_s=step_base_s, step_prefill_token_s=step_prefill_token_s,
+            step_decode_seq_s=step_decode_seq_s,
             timeline_interval_s=timeline_interval_s,
             timeline_max_samples=timeline_max_samples)
         self.max_model_len = max_model_len
@@ -233,13 +252,25 @@ class SimServer:
 
     # -- generation -----------------------------------------------------------------
 
-    def _plan(self, texts: List[str], prompt_tokens: List[int], max_tokens: Optional[int],
-              n: int) -> List[Tuple[str, int, Sequence]]:
+    def _plan(self, body: Dict[str, Any], texts: List[str], prompt_tokens: List[int],
+              max_tokens: Optional[int], n: int) -> List[Tuple[str, int, Sequence]]:
         """Validate every prompt, then create its n sequences (not yet submitted)."""
         for pt in prompt_tokens:
             self._check_length(pt, max_tokens)
+        ignore_eos = body.get("ignore_eos", False)
+        if ignore_eos is None:
+            ignore_eos = False
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(f"ignore_eos must be a boolean, got {json.dumps(ignore_eos)[:40]}",
+                           param="ignore_eos")
+        min_tokens = _int_field(body, "min_tokens", 0, 0)
         loop = asyncio.get_running_loop()
         plan = []
+        for text, pt in zip(texts, prompt_tokens):
+            limit = max_tokens if max_tokens is not None else self.max_model_len - pt
+            if min_tokens > limit:  # vLLM's SamplingParams check
+                raise ApiError(f"min_tokens must be less than or equal to max_tokens="
+                               f"{limit}, got {min_tokens}.", param="min_tokens")
         for text, pt in zip(texts, prompt_tokens):
             fault = self._fault(text)
             if fault == "error":
@@ -247,10 +278,18 @@ class SimServer:
                                "in the prompt", 500, "InternalServerError")
             answer = answers.GARBAGE_ANSWER if fault else answers.answer_for(text)
             answer_tokens = max(1, answers.count_tokens(answer))
+            # Where the model would stop by itself (EOS).
+            natural = answer_tokens
+            if not fault and not answers.is_sentiment_prompt(text):
+                drawn = self.output_len.draw(text)
+                if drawn is not None:
+                    natural = drawn
             limit = max_tokens if max_tokens is not None else self.max_model_len - pt
-            target = min(limit, answer_tokens)
-            reason = "stop" if target == answer_tokens else "length"
-            shown = answers.truncate(answer, answer_tokens, target)
+            # min_tokens suppresses EOS until that many tokens; ignore_eos always.
+            stop_at = limit if ignore_eos else max(natural, min_tokens)
+            target = min(limit, stop_at)
+            reason = "stop" if target == stop_at and not ignore_eos else "length"
+            shown = answers.fit(answer, answer_tokens, target)
             for _ in range(n):
                 plan.append((shown, pt, Sequence(pt, target, reason, loop.create_future())))
         return plan
@@ -328,7 +367,7 @@ class SimServer:
                                "or token ids", param="prompt")
             max_tokens = _int_field(body, "max_tokens", 16, 1)
             n = _int_field(body, "n", 1, 1, MAX_N)
-            plan = self._plan(texts, counts, max_tokens, n)
+            plan = self._plan(body, texts, counts, max_tokens, n)
         except ApiError as e:
             return self._bad(e)
         return self._finish_completions(plan, n)
@@ -363,7 +402,7 @@ class SimServer:
             if max_tokens is None:
                 max_tokens = _int_field(body, "max_tokens", None, 1)
             n = _int_field(body, "n", 1, 1, MAX_N)
-            plan = self._plan([text], [tokens], max_tokens, n)
+            plan = self._plan(body, [text], [tokens], max_tokens, n)
         except ApiError as e:
             return self._bad(e)
         return self._finish_chat(plan, n)
