@@ -72,7 +72,7 @@ def metrics(srv):
     for line in text.splitlines():
         if line.startswith("#") or not line:
             continue
-        m = re.fullmatch(r'([a-z_:]+)\{([^}]*)\} (\S+)', line)
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (\S+)', line)
         assert m, f"not a Prometheus sample line: {line!r}"
         values[(m.group(1), m.group(2))] = float(m.group(3))
     return text, values
@@ -357,6 +357,24 @@ def test_step_time_is_base_plus_prefill_tokens_plus_decode_seqs(sim):
     st = srv.stats()
     assert st["busy_s"] == pytest.approx(st["steps"] * 0.001 + 400 * 0.0002
                                          + (100 - 4) * 0.004)
+
+
+def test_e2e_latency_histogram_and_percentiles(sim):
+    srv = sim(step_base_s=0.02)
+    body = {"prompt": [5] * 10, "max_tokens": 20, "ignore_eos": True}
+    assert post(srv, "/v1/completions", body)[0] == 200   # >= 20 steps of 20 ms
+    assert post(srv, "/v1/completions", dict(body, max_tokens=1))[0] == 200
+    st = srv.stats()
+    assert st["finished"] == 2
+    assert st["latency_p99_s"] >= 0.4 and st["latency_p50_s"] >= 0.02
+    assert st["latency_p50_s"] < st["latency_p99_s"]
+    text, values = metrics(srv)
+    assert "# TYPE vllm:e2e_request_latency_seconds histogram" in text
+    lab = 'model_name="sim-qwen2.5-7b",engine="0"'
+    assert values[("vllm:e2e_request_latency_seconds_count", lab)] == 2
+    assert values[("vllm:e2e_request_latency_seconds_sum", lab)] >= 0.42
+    assert values[("vllm:e2e_request_latency_seconds_bucket", lab + ',le="0.3"')] <= 1
+    assert values[("vllm:e2e_request_latency_seconds_bucket", lab + ',le="+Inf"')] == 2
 
 
 def test_preemption_costs_the_recompute_time(sim):

@@ -29,12 +29,25 @@ Model (close to vLLM v1's scheduler, without chunked prefill or prefix caching):
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from typing import Deque, Dict, List, Optional
 
 WAITING, RUNNING, FINISHED, ABORTED = range(4)
 MODES = ("preempt", "naive")
+# vLLM v1's buckets for vllm:e2e_request_latency_seconds.
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+MAX_LATENCIES = 1_000_000  # exact latencies kept for percentiles; past that, the histogram only
+
+
+def _percentile(values: List[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile, None without values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(len(s) * q / 100) - 1))]
 
 
 class OutOfMemory(Exception):
@@ -45,7 +58,7 @@ class Sequence:
     """One prompt being generated (one choice of one request)."""
 
     __slots__ = ("prompt_tokens", "target", "generated", "blocks", "state",
-                 "future", "finish_reason", "admitted_before", "preemptions")
+                 "future", "finish_reason", "admitted_before", "preemptions", "t_arrival")
 
     def __init__(self, prompt_tokens: int, target: int, finish_reason: str,
                  future: "asyncio.Future[Sequence]") -> None:
@@ -58,6 +71,7 @@ class Sequence:
         self.state = WAITING
         self.admitted_before = False
         self.preemptions = 0
+        self.t_arrival = 0.0
 
 
 class Timeline:
@@ -205,6 +219,9 @@ class Engine:
         self.success_total = {"stop": 0, "length": 0}
         self.steps_total = 0
         self.busy_s = 0.0
+        self.latencies: List[float] = []  # arrival -> finish of each finished sequence
+        self.e2e_buckets = [0] * (len(E2E_BUCKETS) + 1)
+        self.e2e_sum = 0.0
         self.peak_kv_cache_usage = self.kv_cache_usage
         self.peak_running = len(self.running)
         self.peak_waiting = len(self.waiting)
@@ -226,6 +243,9 @@ class Engine:
             "recomputed_tokens": self.recomputed_tokens_total,
             "steps": self.steps_total,
             "busy_s": self.busy_s,
+            "finished": sum(self.e2e_buckets),
+            "latency_p50_s": _percentile(self.latencies, 50),
+            "latency_p99_s": _percentile(self.latencies, 99),
             "peak_kv_cache_usage": self.peak_kv_cache_usage,
             "peak_running": self.peak_running,
             "peak_waiting": self.peak_waiting,
@@ -253,6 +273,7 @@ class Engine:
     # -- requests -----------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
+        seq.t_arrival = time.monotonic()
         self.waiting.append(seq)
         if len(self.waiting) > self.peak_waiting:
             self.peak_waiting = len(self.waiting)
@@ -365,12 +386,22 @@ class Engine:
                 self.free_blocks += seq.blocks
                 seq.blocks = 0
                 self.success_total[seq.finish_reason] += 1
+                self._record_latency(time.monotonic() - seq.t_arrival)
                 done = True
                 if not seq.future.done():
                     seq.future.set_result(seq)
         self.generation_tokens_total += generated
         if done:
             self.running = [s for s in running if s.state == RUNNING]
+
+    def _record_latency(self, dt: float) -> None:
+        if len(self.latencies) < MAX_LATENCIES:
+            self.latencies.append(dt)
+        self.e2e_sum += dt
+        i = 0
+        while i < len(E2E_BUCKETS) and dt > E2E_BUCKETS[i]:
+            i += 1
+        self.e2e_buckets[i] += 1
 
     def _sample(self, now: float, force: bool = False) -> None:
         kv = self.kv_cache_usage

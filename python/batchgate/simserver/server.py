@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import answers
-from .engine import Engine, OutOfMemory, Sequence
+from .engine import E2E_BUCKETS, Engine, OutOfMemory, Sequence
 from .lengths import OutputLength
 from .http import HttpProtocol, Request, Response, json_response
 
@@ -472,6 +472,17 @@ class SimServer:
         for reason in ("stop", "length"):
             lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} '
                          f"{float(e.success_total[reason])!r}")
+        lines.append("# HELP vllm:e2e_request_latency_seconds Histogram of e2e request "
+                     "latency in seconds.")
+        lines.append("# TYPE vllm:e2e_request_latency_seconds histogram")
+        cumulative = 0
+        for le, count in zip(E2E_BUCKETS + (None,), e.e2e_buckets):
+            cumulative += count
+            bound = "+Inf" if le is None else repr(float(le))
+            lines.append(f'vllm:e2e_request_latency_seconds_bucket{{{labels},le="{bound}"}} '
+                         f"{float(cumulative)!r}")
+        lines.append(f"vllm:e2e_request_latency_seconds_count{{{labels}}} {float(cumulative)!r}")
+        lines.append(f"vllm:e2e_request_latency_seconds_sum{{{labels}}} {float(e.e2e_sum)!r}")
         lines.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig")
         lines.append("# TYPE vllm:cache_config_info gauge")
         lines.append(f'vllm:cache_config_info{{block_size="{e.block_size}",engine="0",'

@@ -1,0 +1,230 @@
+"""Fit the simulator's step-time model to a real vLLM server.
+
+batchgate.simserver models one engine step as
+
+    step = base + prefill_token * (tokens prefilled in the step)
+                + decode_seq * (sequences decoding one token in the step)
+
+This script measures a real vLLM (the CPU build with the tier's tiny Qwen2 model, see
+tests/vllm_tier; or any server via --url) and fits the three constants by least squares:
+
+1. prefill: one request at a time, ``max_tokens=1``, prompts of 16 .. 448 random token ids
+   (prefix caching off, so every prompt is computed). Latency = HTTP + one step with the
+   prompt's prefill: the slope over prompt length is ``prefill_token``.
+2. decode, batch 1: one request of 8 prompt tokens, ``ignore_eos`` and ``max_tokens`` N of
+   1 .. 97: the slope over N is one decode step of one sequence (``base + decode_seq``).
+3. decode, batch C: C requests at once, each ``ignore_eos`` and 64 tokens, C = 1 .. 16:
+   (wall - the C prefills) / 63 is the step time with C sequences; its slope over C is
+   ``decode_seq`` and the intercept ``base``.
+4. context length: batch 1 with a 440-token prompt against an 8-token one, to see how much
+   a long context slows each decode step (the model leaves it out; reported, not fitted).
+
+Each point is the median of --repeats runs. Prints the points, the fit, the residuals and
+the simserver flags that reproduce it:
+
+    /work/venvs/vllm/bin/python benchmarks/calibrate_simserver.py \\
+        --model-dir ~/.cache/batchgate/tiny-qwen2 [--repeats 5] [--json out.json]
+
+Also runs against the simulator itself (--simserver), which checks the method: the fit
+must give back the constants the simulator was started with.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm_tier"))
+
+
+class Client:
+    def __init__(self, base_url: str, model: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.rng = random.Random(1234)
+
+    def ids(self, n: int) -> List[int]:
+        # Random ids from the ordinary part of the vocabulary: no two prompts share a
+        # prefix, so a prefix cache (if on) cannot skip work.
+        return [self.rng.randrange(1000, 30000) for _ in range(n)]
+
+    def complete(self, prompt_len: int, max_tokens: int) -> Tuple[float, Dict[str, Any]]:
+        body = json.dumps({"model": self.model, "prompt": self.ids(prompt_len),
+                           "max_tokens": max_tokens, "ignore_eos": True,
+                           "temperature": 0.0}).encode()
+        req = urllib.request.Request(self.base_url + "/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            data = json.loads(resp.read())
+        dt = time.perf_counter() - t0
+        got = data["usage"]["completion_tokens"]
+        if got != max_tokens:
+            raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {got}")
+        return dt, data
+
+    def batch(self, count: int, prompt_len: int, max_tokens: int) -> float:
+        """Wall time of `count` requests sent at once."""
+        errors: List[BaseException] = []
+
+        def one() -> None:
+            try:
+                self.complete(prompt_len, max_tokens)
+            except BaseException as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=one) for _ in range(count)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, float]:
+    """(slope, intercept, max |relative residual|)."""
+    slope, intercept = statistics.linear_regression(xs, ys)
+    worst = max(abs(y - (slope * x + intercept)) / y for x, y in zip(xs, ys))
+    return slope, intercept, worst
+
+
+def median_of(repeats: int, fn, *args: Any) -> float:
+    return statistics.median(fn(*args) for _ in range(repeats))
+
+
+def measure(c: Client, repeats: int, max_batch: int) -> Dict[str, Any]:
+    c.batch(2, 16, 8)  # warm-up
+    out: Dict[str, Any] = {}
+    lens = [16, 64, 128, 256, 448]
+    prefill = [median_of(repeats, lambda L: c.complete(L, 1)[0], L) for L in lens]
+    out["prefill"] = list(zip(lens, prefill))
+    print("1. prefill (max_tokens=1):  " + "  ".join(
+        f"{L} tok {1e3 * t:.1f} ms" for L, t in out["prefill"]), flush=True)
+
+    ns = [1, 17, 33, 65, 97]
+    dec1 = [median_of(repeats, lambda n: c.complete(8, n)[0], n) for n in ns]
+    out["decode1"] = list(zip(ns, dec1))
+    print("2. batch 1, 8-token prompt: " + "  ".join(
+        f"{n} tok {1e3 * t:.1f} ms" for n, t in out["decode1"]), flush=True)
+
+    cs = [c_ for c_ in (1, 2, 4, 8, 16) if c_ <= max_batch]
+    walls = [median_of(repeats, c.batch, C, 8, 64) for C in cs]
+    out["batch"] = list(zip(cs, walls))
+    print("3. C at once, 64 tokens:    " + "  ".join(
+        f"C={C} {1e3 * t:.0f} ms" for C, t in out["batch"]), flush=True)
+
+    long_ctx = [median_of(repeats, lambda n: c.complete(440, n)[0], n) for n in (1, 65)]
+    out["long_ctx"] = list(zip((1, 65), long_ctx))
+    print("4. batch 1, 440-token prompt: " + "  ".join(
+        f"{n} tok {1e3 * t:.1f} ms" for n, t in out["long_ctx"]), flush=True)
+    return out
+
+
+def fit(points: Dict[str, Any]) -> Dict[str, float]:
+    lens, pre = zip(*points["prefill"])
+    prefill_token, http_plus_step, r1 = fit_line(lens, pre)
+    ns, d1 = zip(*points["decode1"])
+    step1, _, r2 = fit_line(ns, d1)
+    cs, walls = zip(*points["batch"])
+    # Each request: one prefill step (8 tokens) then 63 decode steps; the C prefills
+    # share steps, so take one prefill step off and divide by the 63 decode steps.
+    first = dict(points["prefill"])[16]
+    per_step = [(w - first) / 63 for w in walls]
+    decode_seq, base, r3 = fit_line(cs, per_step)
+    (_, l1), (_, l65) = points["long_ctx"]
+    long_step = (l65 - l1) / 64
+    return {"prefill_token_s": prefill_token, "prefill_intercept_s": http_plus_step,
+            "prefill_fit_max_rel_residual": r1, "batch1_step_s": step1,
+            "batch1_fit_max_rel_residual": r2, "decode_seq_s": decode_seq, "base_s": base,
+            "batch_fit_max_rel_residual": r3,
+            "per_step_at_C": dict(zip(cs, per_step)),
+            "batch1_step_440_ctx_s": long_step,
+            "context_slowdown": long_step / step1 if step1 > 0 else float("nan")}
+
+
+def report(f: Dict[str, float]) -> None:
+    print("\nfit:")
+    print(f"  prefill_token = {1e6 * f['prefill_token_s']:.1f} us/token "
+          f"(intercept {1e3 * f['prefill_intercept_s']:.1f} ms = HTTP + one step; "
+          f"worst residual {100 * f['prefill_fit_max_rel_residual']:.1f} %)")
+    print(f"  step at batch 1 = {1e3 * f['batch1_step_s']:.2f} ms "
+          f"(worst residual {100 * f['batch1_fit_max_rel_residual']:.1f} %)")
+    print("  step at batch C: " + "  ".join(
+        f"C={C} {1e3 * s:.2f} ms" for C, s in f["per_step_at_C"].items()))
+    print(f"  base = {1e3 * f['base_s']:.2f} ms, decode_seq = {1e6 * f['decode_seq_s']:.0f} "
+          f"us/sequence (worst residual {100 * f['batch_fit_max_rel_residual']:.1f} %)")
+    print(f"  440-token context: step {1e3 * f['batch1_step_440_ctx_s']:.2f} ms at batch 1 "
+          f"(x{f['context_slowdown']:.2f} the 8-token one; not modelled)")
+    base = max(f["base_s"], 1e-6)
+    print(f"  shape: one prefill token = {f['prefill_token_s'] / base:.4f} base, one "
+          f"decoding sequence = {f['decode_seq_s'] / base:.3f} base")
+    print(f"\nsimserver flags: --step-base-s {f['base_s']:.5f} --step-prefill-token-s "
+          f"{max(0.0, f['prefill_token_s']):.7f} --step-decode-seq-s "
+          f"{max(0.0, f['decode_seq_s']):.6f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", default=os.path.expanduser(
+        "~/.cache/batchgate/tiny-qwen2"), help="the tier's tiny model")
+    ap.add_argument("--url", help="a running server's /v1 URL instead of starting vLLM")
+    ap.add_argument("--model", help="served model name with --url")
+    ap.add_argument("--simserver", action="store_true",
+                    help="measure batchgate.simserver (checks the method)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="write the points and the fit here")
+    args = ap.parse_args()
+
+    server = None
+    sim = None
+    if args.simserver:
+        from batchgate.simserver import SimServerThread
+        sim = SimServerThread(kv_cache_tokens=32768, max_model_len=512, max_num_seqs=16,
+                              step_base_s=0.004, step_prefill_token_s=0.00002,
+                              step_decode_seq_s=0.0003)
+        url = sim.start() + "/v1"
+        model = sim.server.model
+        print("simserver: base 4.00 ms, prefill 20.0 us/token, decode 300 us/sequence")
+    elif args.url:
+        url, model = args.url, args.model
+    else:
+        import serve
+        # Room for 16 x 512 tokens: no preemption while measuring; prefix caching off.
+        server = serve.VllmServer(args.model_dir, max_model_len=512, max_num_seqs=16,
+                                  num_blocks=None, block_size=32, kv_cache_bytes=64 << 20,
+                                  extra_args=["--no-enable-prefix-caching"])
+        print("starting vLLM (CPU) ...", flush=True)
+        server.start()
+        url, model = server.base_url, server.model_name
+        print(f"vLLM up in {server.start_seconds:.0f} s: {url}", flush=True)
+    try:
+        load = os.getloadavg()
+        print(f"load before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+        points = measure(Client(url, model), args.repeats, 16)
+        f = fit(points)
+        report(f)
+        load = os.getloadavg()
+        print(f"load after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"points": points, "fit": f}, fh, indent=1)
+    finally:
+        if server is not None:
+            server.stop()
+        if sim is not None:
+            sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
