@@ -352,6 +352,9 @@ def test_step_time_is_base_plus_prefill_tokens_plus_decode_seqs(sim):
     assert elapsed >= 0.95 * st["busy_s"]
     # Four at once: every decode step pays for four sequences; the base cost is shared.
     srv.reset_stats()
+    time.sleep(0.1)  # idle time is wall time with nothing to run; busy_s is the model's
+    idle = srv.stats()
+    assert idle["busy_s"] == 0 and idle["idle_s"] >= 0.1
     bodies = [{"prompt": [i + 1] * 100, "max_tokens": 25, "ignore_eos": True} for i in range(4)]
     assert all(s == 200 for s, _ in concurrent_posts(srv, bodies))
     st = srv.stats()

@@ -218,7 +218,10 @@ class Engine:
         self.recomputed_tokens_total = 0
         self.success_total = {"stop": 0, "length": 0}
         self.steps_total = 0
-        self.busy_s = 0.0
+        self.busy_s = 0.0    # modelled step time, the sum of every step's dt
+        self.idle_s = 0.0    # wall time with nothing running or waiting
+        self._idle_since: Optional[float] = (time.monotonic()
+                                             if getattr(self, "_idle_since", None) else None)
         self.latencies: List[float] = []  # arrival -> finish of each finished sequence
         self.e2e_buckets = [0] * (len(E2E_BUCKETS) + 1)
         self.e2e_sum = 0.0
@@ -243,6 +246,8 @@ class Engine:
             "recomputed_tokens": self.recomputed_tokens_total,
             "steps": self.steps_total,
             "busy_s": self.busy_s,
+            "idle_s": self.idle_s + (time.monotonic() - self._idle_since
+                                     if self._idle_since is not None else 0.0),
             "finished": sum(self.e2e_buckets),
             "latency_p50_s": _percentile(self.latencies, 50),
             "latency_p99_s": _percentile(self.latencies, 99),
@@ -424,7 +429,10 @@ class Engine:
             if not self.running and not self.waiting:
                 self._sample(clock(), force=True)
                 wake.clear()
+                self._idle_since = clock()
                 await wake.wait()
+                self.idle_s += clock() - self._idle_since
+                self._idle_since = None
             start = loop.time()
             scheduled = self._schedule()
             self.steps_total += 1
