@@ -8,9 +8,9 @@ batchgate.simserver models one engine step as
 This script measures a real vLLM (the CPU build with the tier's tiny Qwen2 model, see
 tests/vllm_tier; or any server via --url) and fits the three constants by least squares:
 
-1. prefill: one request at a time, ``max_tokens=1``, prompts of 16 .. 448 random token ids
-   (prefix caching off, so every prompt is computed). Latency = HTTP + one step with the
-   prompt's prefill: the slope over prompt length is ``prefill_token``.
+1. prefill: one request at a time with 1, 2, 4, 8 prompts of 448 random token ids,
+   ``max_tokens=1`` (prefix caching off, so every prompt is computed): latency = HTTP +
+   the prefill; the slope over the 448 .. 3,584 tokens is ``prefill_token``.
 2. decode, batch 1: one request of 8 prompt tokens, ``ignore_eos`` and ``max_tokens`` N of
    1 .. 97: the slope over N is one decode step of one sequence (``base + decode_seq``).
 3. decode, batch C: C requests at once, each ``ignore_eos`` and 64 tokens, C = 1 .. 16:
@@ -56,8 +56,11 @@ class Client:
         # prefix, so a prefix cache (if on) cannot skip work.
         return [self.rng.randrange(1000, 30000) for _ in range(n)]
 
-    def complete(self, prompt_len: int, max_tokens: int) -> Tuple[float, Dict[str, Any]]:
-        body = json.dumps({"model": self.model, "prompt": self.ids(prompt_len),
+    def complete(self, prompt_len: int, max_tokens: int, prompts: int = 1
+                 ) -> Tuple[float, Dict[str, Any]]:
+        prompt: Any = (self.ids(prompt_len) if prompts == 1
+                       else [self.ids(prompt_len) for _ in range(prompts)])
+        body = json.dumps({"model": self.model, "prompt": prompt,
                            "max_tokens": max_tokens, "ignore_eos": True,
                            "temperature": 0.0}).encode()
         req = urllib.request.Request(self.base_url + "/completions", data=body,
@@ -67,7 +70,7 @@ class Client:
             data = json.loads(resp.read())
         dt = time.perf_counter() - t0
         got = data["usage"]["completion_tokens"]
-        if got != max_tokens:
+        if got != max_tokens * prompts:
             raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {got}")
         return dt, data
 
@@ -107,9 +110,11 @@ def best_of(repeats: int, fn, *args: Any) -> float:
 def measure(c: Client, repeats: int, max_batch: int) -> Dict[str, Any]:
     c.batch(2, 16, 8)  # warm-up
     out: Dict[str, Any] = {}
-    lens = [16, 64, 128, 256, 448]
-    prefill = [best_of(repeats, lambda L: c.complete(L, 1)[0], L) for L in lens]
-    out["prefill"] = list(zip(lens, prefill))
+    # k prompts of 448 tokens in one request: up to 3,584 tokens prefilled, a signal well
+    # above the machine's noise (one step, or a few with a small max_num_batched_tokens).
+    ks = [1, 2, 4, 8]
+    prefill = [best_of(repeats, lambda k: c.complete(448, 1, k)[0], k) for k in ks]
+    out["prefill"] = [(448 * k, t) for k, t in zip(ks, prefill)]
     print("1. prefill (max_tokens=1):  " + "  ".join(
         f"{L} tok {1e3 * t:.1f} ms" for L, t in out["prefill"]), flush=True)
 
@@ -140,7 +145,8 @@ def fit(points: Dict[str, Any]) -> Dict[str, float]:
     cs, walls = zip(*points["batch"])
     # Each request: one prefill step (8 tokens) then 63 decode steps; the C prefills
     # share steps, so take one prefill step off and divide by the 63 decode steps.
-    first = dict(points["prefill"])[16]
+    # The first step: HTTP + one short prefill, about the batch-1 one-token latency.
+    first = dict(points["decode1"])[1]
     per_step = [(w - first) / 63 for w in walls]
     decode_seq, base, r3 = fit_line(cs, per_step)
     (_, l1), (_, l65) = points["long_ctx"]

@@ -360,6 +360,7 @@ def test_step_time_is_base_plus_prefill_tokens_plus_decode_seqs(sim):
     st = srv.stats()
     assert st["busy_s"] == pytest.approx(st["steps"] * 0.001 + 400 * 0.0002
                                          + (100 - 4) * 0.004)
+    assert st["idle_s"] >= 0.1  # the idle gap before the batch stays counted
 
 
 def test_e2e_latency_histogram_and_percentiles(sim):
