@@ -15,7 +15,8 @@ Workloads (each a list of prompts sent in order, all submitted at once):
 - summary: summaries of 4-12 reviews, answers log-normal around 200 tokens (sigma 0.5,
            the server's ``--output-len``), ``max_tokens=1024``;
 - mixed:   the two interleaved;
-- shift:   json for the first half, summary for the second (the right cap changes);
+- shift:   json over short reviews (<= 80 characters) for the first half, then summaries
+           of long reviews (>= 150 characters): the right cap changes mid-run;
 - shared:  summary, while a second, uncapped client sends its own summaries to the same
            server from the start (the KV the first client may use shrinks, then grows).
 
@@ -62,10 +63,11 @@ from batchgate.runner import SENTIMENT_PROMPT, render_prompt
 SUMMARY_PROMPT = ("다음은 한 음식점에 대한 고객 리뷰입니다. 손님들이 좋아한 점과 아쉬워한 점을 "
                   "항목별로 정리하고, 세 문단으로 요약해 주세요.\n\n{reviews}\n\n요약:")
 
-# The simulated server: a small GPU. Step-time shape from calibrate_simserver.py,
-# scaled to a 1.5 ms base so a run takes seconds (see the README for the fit).
-SIM = dict(kv_cache_tokens=32768, block_size=16, max_model_len=4096, max_num_seqs=256,
-           step_base_s=0.0015, step_prefill_token_s=0.000004, step_decode_seq_s=0.00006,
+# The simulated server. Step-time shape fitted to the real vLLM tier by
+# calibrate_simserver.py (a prefilled token ~0.0014 step base, a decoding sequence
+# ~0.05 base), scaled to a 1.5 ms base so a run takes seconds.
+SIM = dict(kv_cache_tokens=32768, block_size=16, max_model_len=8192, max_num_seqs=256,
+           step_base_s=0.0015, step_prefill_token_s=0.000002, step_decode_seq_s=0.000075,
            output_len="lognormal:200:0.5", output_len_seed=7)
 JSON_MAX_TOKENS = 256
 SUMMARY_MAX_TOKENS = 1024
@@ -125,27 +127,35 @@ def model_seconds(stats: Dict[str, Any]) -> float:
 
 # ---- workloads -------------------------------------------------------------------------
 
-def _reviews(n: int, seed: int) -> List[str]:
-    return [r["text"] for r in generate_corpus(1 + n // 500, 500, seed=seed)][:n]
+def _reviews(n: int, seed: int, min_chars: int = 0, max_chars: int = 1 << 30) -> List[str]:
+    out: List[str] = []
+    k = 0
+    while len(out) < n:  # the corpus is long-tailed: keep drawing until enough fit
+        k += 1
+        out = [r["text"] for r in generate_corpus(k * (1 + n // 500), 500, seed=seed)
+               if min_chars <= len(r["text"]) <= max_chars][:n]
+    return out
 
 
-def json_items(n: int, seed: int) -> List[Item]:
-    texts = _reviews(20 * n, seed)
-    return [Item(render_prompt(SENTIMENT_PROMPT, texts[20 * i:20 * i + 20]), JSON_MAX_TOKENS,
+def json_items(n: int, seed: int, max_chars: int = 1 << 30, per: int = 20,
+               max_tokens: int = JSON_MAX_TOKENS) -> List[Item]:
+    texts = _reviews(per * n, seed, max_chars=max_chars)
+    return [Item(render_prompt(SENTIMENT_PROMPT, texts[per * i:per * i + per]), max_tokens,
                  "json") for i in range(n)]
 
 
-def summary_items(n: int, seed: int) -> List[Item]:
+def summary_items(n: int, seed: int, min_chars: int = 0, max_chars: int = 1 << 30,
+                  k_range: Tuple[int, int] = (4, 12), max_tokens: int = SUMMARY_MAX_TOKENS
+                  ) -> List[Item]:
     rng = random.Random(seed)
-    texts = _reviews(12 * n, seed + 1)
+    texts = _reviews(k_range[1] * n, seed + 1, min_chars=min_chars, max_chars=max_chars)
     out = []
     pos = 0
     for _ in range(n):
-        k = rng.randint(4, 12)
+        k = rng.randint(*k_range)
         body = "\n".join(f"- {t}" for t in texts[pos:pos + k])
         pos += k
-        out.append(Item(SUMMARY_PROMPT.replace("{reviews}", body), SUMMARY_MAX_TOKENS,
-                        "summary"))
+        out.append(Item(SUMMARY_PROMPT.replace("{reviews}", body), max_tokens, "summary"))
     return out
 
 
@@ -162,7 +172,9 @@ def build_workloads(n_json: int, n_summary: int, only: Optional[List[str]]
         "json": (js, []),
         "summary": (sm, []),
         "mixed": (mixed, []),
-        "shift": (half_j + half_s, []),
+        # short reviews, short answers -> long reviews, long answers
+        "shift": (json_items(n_json // 2, 66, max_chars=80)
+                  + summary_items(n_summary // 2, 77, min_chars=150), []),
         "shared": (sm, summary_items(n_summary // 4, 55)),
     }
     return {k: v for k, v in w.items() if not only or k in only}
@@ -254,8 +266,9 @@ class VllmAdapter:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm_tier"))
         import serve
         self.serve = serve
+        # KV 64 blocks of 32 usable (one more is vLLM's null block): 2,048 tokens.
         self.server = serve.VllmServer(model_dir, max_model_len=1024, max_num_seqs=32,
-                                       num_blocks=33, block_size=32,
+                                       num_blocks=65, block_size=32,
                                        extra_args=["--no-enable-prefix-caching"])
         self.server.start()
         self.base_url = self.server.base_url
@@ -364,6 +377,7 @@ def main() -> int:
                          "original + auto (default with --quick), or none")
     ap.add_argument("--vllm", action="store_true",
                     help="also run on the real vLLM tier (needs /work/venvs/vllm; slow)")
+    ap.add_argument("--vllm-only", action="store_true", help="skip the simulator runs")
     ap.add_argument("--model-dir", default=os.path.expanduser("~/.cache/batchgate/tiny-qwen2"))
     ap.add_argument("--json", help="write every outcome here")
     args = ap.parse_args()
@@ -379,7 +393,7 @@ def main() -> int:
                   + [Strategy(f"tok-{f:g}xKV", "tok", f) for f in tok]
                   + [Strategy("original", "original"), Strategy("auto", "auto")])
     only = args.workloads.split(",") if args.workloads else None
-    workloads = build_workloads(n_json, n_summary, only)
+    workloads = {} if args.vllm_only else build_workloads(n_json, n_summary, only)
     load0 = os.getloadavg()
     print(f"bench_admission: batchgate {getattr(batchgate, '__version__', '?')}, "
           f"{'quick' if args.quick else 'full'}; load {load0[0]:.2f} {load0[1]:.2f} "
@@ -394,10 +408,10 @@ def main() -> int:
     results: Dict[str, List[Tuple[Outcome, Optional[Outcome]]]] = {}
     naive = args.naive or ("key" if args.quick else "all")
     modes = ["preempt"] if naive == "none" else ["preempt", "naive"]
-    servers = {m: ServerProcess(mode=m, **SIM) for m in modes}
+    servers = {m: ServerProcess(mode=m, **SIM) for m in modes} if workloads else {}
     try:
         base = {m: s.base_url + "/v1" for m, s in servers.items()}
-        auto_ok = auto_available(base["preempt"])
+        auto_ok = auto_available(base["preempt"]) if servers else True
         if not auto_ok:
             print(AUTO_UNAVAILABLE)
             strategies = [s for s in strategies if s.kind != "auto"]
@@ -420,23 +434,35 @@ def main() -> int:
     finally:
         for s in servers.values():
             s.stop()
-    summarize(results, auto_ok)
+    if results:
+        summarize(results, auto_ok)
 
     if args.vllm:
-        print("\n== real vLLM tier (CPU, tiny model, KV 32 x 32 tokens usable)")
+        print("\n== real vLLM tier (CPU, tiny model, KV 64 x 32 = 2,048 tokens usable, "
+              "max_num_seqs 32)", flush=True)
         v = VllmAdapter(args.model_dir)
         try:
-            vj, vs = json_items(24, 66), summary_items(12, 77)
-            for it in vs:
-                it.max_tokens = 256
-            v_strats = [Strategy("conc-4", "conc", 4), Strategy("conc-16", "conc", 16),
-                        Strategy("tok-1xKV", "tok", 1.0), Strategy("original", "original")]
+            auto_ok = auto_available(v.base_url)
+            if not auto_ok:
+                print(AUTO_UNAVAILABLE)
+            # Small prompts (max_model_len 1024). The random model hardly ever emits EOS,
+            # so answers run to max_tokens: 48 for "json", 192 for "summary".
+            vj = json_items(12, 66, max_chars=80, per=3, max_tokens=48)
+            vs = summary_items(12, 77, max_chars=120, k_range=(1, 3), max_tokens=192)
+            mixed = [x for pair in zip(vj, vs) for x in pair]
+            v_strats = [Strategy("conc-4", "conc", 4), Strategy("conc-8", "conc", 8),
+                        Strategy("conc-32", "conc", 32), Strategy("tok-1xKV", "tok", 1.0),
+                        Strategy("tok-2xKV", "tok", 2.0), Strategy("original", "original")]
             if auto_ok:
                 v_strats.append(Strategy("auto", "auto"))
-            vkv = 32 * 32
-            rows = [(run_one(v, v.base_url, vkv, "vllm-mixed", (vj[:12] + vs, []), sc,
-                             "preempt"), None) for sc in v_strats]
-            print_table("vllm: 12 json + 12 summaries (answers = the random model's)", rows)
+            vkv = 64 * 32
+            rows = []
+            for sc in v_strats:
+                rows.append((run_one(v, v.base_url, vkv, "vllm-mixed", (mixed, []), sc,
+                                     "preempt"), None))
+            print_table("vllm mixed: 12 short + 12 long answers (req/s in wall time, "
+                        "latency = histogram bucket bounds)", rows)
+            summarize({"vllm": rows}, auto_ok)
         finally:
             v.stop()
 

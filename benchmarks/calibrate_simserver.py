@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm_tier"))
 
@@ -101,55 +101,94 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, fl
     return slope, intercept, worst
 
 
-def best_of(repeats: int, fn, *args: Any) -> float:
-    # The minimum, not the median: on a shared machine other processes only ever add
-    # time, so the fastest run is the closest to the server's own cost.
-    return min(fn(*args) for _ in range(repeats))
+class Meter:
+    """Wall time and, for a local server, the CPU time its engine processes use.
+
+    On a shared machine other processes only ever add wall time, so the fastest of the
+    repeats is the closest to the server's own cost. CPU seconds of vLLM's engine core
+    and worker (read from /proc for the server's process group) hardly depend on what
+    else runs, so they give a second, load-proof estimate of the step cost (the engine
+    core and the worker run one after the other in a step; the API server's HTTP and
+    detokenizing run beside them and are left out)."""
+
+    def __init__(self, pgid: Optional[int]) -> None:
+        self.pgid = pgid
+        self.tick = os.sysconf("SC_CLK_TCK") if pgid else 100
+
+    def engine_cpu(self) -> Optional[float]:
+        if not self.pgid:
+            return None
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2:].split()
+            # fields[2] = pgrp, [11] = utime, [12] = stime (proc(5), after comm)
+            if int(fields[2]) == self.pgid and comm.startswith("VLLM::"):
+                total += int(fields[11]) + int(fields[12])
+        return total / self.tick
+
+    def point(self, repeats: int, fn, *args: Any) -> Tuple[float, Optional[float]]:
+        walls, cpus = [], []
+        for _ in range(repeats):
+            c0 = self.engine_cpu()
+            t0 = time.perf_counter()
+            fn(*args)
+            walls.append(time.perf_counter() - t0)
+            c1 = self.engine_cpu()
+            if c0 is not None and c1 is not None:
+                cpus.append(c1 - c0)
+        return min(walls), (statistics.median(cpus) if cpus else None)
 
 
-def measure(c: Client, repeats: int, max_batch: int) -> Dict[str, Any]:
+def measure(c: Client, m: Meter, repeats: int, max_batch: int) -> Dict[str, Any]:
     c.batch(2, 16, 8)  # warm-up
     out: Dict[str, Any] = {}
+
+    def show(title: str, key: str, unit: str) -> None:
+        print(f"{title:<30}" + "  ".join(
+            f"{x}{unit} {1e3 * w:.1f} ms" + (f" (cpu {1e3 * cpu:.1f})" if cpu is not None
+                                             else "")
+            for x, w, cpu in out[key]), flush=True)
     # k prompts of 448 tokens in one request: up to 3,584 tokens prefilled, a signal well
     # above the machine's noise (one step, or a few with a small max_num_batched_tokens).
-    ks = [1, 2, 4, 8]
-    prefill = [best_of(repeats, lambda k: c.complete(448, 1, k)[0], k) for k in ks]
-    out["prefill"] = [(448 * k, t) for k, t in zip(ks, prefill)]
-    print("1. prefill (max_tokens=1):  " + "  ".join(
-        f"{L} tok {1e3 * t:.1f} ms" for L, t in out["prefill"]), flush=True)
-
-    ns = [1, 17, 33, 65, 97]
-    dec1 = [best_of(repeats, lambda n: c.complete(8, n)[0], n) for n in ns]
-    out["decode1"] = list(zip(ns, dec1))
-    print("2. batch 1, 8-token prompt: " + "  ".join(
-        f"{n} tok {1e3 * t:.1f} ms" for n, t in out["decode1"]), flush=True)
-
-    cs = [c_ for c_ in (1, 2, 4, 8, 16) if c_ <= max_batch]
-    walls = [best_of(repeats, c.batch, C, 8, 64) for C in cs]
-    out["batch"] = list(zip(cs, walls))
-    print("3. C at once, 64 tokens:    " + "  ".join(
-        f"C={C} {1e3 * t:.0f} ms" for C, t in out["batch"]), flush=True)
-
-    long_ctx = [best_of(repeats, lambda n: c.complete(440, n)[0], n) for n in (1, 65)]
-    out["long_ctx"] = list(zip((1, 65), long_ctx))
-    print("4. batch 1, 440-token prompt: " + "  ".join(
-        f"{n} tok {1e3 * t:.1f} ms" for n, t in out["long_ctx"]), flush=True)
+    out["prefill"] = [(448 * k, *m.point(repeats, c.complete, 448, 1, k)) for k in (1, 2, 4, 8)]
+    show("1. prefill (max_tokens=1):", "prefill", " tok")
+    out["decode1"] = [(n, *m.point(repeats, c.complete, 8, n)) for n in (1, 17, 33, 65, 97)]
+    show("2. batch 1, 8-token prompt:", "decode1", " tok")
+    out["batch"] = [(C, *m.point(repeats, c.batch, C, 8, 64))
+                    for C in (1, 2, 4, 8, 16) if C <= max_batch]
+    show("3. C at once, 64 tokens:", "batch", " seqs")
+    out["long_ctx"] = [(n, *m.point(repeats, c.complete, 440, n)) for n in (1, 65)]
+    show("4. batch 1, 440-token prompt:", "long_ctx", " tok")
     return out
 
 
-def fit(points: Dict[str, Any]) -> Dict[str, float]:
-    lens, pre = zip(*points["prefill"])
+def fit(points: Dict[str, Any], col: int) -> Optional[Dict[str, float]]:
+    """Fit on column 1 (wall) or 2 (engine CPU)."""
+    if any(p[col] is None for ps in points.values() for p in ps):
+        return None
+
+    def xy(key: str) -> Tuple[List[float], List[float]]:
+        return [p[0] for p in points[key]], [p[col] for p in points[key]]
+    lens, pre = xy("prefill")
     prefill_token, http_plus_step, r1 = fit_line(lens, pre)
-    ns, d1 = zip(*points["decode1"])
+    ns, d1 = xy("decode1")
     step1, _, r2 = fit_line(ns, d1)
-    cs, walls = zip(*points["batch"])
+    cs, walls = xy("batch")
     # Each request: one prefill step (8 tokens) then 63 decode steps; the C prefills
     # share steps, so take one prefill step off and divide by the 63 decode steps.
     # The first step: HTTP + one short prefill, about the batch-1 one-token latency.
-    first = dict(points["decode1"])[1]
+    first = dict(zip(ns, d1))[1]
     per_step = [(w - first) / 63 for w in walls]
     decode_seq, base, r3 = fit_line(cs, per_step)
-    (_, l1), (_, l65) = points["long_ctx"]
+    _, (l1, l65) = xy("long_ctx")
     long_step = (l65 - l1) / 64
     return {"prefill_token_s": prefill_token, "prefill_intercept_s": http_plus_step,
             "prefill_fit_max_rel_residual": r1, "batch1_step_s": step1,
@@ -160,8 +199,8 @@ def fit(points: Dict[str, Any]) -> Dict[str, float]:
             "context_slowdown": long_step / step1 if step1 > 0 else float("nan")}
 
 
-def report(f: Dict[str, float]) -> None:
-    print("\nfit:")
+def report(f: Dict[str, float], what: str) -> None:
+    print(f"\nfit on {what}:")
     print(f"  prefill_token = {1e6 * f['prefill_token_s']:.1f} us/token "
           f"(intercept {1e3 * f['prefill_intercept_s']:.1f} ms = HTTP + one step; "
           f"worst residual {100 * f['prefill_fit_max_rel_residual']:.1f} %)")
@@ -187,6 +226,8 @@ def main() -> int:
         "~/.cache/batchgate/tiny-qwen2"), help="the tier's tiny model")
     ap.add_argument("--url", help="a running server's /v1 URL instead of starting vLLM")
     ap.add_argument("--model", help="served model name with --url")
+    ap.add_argument("--pgid", type=int,
+                    help="with --url: the local server's process group, for the CPU meter")
     ap.add_argument("--simserver", action="store_true",
                     help="measure batchgate.simserver (checks the method)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -218,9 +259,14 @@ def main() -> int:
     try:
         load = os.getloadavg()
         print(f"load before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-        points = measure(Client(url, model), args.repeats, 16)
-        f = fit(points)
-        report(f)
+        pgid = server.proc.pid if server is not None and server.proc is not None else args.pgid
+        points = measure(Client(url, model), Meter(pgid), args.repeats, 16)
+        f = fit(points, 1)
+        report(f, "wall time (fastest of the repeats)")
+        fc = fit(points, 2)
+        if fc is not None:
+            report(fc, "engine CPU time (median of the repeats)")
+        f = {"wall": f, "cpu": fc}
         load = os.getloadavg()
         print(f"load after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if args.json:

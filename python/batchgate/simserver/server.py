@@ -20,10 +20,11 @@ from .http import HttpProtocol, Request, Response, json_response
 
 DEFAULT_MODEL = "sim-qwen2.5-7b"
 MAX_N = 128
-# Step-time model defaults (seconds): see engine.py and benchmarks/calibrate_simserver.py.
-STEP_BASE_S = 0.02
-STEP_PREFILL_TOKEN_S = 0.00005
-STEP_DECODE_SEQ_S = 0.00005
+# Step-time model defaults (seconds): the real vLLM CPU tier's step as fitted by
+# benchmarks/calibrate_simserver.py (tiny Qwen2, 2 shared cores; see the README).
+STEP_BASE_S = 0.010
+STEP_PREFILL_TOKEN_S = 0.000014
+STEP_DECODE_SEQ_S = 0.0005
 
 
 class ApiError(Exception):
