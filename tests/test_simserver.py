@@ -850,7 +850,9 @@ def test_command_line_server():
             __import__("batchgate").__file__))), env.get("PYTHONPATH")] if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchgate.simserver", "--port", "0", "--mode", "naive",
-         "--kv-cache-tokens", "4096", "--max-model-len", "2048", "--step-base-s", "0"],
+         "--kv-cache-tokens", "4096", "--max-model-len", "2048", "--step-base-s", "0",
+         "--step-prefill-token-s", "0", "--step-decode-seq-s", "0", "--block-size", "32",
+         "--output-len", "fixed:40"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -861,6 +863,13 @@ def test_command_line_server():
         data = json.loads(conn.getresponse().read())
         conn.close()
         assert data["data"][0]["max_model_len"] == 2048
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "tell me",
+                                                                 "max_tokens": 100}))
+        assert json.loads(conn.getresponse().read())["usage"]["completion_tokens"] == 40
+        conn.request("GET", "/metrics")
+        assert ('vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="128"}'
+                in conn.getresponse().read().decode())
+        conn.close()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:
@@ -873,3 +882,7 @@ def test_command_line_server():
                           "999999", "--port", "0"], capture_output=True, text=True, env=env,
                          timeout=30)
     assert bad.returncode == 2 and "max_model_len" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "batchgate.simserver", "--output-len",
+                          "lognormal:300", "--port", "0"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert bad.returncode == 2 and "lognormal takes 2 number(s)" in bad.stderr
