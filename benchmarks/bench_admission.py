@@ -343,8 +343,8 @@ def print_table(workload: str, rows: List[Tuple[Outcome, Optional[Outcome]]]) ->
 
 
 def summarize(results: Dict[str, List[Tuple[Outcome, Optional[Outcome]]]],
-              auto_ok: bool) -> None:
-    print("\n== auto / best static (req/s in simulated time; static = conc-* and tok-* caps)")
+              auto_ok: bool, clock: str = "simulated time") -> None:
+    print(f"\n== auto / best static (req/s in {clock}; static = conc-* and tok-* caps)")
     print(f"{'workload':<9} {'best static':<18} {'req/s':>7} {'best 0-preempt':<18} "
           f"{'req/s':>7} {'original':>8} {'auto':>7} {'auto/best':>9} {'auto/best0':>10}")
     for wl, rows in results.items():
@@ -396,9 +396,10 @@ def main() -> int:
     workloads = {} if args.vllm_only else build_workloads(n_json, n_summary, only)
     load0 = os.getloadavg()
     print(f"bench_admission: batchgate {getattr(batchgate, '__version__', '?')}, "
-          f"{'quick' if args.quick else 'full'}; load {load0[0]:.2f} {load0[1]:.2f} "
+          f"{'quick' if args.quick else 'full'}{' (vLLM only)' if args.vllm_only else ''}; load {load0[0]:.2f} {load0[1]:.2f} "
           f"{load0[2]:.2f}; {os.cpu_count()} cores")
-    print(f"simulated server: {SIM}")
+    if workloads:
+        print(f"simulated server: {SIM}")
     for wl, (a, b) in workloads.items():
         print(f"  {wl}: {len(a)} requests" + (f" + {len(b)} from a second, uncapped client"
                                               if b else ""))
@@ -462,7 +463,7 @@ def main() -> int:
                                      "preempt"), None))
             print_table("vllm mixed: 12 short + 12 long answers (req/s in wall time, "
                         "latency = histogram bucket bounds)", rows)
-            summarize({"vllm": rows}, auto_ok)
+            summarize({"vllm": rows}, auto_ok, "wall-clock time")
         finally:
             v.stop()
 
