@@ -283,11 +283,22 @@ def test_min_tokens_delays_the_stop(sim):
         natural["choices"]
     # vLLM's checks, with its 400 shape.
     status, err = post(srv, "/v1/completions", dict(body, min_tokens=201))
-    assert status == 400 and err["error"]["param"] == "min_tokens"
+    assert status == 400 and err["error"]["type"] == "BadRequestError"
     assert err["error"]["message"] == ("min_tokens must be less than or equal to "
                                        "max_tokens=200, got 201.")
-    assert post(srv, "/v1/completions", dict(body, min_tokens=-1))[0] == 400
-    status, err = post(srv, "/v1/completions", dict(body, ignore_eos="yes"))
+    status, err = post(srv, "/v1/completions", dict(body, min_tokens=-1))
+    assert status == 400
+    assert err["error"]["message"] == "min_tokens must be greater than or equal to 0, got -1."
+    # Chat without max_tokens: checked against what is left of max_model_len.
+    status, err = post(srv, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "min_tokens": 40000})
+    assert status == 400 and "max_tokens=" in err["error"]["message"]
+    # ignore_eos is a pydantic bool in vLLM: lax ("yes", 1) passes, anything else is a 400.
+    status, data = post(srv, "/v1/completions", dict(body, ignore_eos="yes"))
+    assert status == 200 and data["usage"]["completion_tokens"] == 200
+    assert post(srv, "/v1/completions", dict(body, ignore_eos=0))[1]["choices"] == \
+        natural["choices"]
+    status, err = post(srv, "/v1/completions", dict(body, ignore_eos="maybe"))
     assert status == 400 and err["error"]["param"] == "ignore_eos"
 
 

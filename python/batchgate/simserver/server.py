@@ -62,6 +62,25 @@ def _int_field(body: Dict[str, Any], name: str, default: Optional[int], minimum:
     return value
 
 
+_TRUE = frozenset(("1", "on", "t", "true", "y", "yes"))
+_FALSE = frozenset(("0", "off", "f", "false", "n", "no"))
+
+
+def _bool_field(body: Dict[str, Any], name: str) -> bool:
+    """A boolean as vLLM's pydantic models take it (lax: also 0/1 and yes/no strings)."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ApiError(f"{name}: Input should be a valid boolean, got {json.dumps(value)[:40]}",
+                   param=name)
+
+
 def _message_text(content: Any, index: int) -> str:
     if content is None:
         return ""
@@ -258,20 +277,18 @@ class SimServer:
         """Validate every prompt, then create its n sequences (not yet submitted)."""
         for pt in prompt_tokens:
             self._check_length(pt, max_tokens)
-        ignore_eos = body.get("ignore_eos", False)
-        if ignore_eos is None:
-            ignore_eos = False
-        if not isinstance(ignore_eos, bool):
-            raise ApiError(f"ignore_eos must be a boolean, got {json.dumps(ignore_eos)[:40]}",
-                           param="ignore_eos")
-        min_tokens = _int_field(body, "min_tokens", 0, 0)
+        ignore_eos = _bool_field(body, "ignore_eos")
+        min_tokens = _int_field(body, "min_tokens", 0, -(1 << 62))
+        # vLLM's SamplingParams checks (no param in the error, as there).
+        if min_tokens < 0:
+            raise ApiError(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
         loop = asyncio.get_running_loop()
         plan = []
         for text, pt in zip(texts, prompt_tokens):
             limit = max_tokens if max_tokens is not None else self.max_model_len - pt
-            if min_tokens > limit:  # vLLM's SamplingParams check
+            if min_tokens > limit:
                 raise ApiError(f"min_tokens must be less than or equal to max_tokens="
-                               f"{limit}, got {min_tokens}.", param="min_tokens")
+                               f"{limit}, got {min_tokens}.")
         for text, pt in zip(texts, prompt_tokens):
             fault = self._fault(text)
             if fault == "error":
