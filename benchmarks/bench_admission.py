@@ -32,7 +32,13 @@ GPU would take, whatever else loads this machine) and requests/s in wall-clock t
 preemptions, peak KV usage, the server's latency p50/p99 (wall clock, arrival to last
 token, so client-side queueing under a cap does not count), the naive run's OOM failures
 and lost requests (failed after the dispatcher's retries), and at the end auto / best
-static (the best by req/s, and the best among those with 0 preemptions).
+static (the best by req/s, and the best among those with 0 preemptions). Preemptions, peak
+KV, latency and OOM failures are the server's, so in "shared" they include the second
+client's requests.
+
+``auto`` is run as a user would write it, ``Dispatcher(url, max_inflight_tokens="auto")``
+and nothing else (so the Dispatcher's default max_concurrent applies); the static caps
+are given a count cap of 1024 so only the token cap binds.
 
     python benchmarks/bench_admission.py --quick          # a few minutes
     python benchmarks/bench_admission.py                  # the full sweep
