@@ -60,7 +60,8 @@ async def serve(args: argparse.Namespace) -> None:
         output_len=args.output_len, output_len_seed=args.output_len_seed, model=args.model)
     await server.start(args.host, args.port)
     print(f"batchgate simserver: {server.base_url} (model {server.model}, mode {server.mode}, "
-          f"KV cache {server.engine.num_blocks} blocks x {server.engine.block_size} tokens)",
+          f"KV cache {server.engine.num_blocks} blocks x {server.engine.block_size} tokens, "
+          f"output-len {server.output_len.spec})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
