@@ -72,7 +72,7 @@ def metrics(srv):
     for line in text.splitlines():
         if line.startswith("#") or not line:
             continue
-        m = re.fullmatch(r'([a-z_:]+)\{([^}]*)\} (\S+)', line)
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (\S+)', line)
         assert m, f"not a Prometheus sample line: {line!r}"
         values[(m.group(1), m.group(2))] = float(m.group(3))
     return text, values
@@ -239,6 +239,207 @@ def test_same_input_same_output(sim):
              body)[1]
     assert a["choices"] == b["choices"] == c["choices"]
     assert a["usage"] == b["usage"] == c["usage"]
+
+
+# -- answer lengths: ignore_eos, min_tokens, --output-len ---------------------------------
+
+def test_ignore_eos_generates_max_tokens(sim):
+    srv = sim()
+    body = {"prompt": "short answer please", "max_tokens": 300}
+    _, natural = post(srv, "/v1/completions", body)
+    assert natural["choices"][0]["finish_reason"] == "stop"
+    assert natural["usage"]["completion_tokens"] < 100
+    status, data = post(srv, "/v1/completions", dict(body, ignore_eos=True))
+    assert status == 200
+    assert data["usage"]["completion_tokens"] == 300
+    assert data["choices"][0]["finish_reason"] == "length"
+    # The text goes on past the natural answer, about as long as the count says.
+    text = data["choices"][0]["text"]
+    assert text.startswith(natural["choices"][0]["text"])
+    assert 250 <= estimate_tokens(text) <= 300
+    # Chat: no max_tokens means up to max_model_len, as in vLLM.
+    srv2 = sim(max_model_len=512, kv_cache_tokens=1024)
+    status, chat = post(srv2, "/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+    assert status == 200
+    assert chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"] == 512
+    _, values = metrics(srv)
+    assert values[("vllm:request_success_total",
+                   'model_name="sim-qwen2.5-7b",engine="0",finished_reason="length"')] == 1
+
+
+def test_min_tokens_delays_the_stop(sim):
+    srv = sim()
+    body = {"prompt": sentiment_prompt(["맛있어요", "별로"]), "max_tokens": 200}
+    _, natural = post(srv, "/v1/completions", body)
+    n0 = natural["usage"]["completion_tokens"]
+    assert n0 < 40
+    status, data = post(srv, "/v1/completions", dict(body, min_tokens=120))
+    assert status == 200
+    assert data["usage"]["completion_tokens"] == 120
+    assert data["choices"][0]["finish_reason"] == "stop"  # EOS right after min_tokens
+    # Below the natural length min_tokens changes nothing.
+    assert post(srv, "/v1/completions", dict(body, min_tokens=2))[1]["choices"] == \
+        natural["choices"]
+    # vLLM's checks, with its 400 shape.
+    status, err = post(srv, "/v1/completions", dict(body, min_tokens=201))
+    assert status == 400 and err["error"]["type"] == "BadRequestError"
+    assert err["error"]["message"] == ("min_tokens must be less than or equal to "
+                                       "max_tokens=200, got 201.")
+    status, err = post(srv, "/v1/completions", dict(body, min_tokens=-1))
+    assert status == 400
+    assert err["error"]["message"] == "min_tokens must be greater than or equal to 0, got -1."
+    # Chat without max_tokens: checked against what is left of max_model_len.
+    status, err = post(srv, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "min_tokens": 40000})
+    assert status == 400 and "max_tokens=" in err["error"]["message"]
+    # ignore_eos is a pydantic bool in vLLM: lax ("yes", 1) passes, anything else is a 400.
+    status, data = post(srv, "/v1/completions", dict(body, ignore_eos="yes"))
+    assert status == 200 and data["usage"]["completion_tokens"] == 200
+    assert post(srv, "/v1/completions", dict(body, ignore_eos=0))[1]["choices"] == \
+        natural["choices"]
+    status, err = post(srv, "/v1/completions", dict(body, ignore_eos="maybe"))
+    assert status == 400 and err["error"]["param"] == "ignore_eos"
+
+
+def _lengths(srv, prompts, max_tokens=4000):
+    status, data = post(srv, "/v1/completions", {"prompt": prompts, "max_tokens": max_tokens})
+    assert status == 200, data
+    return data
+
+
+def test_output_len_distributions_are_seeded_and_per_prompt(sim):
+    prompts = [f"summarise document {i}: " + "words " * (i % 7) for i in range(300)]
+    fixed = _lengths(sim(output_len="fixed:37"), prompts[:5])
+    assert fixed["usage"]["completion_tokens"] == 5 * 37
+    assert all(c["finish_reason"] == "stop" for c in fixed["choices"])
+
+    uni = sim(output_len="uniform:50:150", output_len_seed=1)
+    data = _lengths(uni, prompts)
+    per = [estimate_tokens(c["text"]) for c in data["choices"]]
+    total = data["usage"]["completion_tokens"]
+    assert 50 * 300 <= total <= 150 * 300
+    assert max(per) - min(per) > 60  # spread, not one value
+    # Same prompt, same seed: same length (a retry is not luckier); another seed differs.
+    again = _lengths(sim(output_len="uniform:50:150", output_len_seed=1), prompts)
+    assert again["usage"] == data["usage"]
+    other = _lengths(sim(output_len="uniform:50:150", output_len_seed=2), prompts)
+    assert other["usage"]["completion_tokens"] != total
+
+    logn = sim(output_len="lognormal:200:0.8", max_model_len=8192, kv_cache_tokens=1 << 20)
+    single = [_lengths(logn, [p])["usage"]["completion_tokens"] for p in prompts[:200]]
+    mean = sum(single) / len(single)
+    assert 160 <= mean <= 240, mean
+    assert max(single) > 2.5 * sorted(single)[len(single) // 2]  # a long tail
+
+    # max_tokens still cuts; JSON sentiment answers keep their own length.
+    cut = _lengths(sim(output_len="fixed:500"), prompts[:1], max_tokens=20)
+    assert cut["usage"]["completion_tokens"] == 20
+    assert cut["choices"][0]["finish_reason"] == "length"
+    js = _lengths(sim(output_len="fixed:500"), [sentiment_prompt(["좋아요"])])
+    assert json.loads(js["choices"][0]["text"]) == {"positive_count": 1, "negative_count": 0}
+
+
+@pytest.mark.parametrize("spec", ["fixed:0", "uniform:9:3", "lognormal:0:1", "lognormal:5",
+                                  "gauss:1:2", "fixed:x", "lognormal:100:9"])
+def test_output_len_rejects_bad_specs(spec):
+    with pytest.raises(ValueError, match="output_len"):
+        SimServer(output_len=spec)
+
+
+# -- the step-time model and what preemption costs -------------------------------------
+
+def test_step_time_is_base_plus_prefill_tokens_plus_decode_seqs(sim):
+    srv = sim(step_base_s=0.001, step_prefill_token_s=0.0002, step_decode_seq_s=0.004)
+    t0 = time.monotonic()
+    status, data = post(srv, "/v1/completions",
+                        {"prompt": list(range(1, 301)), "max_tokens": 25, "ignore_eos": True})
+    elapsed = time.monotonic() - t0
+    assert status == 200
+    st = srv.stats()
+    # One prefill step (300 tokens, the first token) and 24 decode steps of one sequence.
+    assert st["steps"] == 25
+    assert st["busy_s"] == pytest.approx(25 * 0.001 + 300 * 0.0002 + 24 * 0.004)
+    assert elapsed >= 0.95 * st["busy_s"]
+    # Four at once: every decode step pays for four sequences; the base cost is shared.
+    srv.reset_stats()
+    time.sleep(0.1)  # idle time is wall time with nothing to run; busy_s is the model's
+    idle = srv.stats()
+    assert idle["busy_s"] == 0 and idle["idle_s"] >= 0.1
+    bodies = [{"prompt": [i + 1] * 100, "max_tokens": 25, "ignore_eos": True} for i in range(4)]
+    assert all(s == 200 for s, _ in concurrent_posts(srv, bodies))
+    st = srv.stats()
+    assert st["busy_s"] == pytest.approx(st["steps"] * 0.001 + 400 * 0.0002
+                                         + (100 - 4) * 0.004)
+    assert st["idle_s"] >= 0.1  # the idle gap before the batch stays counted
+
+
+def test_e2e_latency_histogram_and_percentiles(sim):
+    srv = sim(step_base_s=0.02)
+    body = {"prompt": [5] * 10, "max_tokens": 20, "ignore_eos": True}
+    assert post(srv, "/v1/completions", body)[0] == 200   # >= 20 steps of 20 ms
+    assert post(srv, "/v1/completions", dict(body, max_tokens=1))[0] == 200
+    st = srv.stats()
+    assert st["finished"] == 2
+    assert st["latency_p99_s"] >= 0.4 and st["latency_p50_s"] >= 0.02
+    assert st["latency_p50_s"] < st["latency_p99_s"]
+    text, values = metrics(srv)
+    assert "# TYPE vllm:e2e_request_latency_seconds histogram" in text
+    lab = 'model_name="sim-qwen2.5-7b",engine="0"'
+    assert values[("vllm:e2e_request_latency_seconds_count", lab)] == 2
+    assert values[("vllm:e2e_request_latency_seconds_sum", lab)] >= 0.42
+    assert values[("vllm:e2e_request_latency_seconds_bucket", lab + ',le="0.3"')] <= 1
+    assert values[("vllm:e2e_request_latency_seconds_bucket", lab + ',le="+Inf"')] == 2
+
+
+def test_preemption_costs_the_recompute_time(sim):
+    # 8 sequences of 100 + 60 tokens need 80 blocks of 16; the cache has 32.
+    kw = dict(max_model_len=512, step_base_s=0.0, step_prefill_token_s=0.0001,
+              step_decode_seq_s=0.0)
+    bodies = [{"prompt": [i + 1] * 100, "max_tokens": 60, "ignore_eos": True} for i in range(8)]
+    tight = sim(kv_cache_tokens=512, **kw)
+    assert all(s == 200 for s, _ in concurrent_posts(tight, bodies))
+    st = tight.stats()
+    assert st["num_preemptions"] > 0 and st["recomputed_tokens"] > 0
+    # A preempted sequence is prefilled again: prompt and the tokens it had made.
+    assert st["recomputed_tokens"] >= 100 * st["num_preemptions"]
+    assert st["busy_s"] == pytest.approx(0.0001 * (800 + st["recomputed_tokens"]))
+    roomy = sim(kv_cache_tokens=65536, **kw)
+    assert all(s == 200 for s, _ in concurrent_posts(roomy, bodies))
+    assert roomy.stats()["busy_s"] == pytest.approx(0.0001 * 800)
+    assert st["busy_s"] >= roomy.stats()["busy_s"] + 0.0001 * 100 * st["num_preemptions"]
+
+
+def test_blocks_waste_their_tail(sim):
+    # 4 blocks of 16 = 64 tokens. Three 17-token sequences are 51 tokens but need 6 blocks.
+    srv = sim(kv_cache_tokens=64, max_model_len=64, block_size=16, mode="naive",
+              step_base_s=0.01)
+    text, values = metrics(srv)
+    assert 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="4"} 1.0' in text
+    bodies = [{"prompt": [i + 1] * 17, "max_tokens": 10, "ignore_eos": True} for i in range(3)]
+    results = concurrent_posts(srv, bodies)
+    assert sorted(s for s, _ in results) == [200, 200, 500]
+    assert srv.stats()["peak_kv_cache_usage"] == 1.0
+    # One 17-token sequence holds 2 of 4 blocks: usage 50 %, not 17/64.
+    one = sim(kv_cache_tokens=64, max_model_len=64, block_size=16, step_base_s=0.05)
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            st = one.stats()
+            if st["num_requests_running"]:
+                seen.append(st["kv_cache_usage_perc"])
+            time.sleep(0.005)
+    w = threading.Thread(target=watch)
+    w.start()
+    assert post(one, "/v1/completions", {"prompt": [7] * 17, "max_tokens": 3,
+                                         "ignore_eos": True})[0] == 200
+    w.join()
+    assert seen and seen[0] == 0.5
+    _, big = metrics(sim(kv_cache_tokens=4096, max_model_len=1024, block_size=32))
+    assert big[("vllm:cache_config_info",
+                'block_size="32",engine="0",num_gpu_blocks="128"')] == 1
 
 
 # -- vLLM's limits and errors -----------------------------------------------------------
@@ -660,7 +861,9 @@ def test_command_line_server():
             __import__("batchgate").__file__))), env.get("PYTHONPATH")] if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchgate.simserver", "--port", "0", "--mode", "naive",
-         "--kv-cache-tokens", "4096", "--max-model-len", "2048", "--step-base-s", "0"],
+         "--kv-cache-tokens", "4096", "--max-model-len", "2048", "--step-base-s", "0",
+         "--step-prefill-token-s", "0", "--step-decode-seq-s", "0", "--block-size", "32",
+         "--output-len", "fixed:40"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -671,6 +874,13 @@ def test_command_line_server():
         data = json.loads(conn.getresponse().read())
         conn.close()
         assert data["data"][0]["max_model_len"] == 2048
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "tell me",
+                                                                 "max_tokens": 100}))
+        assert json.loads(conn.getresponse().read())["usage"]["completion_tokens"] == 40
+        conn.request("GET", "/metrics")
+        assert ('vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="128"}'
+                in conn.getresponse().read().decode())
+        conn.close()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:
@@ -683,3 +893,7 @@ def test_command_line_server():
                           "999999", "--port", "0"], capture_output=True, text=True, env=env,
                          timeout=30)
     assert bad.returncode == 2 and "max_model_len" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "batchgate.simserver", "--output-len",
+                          "lognormal:300", "--port", "0"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert bad.returncode == 2 and "lognormal takes 2 number(s)" in bad.stderr

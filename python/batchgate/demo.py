@@ -1,12 +1,14 @@
 """``batchgate demo``: why batch size and a concurrency cap are both needed, and
 what a token-weighted cap adds, measured against the embedded vLLM-like server.
 
-Four scenarios on the same synthetic corpus (long-tailed Korean reviews):
+Five scenarios on the same synthetic corpus (long-tailed Korean reviews):
 
 1. the original's dynamic batch size only, unlimited concurrency;
 2. ``asyncio.Semaphore(20)``-style cap with a fixed batch of 50;
 3. both (dynamic size and the cap of 20);
-4. batchgate: token-budget planner + ``max_inflight_tokens`` (the KV budget).
+4. batchgate: token-budget planner + ``max_inflight_tokens`` (the KV budget);
+5. batchgate auto: the same planner + ``max_inflight_tokens="auto"`` (closed loop on the
+   server's /metrics), when this build has it; otherwise the demo says so and runs 1-4.
 
 Every number in the table comes from the run: the server's counters and
 KV-usage timeline, and the client's per-batch outcomes.
@@ -24,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from . import dispatcher as _dispatcher
 from .config import Config
 from .corpus import generate_corpus
 from .runner import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
@@ -43,6 +46,7 @@ class Scenario:
     sizing: str                       # "dynamic" | "fixed" | "plan"
     max_concurrent: Optional[int]     # None = unlimited
     token_cap: bool = False
+    auto: bool = False                # max_inflight_tokens="auto"
 
 
 SCENARIOS = [
@@ -52,7 +56,21 @@ SCENARIOS = [
     # The token cap is what binds here; the count cap only bounds connections.
     Scenario("4 batchgate token cap", "plan", Config.VLLM_MAX_CONCURRENT_BATCHES * 4,
              token_cap=True),
+    Scenario("5 batchgate auto", "plan", Config.VLLM_MAX_CONCURRENT_BATCHES * 4, auto=True),
 ]
+AUTO_UNAVAILABLE = "auto: not available in this build"
+
+
+def auto_available(base_url: str) -> bool:
+    """Does this build's Dispatcher take ``max_inflight_tokens="auto"``? Feature
+    detection (a build without it rejects the string with TypeError/ValueError), so
+    the demo and the benchmarks run on either."""
+    try:
+        d = _dispatcher.Dispatcher(base_url, max_inflight_tokens="auto")
+    except (TypeError, ValueError):
+        return False
+    d.close()
+    return True
 
 
 class ServerProcess:
@@ -120,13 +138,14 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
                  max_retries: int) -> Dict[str, Any]:
     unlimited = sc.max_concurrent is None
     max_conc = len(batches) if unlimited else sc.max_concurrent
-    token_cap = None
+    token_cap: Any = "auto" if sc.auto else None
     if sc.token_cap:  # as `run --max-inflight-tokens auto`: from the server's /metrics
         kv = server_kv_tokens(base_url, None)
         if kv is None:
             raise RuntimeError("the server publishes no vllm:cache_config_info")
         token_cap = int(kv * AUTO_TOKEN_CAP_FRACTION)
     log = BatchLog(None, resume=False)
+    engine: Dict[str, Any] = {}
 
     async def go() -> Any:
         d = make_dispatcher(base_url, max_concurrent=max_conc, max_inflight_tokens=token_cap,
@@ -135,6 +154,7 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
             st = await dispatch_batches(d, batches, SENTIMENT_PROMPT, log=log,
                                         max_retries=max_retries,
                                         window=len(batches) if unlimited else None)
+            engine.update(d.stats())
             return st
         finally:
             await d.aclose()
@@ -151,7 +171,7 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
         "scenario": sc.name, "mode": s["mode"], "batches": len(batches),
         "max_batch_tokens_est": max(b.tokens for b in batches),
         "max_concurrent": "unlimited" if unlimited else sc.max_concurrent,
-        "max_inflight_tokens": token_cap,
+        "max_inflight_tokens": None if sc.auto else token_cap, "auto": sc.auto,
         "peak_kv_usage": s["peak_kv_cache_usage"], "preemptions": s["num_preemptions"],
         "oom_errors": s["num_oom_errors"], "rejected_400": s["num_bad_requests"],
         "recomputed_tokens": s["recomputed_tokens"], "peak_running": s["peak_running"],
@@ -161,6 +181,7 @@ def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
         "peak_in_flight_tokens": st.peak_in_flight_tokens, "wall_s": wall,
         "reviews_scored": scored, "reviews_per_s": scored / wall if wall > 0 else 0.0,
         "timeline": {"t": tl["t"], "kv": tl["kv_cache_usage"]},
+        "dispatcher_stats": engine,
     }
 
 
@@ -237,6 +258,7 @@ def demo_command(args: Any) -> int:
     rows: List[Dict[str, Any]] = []
     t0 = time.monotonic()
     planned = [scenario_batches(groups, sc) for sc in SCENARIOS]
+    has_auto: Optional[bool] = None
     for mode in modes:
         try:
             srv = ServerProcess(kv_cache_tokens=kv, max_model_len=MAX_MODEL_LEN, mode=mode,
@@ -246,13 +268,21 @@ def demo_command(args: Any) -> int:
             return 2
         base = srv.base_url + "/v1"
         try:
+            if has_auto is None:
+                has_auto = auto_available(base)
+                if not has_auto:
+                    print(AUTO_UNAVAILABLE, flush=True)
             for sc, batches in zip(SCENARIOS, planned):
+                if sc.auto and not has_auto:
+                    continue
                 r = run_scenario(srv, base, batches, sc, Config.MAX_RETRIES)
                 rows.append(r)
                 print(f"  [{mode}] {sc.name}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
         finally:
             srv.stop()
     print(format_table(rows))
+    if not has_auto:
+        print(f"({AUTO_UNAVAILABLE}: scenario 5 skipped)")
     print(f"total demo time {time.monotonic() - t0:.1f} s")
     json_path = os.path.join(args.out_dir, "batchgate_demo.json")
     with open(json_path, "w", encoding="utf-8") as f:

@@ -7,7 +7,8 @@ import signal
 import sys
 from typing import List, Optional
 
-from .server import DEFAULT_MODEL, SimServer
+from .server import (DEFAULT_MODEL, STEP_BASE_S, STEP_DECODE_SEQ_S, STEP_PREFILL_TOKEN_S,
+                     SimServer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of one step; None means max(8192, max-model-len)")
     p.add_argument("--mode", choices=("preempt", "naive"), default="preempt",
                    help="preempt (vLLM) or naive (fail with out-of-memory)")
-    p.add_argument("--step-base-s", type=float, default=0.02,
+    p.add_argument("--step-base-s", type=float, default=STEP_BASE_S,
                    help="fixed time of one engine step")
-    p.add_argument("--step-per-token-s", type=float, default=0.00005,
-                   help="extra step time per token processed in the step")
+    p.add_argument("--step-prefill-token-s", type=float, default=None,
+                   help=f"step time per prompt token prefilled (or recomputed after a "
+                        f"preemption) in the step; default {STEP_PREFILL_TOKEN_S}, or "
+                        f"--step-per-token-s")
+    p.add_argument("--step-decode-seq-s", type=float, default=None,
+                   help=f"step time per sequence decoding a token in the step; default "
+                        f"{STEP_DECODE_SEQ_S}, or --step-per-token-s")
+    p.add_argument("--step-per-token-s", type=float, default=None,
+                   help="one rate for both of the above (the older step-time model)")
+    p.add_argument("--output-len", default="natural",
+                   help="length of free-text answers where the model stops by itself: "
+                        "natural | fixed:N | uniform:LO:HI | lognormal:MEAN:SIGMA "
+                        "(JSON sentiment answers keep their own length)")
+    p.add_argument("--output-len-seed", type=int, default=0,
+                   help="seed of --output-len draws (same prompt + seed = same length)")
     return p
 
 
@@ -41,11 +55,13 @@ async def serve(args: argparse.Namespace) -> None:
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, mode=args.mode,
-        step_base_s=args.step_base_s, step_per_token_s=args.step_per_token_s,
-        model=args.model)
+        step_base_s=args.step_base_s, step_prefill_token_s=args.step_prefill_token_s,
+        step_decode_seq_s=args.step_decode_seq_s, step_per_token_s=args.step_per_token_s,
+        output_len=args.output_len, output_len_seed=args.output_len_seed, model=args.model)
     await server.start(args.host, args.port)
     print(f"batchgate simserver: {server.base_url} (model {server.model}, mode {server.mode}, "
-          f"KV cache {server.engine.num_blocks} blocks x {server.engine.block_size} tokens)",
+          f"KV cache {server.engine.num_blocks} blocks x {server.engine.block_size} tokens, "
+          f"output-len {server.output_len.spec})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

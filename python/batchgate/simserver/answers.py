@@ -160,6 +160,17 @@ def truncate(answer: str, answer_tokens: int, keep_tokens: int) -> str:
     return answer[: len(answer) * keep_tokens // answer_tokens]
 
 
+def fit(answer: str, answer_tokens: int, tokens: int) -> str:
+    """The answer cut or continued to about ``tokens`` tokens. Past its end
+    (``min_tokens``, ``ignore_eos``, a drawn length) the text goes on repeating
+    itself, as a model whose EOS is suppressed rambles on."""
+    if tokens <= answer_tokens:
+        return truncate(answer, answer_tokens, tokens)
+    reps = -(-tokens // max(1, answer_tokens))
+    text = "\n".join([answer] * reps)
+    return truncate(text, count_tokens(text), tokens)
+
+
 def chat_prompt(messages: Sequence[dict]) -> Tuple[str, int]:
     """Text to answer (the last user message) and the prompt's token count."""
     tokens = CHAT_REPLY_TOKENS

@@ -16,19 +16,38 @@ Model (close to vLLM v1's scheduler, without chunked prefill or prefix caching):
   (preempt mode) their blocks are free. In naive mode a sequence is admitted
   without looking at memory and fails with out-of-memory when its blocks
   cannot be allocated.
-- The step lasts ``step_base_s + step_per_token_s * tokens`` (tokens = decode
-  tokens + prefill tokens of the step); then every scheduled sequence has one
-  more token, and a sequence that reached its target length finishes.
+- The step lasts ``step_base_s + step_prefill_token_s * prefill_tokens +
+  step_decode_seq_s * decode_seqs``: a fixed cost (weights read, kernel
+  launches, scheduler), a cost per prompt token prefilled in the step
+  (including the tokens a preempted sequence recomputes when it is admitted
+  again, which is what makes preemption expensive) and a cost per sequence
+  decoding one token. That is the shape of a real vLLM step (see
+  benchmarks/calibrate_simserver.py for the fit against the CPU build). Then
+  every scheduled sequence has one more token, and a sequence that reached its
+  target length finishes.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from typing import Deque, Dict, List, Optional
 
 WAITING, RUNNING, FINISHED, ABORTED = range(4)
 MODES = ("preempt", "naive")
+# vLLM v1's buckets for vllm:e2e_request_latency_seconds.
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+MAX_LATENCIES = 1_000_000  # exact latencies kept for percentiles; past that, the histogram only
+
+
+def _percentile(values: List[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile, None without values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(len(s) * q / 100) - 1))]
 
 
 class OutOfMemory(Exception):
@@ -39,7 +58,7 @@ class Sequence:
     """One prompt being generated (one choice of one request)."""
 
     __slots__ = ("prompt_tokens", "target", "generated", "blocks", "state",
-                 "future", "finish_reason", "admitted_before", "preemptions")
+                 "future", "finish_reason", "admitted_before", "preemptions", "t_arrival")
 
     def __init__(self, prompt_tokens: int, target: int, finish_reason: str,
                  future: "asyncio.Future[Sequence]") -> None:
@@ -52,6 +71,7 @@ class Sequence:
         self.state = WAITING
         self.admitted_before = False
         self.preemptions = 0
+        self.t_arrival = 0.0
 
 
 class Timeline:
@@ -133,7 +153,7 @@ class Engine:
 
     def __init__(self, *, kv_cache_tokens: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: Optional[int], mode: str,
-                 step_base_s: float, step_per_token_s: float,
+                 step_base_s: float, step_prefill_token_s: float, step_decode_seq_s: float,
                  timeline_interval_s: float, timeline_max_samples: int) -> None:
         def positive_int(name: str, value: object) -> int:
             if isinstance(value, bool) or not isinstance(value, int):
@@ -173,14 +193,16 @@ class Engine:
         self.mode = mode
         self.naive = mode == "naive"
         self.step_base_s = non_negative("step_base_s", step_base_s)
-        self.step_per_token_s = non_negative("step_per_token_s", step_per_token_s)
+        self.step_prefill_token_s = non_negative("step_prefill_token_s", step_prefill_token_s)
+        self.step_decode_seq_s = non_negative("step_decode_seq_s", step_decode_seq_s)
 
         self.free_blocks = self.num_blocks
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.timeline = Timeline(non_negative("timeline_interval_s", timeline_interval_s),
                                  positive_int("timeline_max_samples", timeline_max_samples))
-        self._tokens_this_step = 0
+        self._prefill_this_step = 0
+        self._decode_this_step = 0
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self.reset_stats()
@@ -196,6 +218,13 @@ class Engine:
         self.recomputed_tokens_total = 0
         self.success_total = {"stop": 0, "length": 0}
         self.steps_total = 0
+        self.busy_s = 0.0    # modelled step time, the sum of every step's dt
+        self.idle_s = 0.0    # wall time with nothing running or waiting
+        self._idle_since: Optional[float] = (time.monotonic()
+                                             if getattr(self, "_idle_since", None) else None)
+        self.latencies: List[float] = []  # arrival -> finish of each finished sequence
+        self.e2e_buckets = [0] * (len(E2E_BUCKETS) + 1)
+        self.e2e_sum = 0.0
         self.peak_kv_cache_usage = self.kv_cache_usage
         self.peak_running = len(self.running)
         self.peak_waiting = len(self.waiting)
@@ -216,6 +245,12 @@ class Engine:
             "generation_tokens": self.generation_tokens_total,
             "recomputed_tokens": self.recomputed_tokens_total,
             "steps": self.steps_total,
+            "busy_s": self.busy_s,
+            "idle_s": self.idle_s + (time.monotonic() - self._idle_since
+                                     if self._idle_since is not None else 0.0),
+            "finished": sum(self.e2e_buckets),
+            "latency_p50_s": _percentile(self.latencies, 50),
+            "latency_p99_s": _percentile(self.latencies, 99),
             "peak_kv_cache_usage": self.peak_kv_cache_usage,
             "peak_running": self.peak_running,
             "peak_waiting": self.peak_waiting,
@@ -243,6 +278,7 @@ class Engine:
     # -- requests -----------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
+        seq.t_arrival = time.monotonic()
         self.waiting.append(seq)
         if len(self.waiting) > self.peak_waiting:
             self.peak_waiting = len(self.waiting)
@@ -309,6 +345,7 @@ class Engine:
             budget -= 1
             i += 1
         scheduled = list(running)
+        self._decode_this_step = len(scheduled)
 
         waiting = self.waiting
         if not preempted:
@@ -336,7 +373,8 @@ class Engine:
                 else:
                     seq.admitted_before = True
                     self.prompt_tokens_total += seq.prompt_tokens
-        self._tokens_this_step = self.max_num_batched_tokens - budget
+        self._prefill_this_step = (self.max_num_batched_tokens - budget
+                                   - self._decode_this_step)
         return scheduled
 
     def _commit(self, scheduled: List[Sequence]) -> None:
@@ -353,12 +391,22 @@ class Engine:
                 self.free_blocks += seq.blocks
                 seq.blocks = 0
                 self.success_total[seq.finish_reason] += 1
+                self._record_latency(time.monotonic() - seq.t_arrival)
                 done = True
                 if not seq.future.done():
                     seq.future.set_result(seq)
         self.generation_tokens_total += generated
         if done:
             self.running = [s for s in running if s.state == RUNNING]
+
+    def _record_latency(self, dt: float) -> None:
+        if len(self.latencies) < MAX_LATENCIES:
+            self.latencies.append(dt)
+        self.e2e_sum += dt
+        i = 0
+        while i < len(E2E_BUCKETS) and dt > E2E_BUCKETS[i]:
+            i += 1
+        self.e2e_buckets[i] += 1
 
     def _sample(self, now: float, force: bool = False) -> None:
         kv = self.kv_cache_usage
@@ -381,11 +429,16 @@ class Engine:
             if not self.running and not self.waiting:
                 self._sample(clock(), force=True)
                 wake.clear()
+                self._idle_since = clock()
                 await wake.wait()
+                self.idle_s += clock() - self._idle_since
+                self._idle_since = None
             start = loop.time()
             scheduled = self._schedule()
             self.steps_total += 1
             self._sample(clock())
-            dt = self.step_base_s + self.step_per_token_s * self._tokens_this_step
+            dt = (self.step_base_s + self.step_prefill_token_s * self._prefill_this_step
+                  + self.step_decode_seq_s * self._decode_this_step)
+            self.busy_s += dt
             await sleep(max(0.0, start + dt - loop.time()) if dt > 0 else 0)
             self._commit(scheduled)

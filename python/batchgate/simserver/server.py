@@ -14,11 +14,17 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import answers
-from .engine import Engine, OutOfMemory, Sequence
+from .engine import E2E_BUCKETS, Engine, OutOfMemory, Sequence
+from .lengths import OutputLength
 from .http import HttpProtocol, Request, Response, json_response
 
 DEFAULT_MODEL = "sim-qwen2.5-7b"
 MAX_N = 128
+# Step-time model defaults (seconds): the real vLLM CPU tier's step as fitted by
+# benchmarks/calibrate_simserver.py (tiny Qwen2, 2 shared cores; see the README).
+STEP_BASE_S = 0.010
+STEP_PREFILL_TOKEN_S = 0.000014
+STEP_DECODE_SEQ_S = 0.0005
 
 
 class ApiError(Exception):
@@ -56,6 +62,25 @@ def _int_field(body: Dict[str, Any], name: str, default: Optional[int], minimum:
     return value
 
 
+_TRUE = frozenset(("1", "on", "t", "true", "y", "yes"))
+_FALSE = frozenset(("0", "off", "f", "false", "n", "no"))
+
+
+def _bool_field(body: Dict[str, Any], name: str) -> bool:
+    """A boolean as vLLM's pydantic models take it (lax: also 0/1 and yes/no strings)."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ApiError(f"{name}: Input should be a valid boolean, got {json.dumps(value)[:40]}",
+                   param=name)
+
+
 def _message_text(content: Any, index: int) -> str:
     if content is None:
         return ""
@@ -80,17 +105,31 @@ class SimServer:
     def __init__(self, *, kv_cache_tokens: int = 131072, block_size: int = 16,
                  max_model_len: int = 32768, max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None, mode: str = "preempt",
-                 step_base_s: float = 0.02, step_per_token_s: float = 0.00005,
+                 step_base_s: float = STEP_BASE_S,
+                 step_prefill_token_s: Optional[float] = None,
+                 step_decode_seq_s: Optional[float] = None,
+                 step_per_token_s: Optional[float] = None,
+                 output_len: str = "natural", output_len_seed: int = 0,
                  model: str = DEFAULT_MODEL, timeline_interval_s: float = 0.005,
                  timeline_max_samples: int = 100_000) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         self.model = model
+        # step_per_token_s is the older one-rate model: every token of a step,
+        # prefilled or decoded, costs the same. It is the default of both rates.
+        if step_prefill_token_s is None:
+            step_prefill_token_s = (STEP_PREFILL_TOKEN_S if step_per_token_s is None
+                                    else step_per_token_s)
+        if step_decode_seq_s is None:
+            step_decode_seq_s = (STEP_DECODE_SEQ_S if step_per_token_s is None
+                                 else step_per_token_s)
+        self.output_len = OutputLength(output_len, output_len_seed)
         self.engine = Engine(
             kv_cache_tokens=kv_cache_tokens, block_size=block_size,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, mode=mode,
-            step_base_s=step_base_s, step_per_token_s=step_per_token_s,
+            step_base_s=step_base_s, step_prefill_token_s=step_prefill_token_s,
+            step_decode_seq_s=step_decode_seq_s,
             timeline_interval_s=timeline_interval_s,
             timeline_max_samples=timeline_max_samples)
         self.max_model_len = max_model_len
@@ -233,13 +272,23 @@ class SimServer:
 
     # -- generation -----------------------------------------------------------------
 
-    def _plan(self, texts: List[str], prompt_tokens: List[int], max_tokens: Optional[int],
-              n: int) -> List[Tuple[str, int, Sequence]]:
+    def _plan(self, body: Dict[str, Any], texts: List[str], prompt_tokens: List[int],
+              max_tokens: Optional[int], n: int) -> List[Tuple[str, int, Sequence]]:
         """Validate every prompt, then create its n sequences (not yet submitted)."""
         for pt in prompt_tokens:
             self._check_length(pt, max_tokens)
+        ignore_eos = _bool_field(body, "ignore_eos")
+        min_tokens = _int_field(body, "min_tokens", 0, -(1 << 62))
+        # vLLM's SamplingParams checks (no param in the error, as there).
+        if min_tokens < 0:
+            raise ApiError(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
         loop = asyncio.get_running_loop()
         plan = []
+        for text, pt in zip(texts, prompt_tokens):
+            limit = max_tokens if max_tokens is not None else self.max_model_len - pt
+            if min_tokens > limit:
+                raise ApiError(f"min_tokens must be less than or equal to max_tokens="
+                               f"{limit}, got {min_tokens}.")
         for text, pt in zip(texts, prompt_tokens):
             fault = self._fault(text)
             if fault == "error":
@@ -247,10 +296,18 @@ class SimServer:
                                "in the prompt", 500, "InternalServerError")
             answer = answers.GARBAGE_ANSWER if fault else answers.answer_for(text)
             answer_tokens = max(1, answers.count_tokens(answer))
+            # Where the model would stop by itself (EOS).
+            natural = answer_tokens
+            if not fault and not answers.is_sentiment_prompt(text):
+                drawn = self.output_len.draw(text)
+                if drawn is not None:
+                    natural = drawn
             limit = max_tokens if max_tokens is not None else self.max_model_len - pt
-            target = min(limit, answer_tokens)
-            reason = "stop" if target == answer_tokens else "length"
-            shown = answers.truncate(answer, answer_tokens, target)
+            # min_tokens suppresses EOS until that many tokens; ignore_eos always.
+            stop_at = limit if ignore_eos else max(natural, min_tokens)
+            target = min(limit, stop_at)
+            reason = "stop" if target == stop_at and not ignore_eos else "length"
+            shown = answers.fit(answer, answer_tokens, target)
             for _ in range(n):
                 plan.append((shown, pt, Sequence(pt, target, reason, loop.create_future())))
         return plan
@@ -328,7 +385,7 @@ class SimServer:
                                "or token ids", param="prompt")
             max_tokens = _int_field(body, "max_tokens", 16, 1)
             n = _int_field(body, "n", 1, 1, MAX_N)
-            plan = self._plan(texts, counts, max_tokens, n)
+            plan = self._plan(body, texts, counts, max_tokens, n)
         except ApiError as e:
             return self._bad(e)
         return self._finish_completions(plan, n)
@@ -363,7 +420,7 @@ class SimServer:
             if max_tokens is None:
                 max_tokens = _int_field(body, "max_tokens", None, 1)
             n = _int_field(body, "n", 1, 1, MAX_N)
-            plan = self._plan([text], [tokens], max_tokens, n)
+            plan = self._plan(body, [text], [tokens], max_tokens, n)
         except ApiError as e:
             return self._bad(e)
         return self._finish_chat(plan, n)
@@ -433,6 +490,17 @@ class SimServer:
         for reason in ("stop", "length"):
             lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} '
                          f"{float(e.success_total[reason])!r}")
+        lines.append("# HELP vllm:e2e_request_latency_seconds Histogram of e2e request "
+                     "latency in seconds.")
+        lines.append("# TYPE vllm:e2e_request_latency_seconds histogram")
+        cumulative = 0
+        for le, count in zip(E2E_BUCKETS + (None,), e.e2e_buckets):
+            cumulative += count
+            bound = "+Inf" if le is None else repr(float(le))
+            lines.append(f'vllm:e2e_request_latency_seconds_bucket{{{labels},le="{bound}"}} '
+                         f"{float(cumulative)!r}")
+        lines.append(f"vllm:e2e_request_latency_seconds_count{{{labels}}} {float(cumulative)!r}")
+        lines.append(f"vllm:e2e_request_latency_seconds_sum{{{labels}}} {float(e.e2e_sum)!r}")
         lines.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig")
         lines.append("# TYPE vllm:cache_config_info gauge")
         lines.append(f'vllm:cache_config_info{{block_size="{e.block_size}",engine="0",'
