@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import json
 import logging
 import os
@@ -224,6 +225,9 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
+        rec = self.semaphore._held()
+        if rec is not None:
+            return await self._ride(loop, rec, chat, payload, params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False)
@@ -232,6 +236,45 @@ class Dispatcher:
         except asyncio.CancelledError:
             job.cancel()
             raise
+
+    async def _ride(self, loop: asyncio.AbstractEventLoop, rec: List[Any], chat: bool,
+                    payload: Any, params: Dict[str, Any]) -> Result:
+        # The calling task holds rec[0] permits of our semaphore (`async with
+        # sem: await d.generate()`): its requests ride on them, at most rec[0]
+        # at once (rec[1] riding; the rest wait in rec[2] for a rider to end),
+        # instead of asking for a second permit it may never get.
+        while rec[1] >= rec[0] > 0:
+            if rec[2] is None:
+                rec[2] = collections.deque()
+            w = loop.create_future()
+            rec[2].append(w)
+            try:
+                await w
+            except asyncio.CancelledError:
+                if w.done() and not w.cancelled():
+                    _wake_rider(rec)  # woken, then cancelled: pass the turn on
+                else:
+                    try:
+                        rec[2].remove(w)
+                    except ValueError:
+                        pass
+                raise
+        preheld = rec[0] > 0  # else the permits went back meanwhile: ask as usual
+        if preheld:
+            rec[1] += 1
+        try:
+            fut = loop.create_future()
+            job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params),
+                                    fut, 1, False, preheld)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                job.cancel()
+                raise
+        finally:
+            if preheld:
+                rec[1] -= 1
+                _wake_rider(rec)
 
     # ---- bulk -----------------------------------------------------------
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
@@ -253,13 +296,26 @@ class Dispatcher:
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
         fut = loop.create_future()
+        window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
-                                window or self.window, bool(return_exceptions))
+                                window, bool(return_exceptions), ride is not None)
         try:
             return await fut
         except BaseException:
             job.cancel()
             raise
+        finally:
+            _end_ride(ride, window)
+
+    def _ride_window(self, window: int) -> Tuple[int, Optional[List[Any]]]:
+        # map/as_completed from a task holding permits of our semaphore: the
+        # job rides on the ones no request of that task is riding on yet.
+        rec = self.semaphore._held()
+        if rec is None or rec[0] - rec[1] < 1:
+            return window, None
+        window = min(window, rec[0] - rec[1])
+        rec[1] += window
+        return window, rec
 
     async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
                            window: Optional[int] = None,
@@ -273,8 +329,13 @@ class Dispatcher:
                       window: Optional[int], params: Dict[str, Any]
                       ) -> AsyncIterator[Tuple[int, Any]]:
         loop = self._bind()
-        job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
-                                window or self.window, True)
+        window, ride = self._ride_window(window or self.window)
+        try:
+            job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params),
+                                    None, window, True, ride is not None)
+        except BaseException:
+            _end_ride(ride, window)
+            raise
         try:
             while True:
                 chunk = job.take()
@@ -293,6 +354,7 @@ class Dispatcher:
                     yield i, r
         finally:
             job.cancel()
+            _end_ride(ride, window)
 
     # ---- lifecycle ------------------------------------------------------
     def stats(self) -> Dict[str, int]:
@@ -336,6 +398,22 @@ class Dispatcher:
                 self._core.close(True)
         except Exception:
             pass
+
+
+def _wake_rider(rec: List[Any]) -> None:
+    q = rec[2]
+    while q:
+        w = q.popleft()
+        if not w.done():
+            w.set_result(None)
+            return
+
+
+def _end_ride(rec: Optional[List[Any]], window: int) -> None:
+    if rec is not None:
+        rec[1] -= window
+        for _ in range(window):
+            _wake_rider(rec)
 
 
 def _messages_json(messages: Any, index: Optional[int]) -> str:
