@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
+from typing import (Any, AsyncIterator, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
 from . import _native
@@ -26,8 +26,7 @@ from .config import Config
 
 __all__ = [
     "Dispatcher", "Result", "BatchgateError", "HTTPStatusError", "TransportError",
-    "TimeoutError", "MalformedResponseError", "ClosedError", "vllm_generate",
-    "process_batches", "default_dispatcher",
+    "TimeoutError", "MalformedResponseError", "ClosedError", "default_dispatcher",
 ]
 
 log = logging.getLogger("batchgate")
@@ -63,6 +62,8 @@ class Dispatcher:
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         if api_key is not None and not isinstance(api_key, str):
             raise TypeError("api_key must be a str or None")
+        if model is None:
+            model = Config.LLM_MODEL  # the original's LLM_MODEL (e.g. a LoRA adapter)
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None, not {type(model).__name__}")
         if max_concurrent is None:
@@ -278,12 +279,26 @@ class Dispatcher:
 
     # ---- bulk -----------------------------------------------------------
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                  window: Optional[int] = None, **params: Any) -> List[Any]:
+                  window: Optional[int] = None, priority: Optional[bool] = None,
+                  **params: Any) -> List[Any]:
         """Results in input order. Prompts are pulled from the iterable a window
         at a time, so a huge (or lazy) input never lives in flight all at once.
         Without ``return_exceptions`` the first failure is raised and the rest
-        is cancelled; with it, failures take their item's place in the list."""
-        return await self._map(False, prompts, return_exceptions, window, params)
+        is cancelled; with it, failures take their item's place in the list.
+        ``priority`` (default Config.VLLM_USE_PRIORITY_QUEUE): send the
+        shortest estimated prompts first (the input is read whole for that)."""
+        if priority is None:
+            priority = Config.VLLM_USE_PRIORITY_QUEUE
+        if not priority:
+            return await self._map(False, prompts, return_exceptions, window, params)
+        items = list(prompts)
+        order = _shortest_first(items)
+        res = await self._map(False, [items[i] for i in order], return_exceptions, window,
+                              params)
+        out: List[Any] = [None] * len(items)
+        for k, i in enumerate(order):
+            out[i] = res[k]
+        return out
 
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool = False, window: Optional[int] = None,
@@ -400,6 +415,14 @@ class Dispatcher:
             pass
 
 
+def _shortest_first(items: List[Any]) -> List[int]:
+    from .sizing import estimate_many
+    flat = [p if isinstance(p, str) else "".join(p) if isinstance(p, (list, tuple)) and
+            all(isinstance(x, str) for x in p) else "" for p in items]
+    cost = estimate_many(flat)
+    return sorted(range(len(items)), key=cost.__getitem__)  # stable: ties keep input order
+
+
 def _wake_rider(rec: List[Any]) -> None:
     q = rec[2]
     while q:
@@ -463,59 +486,9 @@ def default_dispatcher() -> Dispatcher:
     return _default
 
 
-def _join_batch(batch: Any) -> str:
-    if isinstance(batch, str):
-        return batch
-    return "\n".join(str(x) for x in batch)
-
-
-async def vllm_generate(batch: Any, *, dispatcher: Optional[Dispatcher] = None,
-                        build_prompt: Optional[Callable[[Any], str]] = None,
-                        **params: Any) -> str:
-    """Text of one completion for a batch (a prompt string, or items turned into
-    one prompt by ``build_prompt``, default: joined by newlines)."""
-    d = dispatcher or default_dispatcher()
-    prompt = build_prompt(batch) if build_prompt else _join_batch(batch)
-    return (await d.generate(prompt, **params)).text
-
-
-async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], str],
-                          parse: Optional[Callable[[str], Any]] = None, *,
-                          dispatcher: Optional[Dispatcher] = None,
-                          **params: Any) -> List[Any]:
-    """Run every batch through the dispatcher (capped like the original's
-    ``async with semaphore``), results in batch order. A failed batch does not
-    sink the rest: its slot holds the exception (logged), as in the original's
-    per-batch try/except. ``parse(text)`` post-processes each answer; a parse
-    error is isolated the same way."""
-    d = dispatcher or default_dispatcher()
-    batches = list(batches)
-    prompts = []
-    out: List[Any] = [None] * len(batches)
-    index = []
-    for i, b in enumerate(batches):
-        try:
-            p = build_prompt(b)
-            if not isinstance(p, str):
-                raise TypeError(f"build_prompt returned {type(p).__name__}, not str")
-        except Exception as e:  # isolated per batch
-            log.warning("batch %d: build_prompt failed: %r", i, e)
-            out[i] = e
-            continue
-        prompts.append(p)
-        index.append(i)
-    results = await d.map(prompts, return_exceptions=True, **params)
-    for i, r in zip(index, results):
-        if isinstance(r, BaseException):
-            log.warning("batch %d failed: %s", i, r)
-            out[i] = r
-            continue
-        if parse is None:
-            out[i] = r.text
-            continue
-        try:
-            out[i] = parse(r.text)
-        except Exception as e:
-            log.warning("batch %d: parse failed: %r", i, e)
-            out[i] = e
-    return out
+def __getattr__(name: str) -> Any:
+    # Moved to batchgate.compat; old imports keep working.
+    if name in ("vllm_generate", "process_batches"):
+        from . import compat
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
