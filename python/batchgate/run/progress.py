@@ -2,16 +2,17 @@
 plain line every few seconds (logs, CI, `2> file`)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from .pipeline import DispatchStats
 
 
 class Progress:
     def __init__(self, total: int, already: int = 0, stream: Any = None,
-                 interval: float = 5.0) -> None:
+                 interval: Optional[float] = None) -> None:
         self.stream = stream or sys.stderr
         try:
             self.tty = bool(self.stream.isatty())
@@ -20,6 +21,9 @@ class Progress:
         self.enabled = True
         self.total = total
         self.already = already
+        if interval is None:
+            # BATCHGATE_PROGRESS_INTERVAL: seconds between plain lines (not a terminal).
+            interval = float(os.getenv("BATCHGATE_PROGRESS_INTERVAL") or 5.0)
         self.interval = 0.1 if self.tty else interval
         self.t0 = time.monotonic()
         self._last = self.t0
