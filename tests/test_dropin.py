@@ -324,3 +324,139 @@ def test_item6_bad_answers_retried_then_marked_failed(sent):
     assert out[1].attempts == 3 and isinstance(out[1].cause, ValueError)
     assert out[0] == {"n": len("echo:ok1")} and out[2] == {"n": len("echo:ok2")}
     assert sum("BAD" in c for c in calls) == 3
+
+
+# ---- item 7: `batchgate run` on users' files -------------------------------------------
+
+from test_run import _env, bg, read_jsonl  # noqa: E402
+
+
+def _reviews_of(seed=2, n=3, per=30):
+    return restaurants(n, per, seed=seed)
+
+
+def _check(out, data):
+    res = {r["restaurant_id"]: r for r in read_jsonl(out)}
+    exp = expected(data)
+    assert set(res) == set(exp)
+    for rid, (pos, neg) in exp.items():
+        assert (res[rid]["positive_count"], res[rid]["negative_count"]) == (pos, neg)
+    return res
+
+
+def test_item7_original_shapes_detected_and_ids_kept(tmp_path):
+    data = _reviews_of()
+    data[0]["restaurant_id"] = 16
+    data[1]["restaurant_id"] = "16"  # a different restaurant: types are kept apart
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps({"restaurant_id": r["restaurant_id"], **rv},
+                                       ensure_ascii=False) + "\n"
+                            for r in data for rv in r["reviews"]), encoding="utf-8")
+    nested_array = tmp_path / "nested.json"
+    nested_array.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    nested_lines = tmp_path / "nested.jsonl"
+    nested_lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data),
+                            encoding="utf-8")
+    for path, fmt in ((flat, "jsonl"), (nested_array, "json array, nested reviews"),
+                      (nested_lines, "jsonl, nested reviews")):
+        out = str(tmp_path / f"{path.name}.out")
+        p = bg("run", str(path), "--out", out)
+        assert p.returncode == 0, p.stderr
+        assert "review text from field 'content' (detected" in p.stderr, p.stderr
+        assert f"({fmt})" in p.stderr
+        res = _check(out, data)
+        assert res[16]["restaurant_id"] == 16 and res["16"]["restaurant_id"] == "16"
+        # simulated answers are marked as such, in the results and the summary
+        assert all(r["simulated"] is True for r in res.values())
+        assert "SIMULATED" in p.stdout
+        # the token cap is on by default (the embedded server publishes its KV cache)
+        assert "token cap:" in p.stderr and "estimated tokens reserved" in p.stdout
+
+
+def test_item7_missing_field_says_what_was_found(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"restaurant_id": 1, "stars": 5, "note": "좋아요"}\n', encoding="utf-8")
+    p = bg("run", str(path), "--out", str(tmp_path / "o.jsonl"))
+    assert p.returncode == 2
+    assert "no review text field found" in p.stderr and "'note', 'restaurant_id', 'stars'" \
+        in p.stderr and "--text-field" in p.stderr
+    assert p.stderr.count("\n") < 5  # one message, not one per line
+    p = bg("run", str(path), "--out", str(tmp_path / "o.jsonl"), "--text-field", "body")
+    assert p.returncode == 2
+    assert "field 'body' is missing (fields: ['note', 'restaurant_id', 'stars']" in p.stderr
+    p = bg("run", str(path), "--out", str(tmp_path / "o.jsonl"), "--text-field", "note")
+    assert p.returncode == 0, p.stderr
+
+
+def test_item7_bad_bytes_bom_csv_and_cp949(tmp_path):
+    good = ['{"restaurant_id": "a", "content": "맛있어요 최고"}',
+            '{"restaurant_id": "a", "content": "별로예요"}']
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(good[0].encode() + b"\n" + b'{"restaurant_id": "a", "content": "\xff\xfe"}\n'
+                     + good[1].encode() + b"\n")
+    out = str(tmp_path / "o.jsonl")
+    p = bg("run", str(path), "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "mixed.jsonl:2: not valid utf-8 (byte 0xff at column" in p.stderr
+    assert "--encoding" in p.stderr
+    assert read_jsonl(out)[0]["reviews"] == 2
+    # a CSV saved by Excel with a UTF-8 BOM
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes("\ufeffrestaurant_id,content\n1,맛있어요\n1,별로예요\n".encode("utf-8"))
+    p = bg("run", str(csv_path), "--out", out, "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert "field 'content'" in p.stderr
+    r = read_jsonl(out)[0]
+    assert r["restaurant_id"] == "1" and r["reviews"] == 2 and r["total"] == 2
+    # a cp949 export
+    cp = tmp_path / "cp949.csv"
+    cp.write_bytes("restaurant_id,review\nx,맛있어요 친절해요\nx,최악이에요\n".encode("cp949"))
+    p = bg("run", str(cp), "--out", out, "--overwrite")
+    assert p.returncode == 2 and "not valid utf-8" in p.stderr
+    p = bg("run", str(cp), "--out", out, "--encoding", "cp949", "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert read_jsonl(out)[0]["positive_count"] == 1
+
+
+def test_item7_help_shows_defaults():
+    p = bg("run", "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    for want in ("(default: 4000, from VLLM_MAX_TOKENS_PER_BATCH)",
+                 "(default: 20, from VLLM_MAX_CONCURRENT_BATCHES)",
+                 "(default: 3, from MAX_RETRIES)", "(default: utf-8)", "(default: 64)",
+                 "(default: 600.0)"):
+        assert want in text, want
+
+
+def test_item7_progress_lines_without_a_terminal(tmp_path):
+    data = _reviews_of(n=4, per=60)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    env = dict(_env(), BATCHGATE_PROGRESS_INTERVAL="0.01")
+    p = subprocess.run([sys.executable, "-m", "batchgate", "run", str(path), "--out",
+                        str(tmp_path / "o.jsonl"), "--max-tokens-per-batch", "800",
+                        "--max-concurrent", "2"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("batchgate: progress ")]
+    assert lines and "batches" in lines[-1] and "\r" not in p.stderr
+
+
+from test_run import _start, _wait_for_lines, corpus, slow_server  # noqa: E402,F401
+
+
+def test_item7_after_ctrl_c_unsent_batches_are_not_sent_not_failed(corpus, tmp_path,  # noqa: F811
+                                                                   slow_server):  # noqa: F811
+    import signal
+    out = str(tmp_path / "r.jsonl")
+    proc = _start(corpus, out, slow_server)
+    _wait_for_lines(out + ".batches.jsonl", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "0 failed" in stderr and " not sent" in stderr
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("stopped:"))
+    not_sent = int(line.split(" not sent")[0].rsplit(" ", 1)[1])
+    assert not_sent > 0 and "neither counts as failed" in line
+    assert " ok, 0 failed, " in stdout  # this run's batches: none failed

@@ -102,7 +102,8 @@ class _Reader:
                 self.bad(line, f"field {self.group_field!r} is missing or not a scalar "
                          f"(fields: {sorted(rec)}; use --group-field)")
                 return
-            self.info.format = self.info.format or "nested"
+            if not self.info.format.endswith(", nested reviews"):
+                self.info.format += ", nested reviews"
             for k, item in enumerate(nested):
                 if isinstance(item, str):
                     yield Review(group, item, line)

@@ -194,8 +194,8 @@ def _run(args: Any, template: str, groups: Groups, plan: BatchPlan, errors: List
         failed_now = sum(1 for b in plan.batches
                          if (log.records.get(b.key) or {}).get("status") == "failed")
         _say(f"stopped: {done} of {len(plan.batches)} batches done and kept in "
-             f"{batch_log_path}, {failed_now} failed, {st.unfinished} cancelled while queued "
-             f"or in flight, {st.not_sent} not sent; {args.out} not written. "
+             f"{batch_log_path}, {failed_now} failed, {st.unfinished} cancelled in flight, "
+             f"{st.not_sent} not sent; {args.out} not written. "
              "Continue with --resume.")
         _print_summary(st, len(plan.batches), skipped, failed_now, None, simulated)
         return 130
@@ -235,7 +235,7 @@ def _print_summary(st: DispatchStats, total: int, skipped: int, failed: int,
         f"in flight:  peak {st.peak_in_flight} requests; {tok}",
     ]
     if st.interrupted:
-        lines.insert(1, f"stopped:    {st.unfinished} cancelled while queued or in flight, "
+        lines.insert(1, f"stopped:    {st.unfinished} cancelled in flight, "
                         f"{st.not_sent} not sent (neither counts as failed)")
     if st.priority_queue:
         lines.append("order:      priority queue (VLLM_USE_PRIORITY_QUEUE): shortest estimated "

@@ -33,8 +33,8 @@ class DispatchStats:
     sent: int = 0               # batches handed to the dispatcher
     ok: int = 0
     failed: int = 0
-    not_sent: int = 0           # interrupted before they were handed over
-    unfinished: int = 0         # interrupted while queued or in flight
+    not_sent: int = 0           # interrupted before going on the wire (again)
+    unfinished: int = 0         # cancelled in flight by the interruption
     answer_retries: int = 0
     prompt_tokens_est: int = 0
     prompt_tokens: int = 0
@@ -115,7 +115,6 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
     st = DispatchStats(priority_queue=bool(priority))
     todo: List[Batch] = priority_order(batches) if priority else list(batches)
     used: Dict[str, int] = {}     # requests made per batch key
-    handed: Dict[str, bool] = {}  # batch key -> handed over to the dispatcher this round
     sampler = _PeakSampler(dispatcher)
     t0 = time.monotonic()
     base_requests = int(dispatcher.stats().get("attempts", 0))
@@ -159,7 +158,6 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
 
     def source(round_batches: List[Batch]) -> Any:
         for b in round_batches:
-            handed[b.key] = True
             if b.key not in used:
                 st.sent += 1
                 st.prompt_tokens_est += b.tokens
@@ -196,26 +194,24 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
     stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
     try:
         while todo and not st.interrupted:
-            handed.clear()
             retry.clear()
             runner = asyncio.ensure_future((priority_round if priority else stream_round)(todo))
             waiters = [runner] + ([stopper] if stopper is not None else [])
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not runner.done():
+                # On the wire right now: those are cancelled in flight; every
+                # other unfinished batch was never sent (or not sent again).
+                on_wire = int(dispatcher.stats().get("in_flight", 0))
                 runner.cancel()
                 try:
                     await runner
                 except asyncio.CancelledError:
                     pass
                 st.interrupted = True
-                for b in todo:
-                    if b.key in done_keys:
-                        continue
-                    if handed.get(b.key) or b.key in used:
-                        st.unfinished += 1
-                        st.unfinished_keys.append(b.key)
-                    else:
-                        st.not_sent += 1
+                left = [b for b in todo if b.key not in done_keys]
+                st.unfinished = min(on_wire, len(left))
+                st.not_sent = len(left) - st.unfinished
+                st.unfinished_keys = [b.key for b in left]
                 break
             runner.result()  # a bug in finish() surfaces here
             todo = list(retry)
