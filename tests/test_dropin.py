@@ -217,6 +217,9 @@ def test_item3_priority_order_in_map_process_batches_and_analyze(sent, monkeypat
             results = await batchgate.analyze_restaurants(data, dispatcher=d)
             pr = [b["priority"] for b in sent.bodies]
             assert len(pr) > len(data) and _is_sorted(pr) and len(set(pr)) > 1
+            # the priority is the batch's estimated prompt tokens, not its position
+            est = batchgate.estimate_many([b["prompt"] for b in sent.bodies])
+            assert all(abs(p - e) < 0.2 * e for p, e in zip(pr, est)), (pr[:5], est[:5])
             exp = expected(data)
             assert {r["restaurant_id"]: (r["positive_count"], r["negative_count"])
                     for r in results} == exp
@@ -249,7 +252,8 @@ def test_item4_analyze_restaurants_shape_and_errors(sent):
     async def main():
         async with batchgate.Dispatcher(sent.base_url) as d:
             res = await batchgate.analyze_restaurants(data, dispatcher=d)
-            with pytest.raises(ValueError, match=r"restaurants_data\[0\]\['reviews'\]\[0\]"):
+            with pytest.raises(ValueError, match=r"restaurants_data\[0\]\['reviews'\]\[0\] has "
+                               r"no review text field \(keys: \['stars'\]"):
                 await batchgate.analyze_restaurants(
                     [{"restaurant_id": 1, "reviews": [{"stars": 5}]}], dispatcher=d)
             with pytest.raises(TypeError, match=r"restaurants_data\[0\] must be a dict"):
@@ -288,9 +292,9 @@ def test_item5_retries_do_not_stack(sent):
 def test_item6_bad_answers_retried_then_marked_failed(sent):
     data = restaurants(3, 50, seed=5)
     flaky = data[0]["reviews"][3]
-    flaky["content"] += " [[sim:garbage-once]]"   # wrong once: resent, then counted
+    flaky["content"] += " [[answer=garbage,times=1]]"  # unusable once: resent, then counted
     broken = data[1]["reviews"][5]
-    broken["content"] += " [[status=200,shape=notobj]]"  # never a usable answer
+    broken["content"] += " [[answer=garbage]]"  # never a usable answer
 
     async def main():
         async with batchgate.Dispatcher(sent.base_url, backoff=0.01) as d:
@@ -301,6 +305,7 @@ def test_item6_bad_answers_retried_then_marked_failed(sent):
     exp = expected(data)
     assert (res[100]["positive_count"], res[100]["negative_count"]) == exp[100]
     assert res[100]["complete"]
+    assert sent.stats()["counts"] and max(sent.stats()["counts"].values()) == 4
     r = res[101]
     assert r["failed_batches"] == 1 and not r["complete"] and r["unscored_reviews"] > 0
     assert r["total"] + r["unscored_reviews"] == r["reviews"]
