@@ -465,3 +465,20 @@ def test_item7_after_ctrl_c_unsent_batches_are_not_sent_not_failed(corpus, tmp_p
     not_sent = int(line.split(" not sent")[0].rsplit(" ", 1)[1])
     assert not_sent > 0 and "neither counts as failed" in line
     assert " ok, 0 failed, " in stdout  # this run's batches: none failed
+
+
+def test_item3_run_priority_queue(sent, tmp_path):
+    data = _reviews_of(n=3, per=60)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    env = dict(_env(), VLLM_USE_PRIORITY_QUEUE="1")  # the env var sets --priority-queue
+    out = str(tmp_path / "o.jsonl")
+    p = subprocess.run([sys.executable, "-m", "batchgate", "run", str(path), "--out", out,
+                        "--base-url", sent.base_url, "--max-concurrent", "1",
+                        "--max-tokens-per-batch", "900"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "priority queue" in p.stdout
+    pr = [b["priority"] for b in sent.bodies if "priority" in b]
+    assert len(pr) > 3 and pr == sorted(pr) and len(set(pr)) > 1
+    _check(out, data)
