@@ -69,6 +69,7 @@ typedef struct {
     Py_ssize_t woken;        /* futures resolved, tasks not yet resumed */
     Py_ssize_t nblocking;    /* threads inside acquire_blocking */
     PyObject *held_var;      /* ContextVar: this context's hold record (see hold_add) */
+    int track_holders;       /* a dispatcher uses us: record holders (else no cost) */
     PyObject *weakreflist;
 } Sem;
 
@@ -574,9 +575,12 @@ enum { ACQ_NOOP = ACQ_DONE + 1 }; /* __aexit__: already released, returns None *
  * more (`async with sem: await d.generate()` would otherwise need two, and
  * deadlock once every permit is held that way). Released permits come off the
  * record of the releasing context; a record is reused, so a task pays for one
- * ContextVar.set only on its first acquire. */
+ * ContextVar.set only on its first acquire. Only semaphores a dispatcher uses
+ * keep records (_track_holders()); others pay nothing. */
 static int hold_add(Sem *s, int64_t n)
 {
+    if (!s->track_holders)
+        return 0;
     if (s->held_var == NULL) {
         s->held_var = PyContextVar_New("batchgate.Semaphore.held", NULL);
         if (s->held_var == NULL)
@@ -1102,6 +1106,12 @@ static PyObject *sem_held(Sem *self, PyObject *Py_UNUSED(ignored))
     return rec;
 }
 
+static PyObject *sem_track_holders(Sem *self, PyObject *Py_UNUSED(ignored))
+{
+    self->track_holders = 1;
+    Py_RETURN_NONE;
+}
+
 static int sem_traverse(Sem *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
@@ -1385,6 +1395,8 @@ static PyMethodDef sem_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "acquire_blocking(n=1, timeout=None)\n--\n\nFor plain threads: wait (FIFO, GIL "
      "released) for n permits. Returns True, or False on timeout."},
+    {"_track_holders", (PyCFunction)sem_track_holders, METH_NOARGS,
+     "Record which tasks hold permits (a Dispatcher uses this semaphore)."},
     {"_held", (PyCFunction)sem_held, METH_NOARGS,
      "[permits, riding, waiters] this task holds (see Dispatcher), or None."},
     {"__aenter__", (PyCFunction)sem_aenter, METH_NOARGS, NULL},

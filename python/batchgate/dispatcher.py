@@ -104,6 +104,8 @@ class Dispatcher:
             # Our own cap, still a real batchgate.Semaphore: Python code can
             # share it with `async with dispatcher.semaphore:`.
             semaphore = _native.Semaphore(max_concurrent)
+        # Tasks holding its permits get requests that ride on them (see _ride).
+        semaphore._track_holders()
         hdr_lines = []
         for k, v in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(v, str):
