@@ -669,7 +669,10 @@ def test_fork_child_gets_clear_error(fake):
 def test_vllm_generate_and_process_batches(fake):
     async def main():
         async with make(fake) as d:
-            assert await batchgate.vllm_generate(["r1", "r2"], dispatcher=d) == "echo:r1\nr2"
+            # One text per prompt (issue 13: the list used to be joined into one prompt).
+            assert await batchgate.vllm_generate(["r1", "r2"], dispatcher=d) == ["echo:r1",
+                                                                                 "echo:r2"]
+            assert await batchgate.vllm_generate("r1", dispatcher=d) == "echo:r1"
             batches = [["a", "b"], ["bad [[status=400]]"], ["c"], ["d"]]
 
             def build(b):
@@ -679,7 +682,10 @@ def test_vllm_generate_and_process_batches(fake):
 
             out = await batchgate.process_batches(batches, build, parse=str.upper, dispatcher=d)
             assert out[0] == "ECHO:A | B"
-            assert isinstance(out[1], HTTPStatusError)  # isolated, the rest went through
+            assert isinstance(out[1], batchgate.BatchFailed)  # isolated, the rest went through
+            assert isinstance(out[1].cause, HTTPStatusError)
             assert out[2] == "ECHO:C"
-            assert isinstance(out[3], RuntimeError)
+            assert isinstance(out[3], batchgate.BatchFailed)
+            assert isinstance(out[3].cause, RuntimeError)
+            assert out.failed == [1, 3] and not out.ok
     run(main())

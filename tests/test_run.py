@@ -15,7 +15,7 @@ import pytest
 
 import batchgate
 from batchgate.corpus import write_corpus
-from batchgate.runner import (SENTIMENT_PROMPT, AnswerError, BatchLog, build_batches,
+from batchgate.run import (SENTIMENT_PROMPT, AnswerError, BatchLog, build_batches,
                               parse_answer, read_groups)
 from batchgate.simserver import SimServerThread
 from batchgate.simserver.answers import classify
@@ -66,7 +66,10 @@ def check_results(out: str, path: str) -> None:
         r = results[rid]
         assert (r["positive_count"], r["negative_count"]) == (pos, neg), rid
         assert r["failed_batches"] == 0 and r["complete"] is True
-        assert r["positive_ratio"] == round(pos / (pos + neg), 4)
+        # The original's shape: int percent of total = positive + negative.
+        assert r["total"] == pos + neg
+        assert r["positive_ratio"] == round(100 * pos / (pos + neg))
+        assert r["negative_ratio"] == round(100 * neg / (pos + neg))
 
 
 # ---- answers ------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def test_parse_answer_rejects(text, n, why):
 
 
 def test_prompt_reviews_are_what_the_server_counts(corpus):
-    from batchgate.runner import render_prompt
+    from batchgate.run import render_prompt
     from batchgate.simserver.answers import review_lines
     groups, _ = read_groups(corpus, "text", "restaurant_id")
     for b in build_batches(groups, SENTIMENT_PROMPT).batches:
@@ -402,7 +405,7 @@ def test_config_from_environment(corpus, tmp_path):
 
 
 def test_token_cap_auto_from_server_metrics(corpus, tmp_path):
-    from batchgate.runner import server_kv_tokens
+    from batchgate.run import server_kv_tokens
     out = str(tmp_path / "r.jsonl")
     p = bg("run", corpus, "--out", out, "--max-inflight-tokens", "auto",
            "--sim-kv-cache-tokens", "40000", "--max-tokens-per-batch", "3000")

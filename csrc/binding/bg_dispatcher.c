@@ -253,15 +253,17 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
     return (PyObject *)obj;
 }
 
-/* submit(mode, chat, source, template, future, window, return_exceptions) -> _Job
- * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator. */
+/* submit(mode, chat, source, template, future, window, return_exceptions,
+ *        count_preheld=False) -> _Job
+ * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator.
+ * count_preheld: the caller holds one count permit per window slot already. */
 static PyObject *core_submit(Core *self, PyObject *args)
 {
-    int mode, chat, return_exceptions;
+    int mode, chat, return_exceptions, count_preheld = 0;
     PyObject *source, *tmpl, *fut;
     Py_ssize_t window;
-    if (!PyArg_ParseTuple(args, "ipOOOnp", &mode, &chat, &source, &tmpl, &fut, &window,
-                          &return_exceptions))
+    if (!PyArg_ParseTuple(args, "ipOOOnp|p", &mode, &chat, &source, &tmpl, &fut, &window,
+                          &return_exceptions, &count_preheld))
         return NULL;
     if (core_check(self) < 0)
         return NULL;
@@ -292,6 +294,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
     j->group = ++self->next_id;
     j->window = window;
     j->return_exceptions = return_exceptions;
+    j->count_preheld = count_preheld;
     j->fut = fut == Py_None ? NULL : Py_NewRef(fut);
     PyObject_GC_Track(j);
     j->slots = calloc((size_t)window, sizeof(DItem));

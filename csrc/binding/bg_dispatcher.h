@@ -83,6 +83,7 @@ struct Job {
     PyObject *ready;      /* STREAM: list of (index, result) not yet taken */
     PyObject *fut;        /* ONE/MAP: the caller's future; STREAM: armed waiter */
     int return_exceptions;
+    int count_preheld;    /* requests ride on count permits the submitting task holds */
     int finished;         /* outcome delivered (ONE/MAP) or stream ended */
     int cancelled;
     int holding_self;     /* a self-reference while items are in the engine */

@@ -222,6 +222,7 @@ filled:
     }
     it->r.id = ++c->next_id;
     it->r.group = j->group;
+    it->r.count_preheld = j->count_preheld != 0;
     it->r.endpoint = (enum bg_endpoint)j->endpoint;
     it->r.tmpl = j->tmpl;
     it->r.user = it;

@@ -68,6 +68,8 @@ typedef struct {
     Py_ssize_t npending;
     Py_ssize_t woken;        /* futures resolved, tasks not yet resumed */
     Py_ssize_t nblocking;    /* threads inside acquire_blocking */
+    PyObject *held_var;      /* ContextVar: this context's hold record (see hold_add) */
+    int track_holders;       /* a dispatcher uses us: record holders (else no cost) */
     PyObject *weakreflist;
 } Sem;
 
@@ -565,6 +567,69 @@ fail:
 
 enum { ACQ_NOOP = ACQ_DONE + 1 }; /* __aexit__: already released, returns None */
 
+/* ---- permits held per task ----
+ * A task that took permits with acquire()/`async with` records them in a
+ * ContextVar of this semaphore: a list [permits, riding, waiters] shared with
+ * tasks created inside (gather copies the context). The dispatcher lets
+ * requests such a task submits ride on those permits instead of asking for
+ * more (`async with sem: await d.generate()` would otherwise need two, and
+ * deadlock once every permit is held that way). Released permits come off the
+ * record of the releasing context; a record is reused, so a task pays for one
+ * ContextVar.set only on its first acquire. Only semaphores a dispatcher uses
+ * keep records (_track_holders()); others pay nothing. */
+static int hold_add(Sem *s, int64_t n)
+{
+    if (!s->track_holders)
+        return 0;
+    if (s->held_var == NULL) {
+        s->held_var = PyContextVar_New("batchgate.Semaphore.held", NULL);
+        if (s->held_var == NULL)
+            return -1;
+    }
+    PyObject *rec = NULL;
+    if (PyContextVar_Get(s->held_var, NULL, &rec) < 0)
+        return -1;
+    if (rec != NULL) {
+        long long cur = PyLong_AsLongLong(PyList_GET_ITEM(rec, 0));
+        PyObject *v = cur < 0 ? NULL : PyLong_FromLongLong(cur + n);
+        if (v == NULL) {
+            Py_DECREF(rec);
+            return -1;
+        }
+        PyList_SetItem(rec, 0, v); /* steals v */
+        Py_DECREF(rec);
+        return 0;
+    }
+    rec = Py_BuildValue("[LiO]", (long long)n, 0, Py_None);
+    if (rec == NULL)
+        return -1;
+    PyObject *tok = PyContextVar_Set(s->held_var, rec);
+    Py_DECREF(rec);
+    if (tok == NULL)
+        return -1;
+    Py_DECREF(tok);
+    return 0;
+}
+
+/* Bookkeeping only, after a successful release (no exception set): a
+ * failure here must not fail the release itself. */
+static void hold_sub(Sem *s, int64_t n)
+{
+    if (s->held_var == NULL)
+        return;
+    PyObject *rec = NULL;
+    if (PyContextVar_Get(s->held_var, NULL, &rec) == 0 && rec != NULL) {
+        long long cur = PyLong_AsLongLong(PyList_GET_ITEM(rec, 0));
+        if (cur > 0) {
+            PyObject *v = PyLong_FromLongLong(cur > n ? cur - n : 0);
+            if (v != NULL)
+                PyList_SetItem(rec, 0, v);
+        }
+        Py_DECREF(rec);
+    }
+    PyErr_Clear();
+}
+
 static PyObject *acq_result(SemAcquire *a)
 {
     return Py_NewRef(a->return_none ? Py_None : Py_True);
@@ -618,6 +683,10 @@ static PySendResult acq_start(SemAcquire *a, PyObject **presult)
         if (s->pend_head != NULL && purge_cancelled(s) < 0)
             goto error;
         if (bg_sem_try_acquire(s->sem, a->n)) {
+            if (hold_add(s, a->n) < 0) {
+                sem_give(s, a->n);
+                goto error;
+            }
             a->state = ACQ_DONE;
             *presult = acq_result(a);
             return PYGEN_RETURN;
@@ -684,6 +753,10 @@ static PySendResult acq_am_send(SemAcquire *a, PyObject *arg, PyObject **presult
     case ACQ_WOKEN:
         s->woken--;
         a->state = ACQ_DONE;
+        if (hold_add(s, a->n) < 0) {
+            sem_give(s, a->n);
+            return PYGEN_ERROR;
+        }
         *presult = acq_result(a);
         return PYGEN_RETURN;
     case ACQ_QUEUED: {
@@ -1012,9 +1085,37 @@ static int sem_init(Sem *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* _held() -> [permits, riding, waiters] of the current context, or None when
+ * it holds no permit of this semaphore. */
+static PyObject *sem_held(Sem *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *rec = NULL;
+    if (self->held_var == NULL)
+        Py_RETURN_NONE;
+    if (PyContextVar_Get(self->held_var, NULL, &rec) < 0)
+        return NULL;
+    if (rec == NULL)
+        Py_RETURN_NONE;
+    long long cur = PyLong_AsLongLong(PyList_GET_ITEM(rec, 0));
+    if (cur <= 0) {
+        Py_DECREF(rec);
+        if (cur == -1 && PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return rec;
+}
+
+static PyObject *sem_track_holders(Sem *self, PyObject *Py_UNUSED(ignored))
+{
+    self->track_holders = 1;
+    Py_RETURN_NONE;
+}
+
 static int sem_traverse(Sem *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->held_var);
     Py_VISIT(self->loop);
     Py_VISIT(self->notifier);
     return 0;
@@ -1022,6 +1123,7 @@ static int sem_traverse(Sem *self, visitproc visit, void *arg)
 
 static int sem_clear(Sem *self)
 {
+    Py_CLEAR(self->held_var);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->notifier);
     return 0;
@@ -1033,6 +1135,7 @@ static void sem_dealloc(Sem *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
+    Py_CLEAR(self->held_var);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->notifier);
     bg_sem_decref(self->sem); /* the dispatcher may still hold the counter */
@@ -1077,6 +1180,7 @@ static PyObject *sem_release(Sem *self, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     if (sem_give(self, n) < 0)
         return release_error(self);
+    hold_sub(self, n);
     Py_RETURN_NONE;
 }
 
@@ -1114,6 +1218,7 @@ static PyObject *sem_aexit(Sem *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (sem_give(self, 1) < 0)
         return release_error(self);
+    hold_sub(self, 1);
     return (PyObject *)acq_new(self, 1, ACQ_NOOP, 1);
 }
 
@@ -1290,6 +1395,10 @@ static PyMethodDef sem_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "acquire_blocking(n=1, timeout=None)\n--\n\nFor plain threads: wait (FIFO, GIL "
      "released) for n permits. Returns True, or False on timeout."},
+    {"_track_holders", (PyCFunction)sem_track_holders, METH_NOARGS,
+     "Record which tasks hold permits (a Dispatcher uses this semaphore)."},
+    {"_held", (PyCFunction)sem_held, METH_NOARGS,
+     "[permits, riding, waiters] this task holds (see Dispatcher), or None."},
     {"__aenter__", (PyCFunction)sem_aenter, METH_NOARGS, NULL},
     {"__aexit__", (PyCFunction)(void (*)(void))sem_aexit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},

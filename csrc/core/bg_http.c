@@ -267,7 +267,7 @@ static void advance(bg_engine *e, bg_request *r)
         }
         r->held_tokens = true;
     }
-    if (!r->held_count) {
+    if (!r->held_count && !r->count_preheld) {
         bg_sem_waiter_init(&r->w_count, 1, on_grant, r);
         r->state = ST_WAIT_COUNT;
         int rc = bg_sem_acquire_async(e->cfg.count_sem, &r->w_count);

@@ -50,6 +50,8 @@ struct bg_request {
     const char *messages_json; /* chat: borrowed serialized JSON array */
     size_t messages_len;
     int64_t token_weight; /* permits taken from the token sem (clamped to its cap) */
+    bool count_preheld;   /* the submitter already holds a count permit for this request
+                             (a task inside `async with sem`): never take or release one */
     void *user;           /* caller's data, untouched */
 
     /* ---- output, valid in on_done ---- */

@@ -10,9 +10,15 @@ from .dispatcher import (
     Result,
     TimeoutError,
     TransportError,
+)
+from .compat import (
+    BatchFailed,
+    BatchResults,
+    generate_with_vllm,
     process_batches,
     vllm_generate,
 )
+from .run import LLMUtils, analyze_restaurants
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -24,6 +30,8 @@ from .sizing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchFailed",
+    "BatchResults",
     "BatchgateError",
     "BoundedSemaphore",
     "ClosedError",
@@ -34,6 +42,9 @@ __all__ = [
     "Result",
     "TimeoutError",
     "TransportError",
+    "LLMUtils",
+    "analyze_restaurants",
+    "generate_with_vllm",
     "process_batches",
     "vllm_generate",
     "Plan",

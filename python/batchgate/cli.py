@@ -8,8 +8,19 @@ import sys
 from typing import List, Optional, Union
 
 from .config import Config
-from .reviews import SAMPLE_REVIEWS, ReviewFileError, group_reviews, read_reviews
+from .reviews import SAMPLE_REVIEWS, TEXT_FIELDS, ReviewFileError, group_reviews, read_reviews
 from .sizing import calculate_dynamic_batch_size, estimate_many, plan_batches
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if (not action.option_strings or "default" in h or "%(default)" in h
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return h
+        return f"{h} (default: %(default)s)" if h else "(default: %(default)s)"
 
 
 def _positive_int(text: str) -> int:
@@ -22,8 +33,13 @@ def _positive_int(text: str) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     path = args.file or SAMPLE_REVIEWS
     errors: List[ReviewFileError] = []
-    groups = group_reviews(read_reviews(path, text_field=args.text_field,
-                                        group_field=args.group_field, errors=errors))
+    try:
+        groups = group_reviews(read_reviews(path, text_field=args.text_field,
+                                            group_field=args.group_field,
+                                            encoding=args.encoding, errors=errors))
+    except ReviewFileError as e:
+        print(f"batchgate: error: {e}", file=sys.stderr)
+        return 2
     for err in errors:
         print(f"skipped: {err}", file=sys.stderr)
     budget = args.max_tokens_per_batch
@@ -73,7 +89,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="batchgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="size and plan batches for a review file")
+    plan = sub.add_parser("plan", help="size and plan batches for a review file",
+                          formatter_class=_Help)
     plan.add_argument("file", nargs="?", help="reviews as .jsonl or .csv (default: a bundled "
                       "sample of Korean restaurant reviews)")
     plan.add_argument("--max-tokens-per-batch", type=_positive_int,
@@ -83,14 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens of the prompt template every batch pays")
     plan.add_argument("--method", choices=("script", "chars"), default="script")
     plan.add_argument("--pack", action="store_true", help="regroup reviews for fewer batches")
-    plan.add_argument("--text-field", default="text")
-    plan.add_argument("--group-field", default="restaurant_id")
+    _add_input_fields(plan)
     plan.add_argument("--strict", action="store_true", help="exit 1 if any line was skipped")
     plan.add_argument("-v", "--verbose", action="store_true", help="print every batch")
     plan.set_defaults(func=_cmd_plan)
     _add_run(sub)
     _add_demo(sub)
     return p
+
+
+def _add_input_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default=None,
+                   help="review text field (default: detected, the first of "
+                   f"{', '.join(TEXT_FIELDS[:4])}, ... present)")
+    p.add_argument("--group-field", default="restaurant_id", help="restaurant id field")
+    p.add_argument("--encoding", default="utf-8",
+                   help="file encoding, e.g. cp949 for Korean Excel exports (a UTF-8 BOM "
+                   "is skipped)")
 
 
 def _json_object(text: str) -> dict:
@@ -104,21 +130,23 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _token_cap(text: str) -> Union[int, str, None]:
+def _token_cap(text: str) -> Union[int, str]:
     if text.lower() == "auto":
         return "auto"
-    if text.lower() in ("", "none", "0"):
-        return None
+    if text.lower() in ("", "none", "0", "off"):
+        return "off"
     return _positive_int(text)
 
 
 def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     run = sub.add_parser(
         "run", help="count positive/negative reviews per restaurant through a vLLM server",
+        formatter_class=_Help,
         description="Group reviews per restaurant, split them into token-budgeted batches, "
         "send one prompt per batch and sum the answers per restaurant. Without --base-url "
         "(or VLLM_BASE_URL) an embedded simulated vLLM server is started.")
-    run.add_argument("file", help="reviews as .jsonl or .csv")
+    run.add_argument("file", help="reviews: .jsonl (one review, or one restaurant with nested "
+                     "\"reviews\", per line), a .json array of either, or .csv")
     run.add_argument("--out", required=True, help="per-restaurant results (JSONL)")
     run.add_argument("--batch-log", help="per-batch log (JSONL; default: OUT.batches.jsonl)")
     run.add_argument("--resume", action="store_true",
@@ -128,7 +156,8 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. "
                      "http://127.0.0.1:8000/v1 (default: $VLLM_BASE_URL, else the embedded "
                      "server); API key from $VLLM_API_KEY")
-    run.add_argument("--model", help="model name (default: $VLLM_MODEL, else the server's first)")
+    run.add_argument("--model", help="model (or LoRA adapter) name (default: $VLLM_MODEL, else "
+                     "$LLM_MODEL, else the server's first model)")
     run.add_argument("--chat", action="store_true", help="send each prompt as a user message "
                      "to /v1/chat/completions (instruct models) instead of /v1/completions")
     run.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
@@ -136,20 +165,32 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                      "'{\"response_format\": {\"type\": \"json_object\"}}'")
     run.add_argument("--prompt-template", help="file with a {reviews} placeholder (and "
                      "optionally {count}) replacing the built-in sentiment prompt")
-    run.add_argument("--text-field", default="text")
-    run.add_argument("--group-field", default="restaurant_id")
+    _add_input_fields(run)
     run.add_argument("--max-tokens-per-batch", type=_positive_int,
-                     default=Config.VLLM_MAX_TOKENS_PER_BATCH)
-    run.add_argument("--max-batch-size", type=_positive_int, default=Config.VLLM_MAX_BATCH_SIZE)
+                     default=Config.VLLM_MAX_TOKENS_PER_BATCH,
+                     help="estimated prompt tokens per batch at most, the prompt's own "
+                     "included (default: %(default)s, from VLLM_MAX_TOKENS_PER_BATCH)")
+    run.add_argument("--max-batch-size", type=_positive_int, default=Config.VLLM_MAX_BATCH_SIZE,
+                     help="reviews per batch at most (default: %(default)s, from "
+                     "VLLM_MAX_BATCH_SIZE)")
     run.add_argument("--max-concurrent", type=_positive_int,
                      default=Config.VLLM_MAX_CONCURRENT_BATCHES,
-                     help="requests in flight at most (default: VLLM_MAX_CONCURRENT_BATCHES)")
+                     help="requests in flight at most (default: %(default)s, from "
+                     "VLLM_MAX_CONCURRENT_BATCHES)")
     run.add_argument("--max-inflight-tokens", type=_token_cap, default=None,
-                     help="cap on estimated prompt + answer tokens in flight: a number, or "
-                     "'auto' = 95%% of the server's KV cache from vLLM's /metrics "
-                     "(vllm:cache_config_info); default: none")
+                     help="cap on estimated prompt + answer tokens in flight: a number, "
+                     "'auto' (95%% of the server's KV cache from vLLM's /metrics, "
+                     "vllm:cache_config_info; an error if the server does not publish it) or "
+                     "'off'; default (None): auto when the server publishes it, else off")
+    run.add_argument("--priority-queue", action=argparse.BooleanOptionalAction,
+                     default=Config.VLLM_USE_PRIORITY_QUEUE,
+                     help="send shortest estimated prefill first with vLLM's `priority` "
+                     "field (server run with --scheduling-policy priority; default: %(default)s, "
+                     "from VLLM_USE_PRIORITY_QUEUE)")
     run.add_argument("--max-retries", type=int, default=Config.MAX_RETRIES,
-                     help="retries per request and per unusable answer (default: MAX_RETRIES)")
+                     help="transient HTTP failures are retried this many times per request; "
+                     "a batch with an unusable answer is resent until it has made "
+                     "1 + this many requests (default: %(default)s, from MAX_RETRIES)")
     run.add_argument("--max-tokens", type=_positive_int, default=64,
                      help="max_tokens of each answer")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -163,7 +204,7 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_command
+    from .run.command import run_command
     return run_command(args)
 
 
@@ -200,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, LookupError) as e:
         print(f"batchgate: error: {e}", file=sys.stderr)
         return 2
 

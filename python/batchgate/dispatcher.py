@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import json
 import logging
 import os
 import threading
 import weakref
-from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
+from typing import (Any, AsyncIterator, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
 from . import _native
@@ -25,8 +26,7 @@ from .config import Config
 
 __all__ = [
     "Dispatcher", "Result", "BatchgateError", "HTTPStatusError", "TransportError",
-    "TimeoutError", "MalformedResponseError", "ClosedError", "vllm_generate",
-    "process_batches", "default_dispatcher",
+    "TimeoutError", "MalformedResponseError", "ClosedError", "default_dispatcher",
 ]
 
 log = logging.getLogger("batchgate")
@@ -62,6 +62,8 @@ class Dispatcher:
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         if api_key is not None and not isinstance(api_key, str):
             raise TypeError("api_key must be a str or None")
+        if model is None:
+            model = Config.LLM_MODEL  # the original's LLM_MODEL (e.g. a LoRA adapter)
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None, not {type(model).__name__}")
         if max_concurrent is None:
@@ -102,6 +104,8 @@ class Dispatcher:
             # Our own cap, still a real batchgate.Semaphore: Python code can
             # share it with `async with dispatcher.semaphore:`.
             semaphore = _native.Semaphore(max_concurrent)
+        # Tasks holding its permits get requests that ride on them (see _ride).
+        semaphore._track_holders()
         hdr_lines = []
         for k, v in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -224,6 +228,9 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
+        rec = self.semaphore._held()
+        if rec is not None:
+            return await self._ride(loop, rec, chat, payload, params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False)
@@ -233,14 +240,67 @@ class Dispatcher:
             job.cancel()
             raise
 
+    async def _ride(self, loop: asyncio.AbstractEventLoop, rec: List[Any], chat: bool,
+                    payload: Any, params: Dict[str, Any]) -> Result:
+        # The calling task holds rec[0] permits of our semaphore (`async with
+        # sem: await d.generate()`): its requests ride on them, at most rec[0]
+        # at once (rec[1] riding; the rest wait in rec[2] for a rider to end),
+        # instead of asking for a second permit it may never get.
+        while rec[1] >= rec[0] > 0:
+            if rec[2] is None:
+                rec[2] = collections.deque()
+            w = loop.create_future()
+            rec[2].append(w)
+            try:
+                await w
+            except asyncio.CancelledError:
+                if w.done() and not w.cancelled():
+                    _wake_rider(rec)  # woken, then cancelled: pass the turn on
+                else:
+                    try:
+                        rec[2].remove(w)
+                    except ValueError:
+                        pass
+                raise
+        preheld = rec[0] > 0  # else the permits went back meanwhile: ask as usual
+        if preheld:
+            rec[1] += 1
+        try:
+            fut = loop.create_future()
+            job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params),
+                                    fut, 1, False, preheld)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                job.cancel()
+                raise
+        finally:
+            if preheld:
+                rec[1] -= 1
+                _wake_rider(rec)
+
     # ---- bulk -----------------------------------------------------------
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                  window: Optional[int] = None, **params: Any) -> List[Any]:
+                  window: Optional[int] = None, priority: Optional[bool] = None,
+                  **params: Any) -> List[Any]:
         """Results in input order. Prompts are pulled from the iterable a window
         at a time, so a huge (or lazy) input never lives in flight all at once.
         Without ``return_exceptions`` the first failure is raised and the rest
-        is cancelled; with it, failures take their item's place in the list."""
-        return await self._map(False, prompts, return_exceptions, window, params)
+        is cancelled; with it, failures take their item's place in the list.
+        ``priority`` (default Config.VLLM_USE_PRIORITY_QUEUE): send the
+        shortest estimated prompts first (the input is read whole for that)."""
+        if priority is None:
+            priority = Config.VLLM_USE_PRIORITY_QUEUE
+        if not priority:
+            return await self._map(False, prompts, return_exceptions, window, params)
+        items = list(prompts)
+        order = _shortest_first(items)
+        res = await self._map(False, [items[i] for i in order], return_exceptions, window,
+                              params)
+        out: List[Any] = [None] * len(items)
+        for k, i in enumerate(order):
+            out[i] = res[k]
+        return out
 
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool = False, window: Optional[int] = None,
@@ -253,13 +313,26 @@ class Dispatcher:
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
         fut = loop.create_future()
+        window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
-                                window or self.window, bool(return_exceptions))
+                                window, bool(return_exceptions), ride is not None)
         try:
             return await fut
         except BaseException:
             job.cancel()
             raise
+        finally:
+            _end_ride(ride, window)
+
+    def _ride_window(self, window: int) -> Tuple[int, Optional[List[Any]]]:
+        # map/as_completed from a task holding permits of our semaphore: the
+        # job rides on the ones no request of that task is riding on yet.
+        rec = self.semaphore._held()
+        if rec is None or rec[0] - rec[1] < 1:
+            return window, None
+        window = min(window, rec[0] - rec[1])
+        rec[1] += window
+        return window, rec
 
     async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
                            window: Optional[int] = None,
@@ -273,8 +346,13 @@ class Dispatcher:
                       window: Optional[int], params: Dict[str, Any]
                       ) -> AsyncIterator[Tuple[int, Any]]:
         loop = self._bind()
-        job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
-                                window or self.window, True)
+        window, ride = self._ride_window(window or self.window)
+        try:
+            job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params),
+                                    None, window, True, ride is not None)
+        except BaseException:
+            _end_ride(ride, window)
+            raise
         try:
             while True:
                 chunk = job.take()
@@ -293,6 +371,7 @@ class Dispatcher:
                     yield i, r
         finally:
             job.cancel()
+            _end_ride(ride, window)
 
     # ---- lifecycle ------------------------------------------------------
     def stats(self) -> Dict[str, int]:
@@ -336,6 +415,30 @@ class Dispatcher:
                 self._core.close(True)
         except Exception:
             pass
+
+
+def _shortest_first(items: List[Any]) -> List[int]:
+    from .sizing import estimate_many
+    flat = [p if isinstance(p, str) else "".join(p) if isinstance(p, (list, tuple)) and
+            all(isinstance(x, str) for x in p) else "" for p in items]
+    cost = estimate_many(flat)
+    return sorted(range(len(items)), key=cost.__getitem__)  # stable: ties keep input order
+
+
+def _wake_rider(rec: List[Any]) -> None:
+    q = rec[2]
+    while q:
+        w = q.popleft()
+        if not w.done():
+            w.set_result(None)
+            return
+
+
+def _end_ride(rec: Optional[List[Any]], window: int) -> None:
+    if rec is not None:
+        rec[1] -= window
+        for _ in range(window):
+            _wake_rider(rec)
 
 
 def _messages_json(messages: Any, index: Optional[int]) -> str:
@@ -385,59 +488,9 @@ def default_dispatcher() -> Dispatcher:
     return _default
 
 
-def _join_batch(batch: Any) -> str:
-    if isinstance(batch, str):
-        return batch
-    return "\n".join(str(x) for x in batch)
-
-
-async def vllm_generate(batch: Any, *, dispatcher: Optional[Dispatcher] = None,
-                        build_prompt: Optional[Callable[[Any], str]] = None,
-                        **params: Any) -> str:
-    """Text of one completion for a batch (a prompt string, or items turned into
-    one prompt by ``build_prompt``, default: joined by newlines)."""
-    d = dispatcher or default_dispatcher()
-    prompt = build_prompt(batch) if build_prompt else _join_batch(batch)
-    return (await d.generate(prompt, **params)).text
-
-
-async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], str],
-                          parse: Optional[Callable[[str], Any]] = None, *,
-                          dispatcher: Optional[Dispatcher] = None,
-                          **params: Any) -> List[Any]:
-    """Run every batch through the dispatcher (capped like the original's
-    ``async with semaphore``), results in batch order. A failed batch does not
-    sink the rest: its slot holds the exception (logged), as in the original's
-    per-batch try/except. ``parse(text)`` post-processes each answer; a parse
-    error is isolated the same way."""
-    d = dispatcher or default_dispatcher()
-    batches = list(batches)
-    prompts = []
-    out: List[Any] = [None] * len(batches)
-    index = []
-    for i, b in enumerate(batches):
-        try:
-            p = build_prompt(b)
-            if not isinstance(p, str):
-                raise TypeError(f"build_prompt returned {type(p).__name__}, not str")
-        except Exception as e:  # isolated per batch
-            log.warning("batch %d: build_prompt failed: %r", i, e)
-            out[i] = e
-            continue
-        prompts.append(p)
-        index.append(i)
-    results = await d.map(prompts, return_exceptions=True, **params)
-    for i, r in zip(index, results):
-        if isinstance(r, BaseException):
-            log.warning("batch %d failed: %s", i, r)
-            out[i] = r
-            continue
-        if parse is None:
-            out[i] = r.text
-            continue
-        try:
-            out[i] = parse(r.text)
-        except Exception as e:
-            log.warning("batch %d: parse failed: %r", i, e)
-            out[i] = e
-    return out
+def __getattr__(name: str) -> Any:
+    # Moved to batchgate.compat; old imports keep working.
+    if name in ("vllm_generate", "process_batches"):
+        from . import compat
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,18 +4,10 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import _native
-from .config import Config
+from .config import Config, _check_int, _dynamic_batch_size
 
 _OVERSIZE_MODES = ("error", "alone")
 _METHODS = ("script", "chars")
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_method(method: Any) -> str:
@@ -24,20 +16,6 @@ def _check_method(method: Any) -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be 'script' or 'chars', not {method!r}")
     return method
-
-
-def _dynamic_batch_size(config: type, content_list: Sequence[str],
-                        max_tokens_per_batch: Optional[int]) -> int:
-    if max_tokens_per_batch is None:
-        max_tokens_per_batch = config.VLLM_MAX_TOKENS_PER_BATCH
-    _check_int("max_tokens_per_batch", max_tokens_per_batch, minimum=1)
-    return _native.dynamic_batch_size(
-        content_list,
-        max_tokens_per_batch,
-        config.VLLM_MIN_BATCH_SIZE,
-        config.VLLM_MAX_BATCH_SIZE,
-        config.VLLM_DEFAULT_BATCH_SIZE,
-    )
 
 
 def calculate_dynamic_batch_size(content_list: Sequence[str],

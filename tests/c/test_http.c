@@ -745,6 +745,34 @@ static void test_shared_semaphore(void)
     free_items(vb, n);
 }
 
+/* A submitter that already holds every count permit (a task inside
+ * `async with sem`) marks its requests count_preheld: they run without taking
+ * a permit, retry without releasing one, and leave the count untouched. */
+static void test_count_preheld(void)
+{
+    fixture fx;
+    fx_open(&fx, 2, NULL, NULL);
+    CHECK(bg_sem_try_acquire(fx.count, 2)); /* the "task" holds both */
+    const size_t n = 6;
+    item *v = make_items(&fx, n, "ride %d");
+    snprintf(v[0].text, sizeof(v[0].text), "ride retry [[status=503,times=2]]");
+    v[0].p.len = strlen(v[0].text);
+    bg_request *rs[6];
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.count_preheld = true;
+        rs[i] = &v[i].r;
+    }
+    CHECK(bg_engine_submit_many(fx.e, rs, n) == 0);
+    CHECK(wait_done(&coll, n, 20)); /* without the flag: stuck forever */
+    for (size_t i = 0; i < n; i++)
+        expect_ok_text(&v[i]);
+    CHECK(v[0].r.attempts == 3);
+    CHECK(bg_sem_value(fx.count) == 0); /* nothing taken, nothing given back */
+    CHECK(bg_sem_release(fx.count, 2) == 0);
+    fx_close(&fx);
+    free_items(v, n);
+}
+
 int main(int argc, char **argv)
 {
     const char *script = argc > 1 ? argv[1] : "../fake_vllm.py";
@@ -768,6 +796,7 @@ int main(int argc, char **argv)
         {"cancel_group", test_cancel_group},
         {"close_in_flight", test_close_in_flight},
         {"shared_semaphore", test_shared_semaphore},
+        {"count_preheld", test_count_preheld},
     };
     const char *only = getenv("TEST_ONLY");
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
