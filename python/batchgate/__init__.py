@@ -1,6 +1,7 @@
 """batchgate: push large volumes of LLM work through a vLLM server, fast and
 within a token budget. The core is the C extension ``batchgate._native``."""
 from ._native import BatchgateError, BoundedSemaphore, Semaphore, libcurl_version
+from .batchfile import BatchSummary, run_batch_file, run_batch_file_sync
 from .config import Config
 from .dispatcher import (
     ClosedError,
@@ -24,6 +25,7 @@ from .sizing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSummary",
     "BatchgateError",
     "BoundedSemaphore",
     "ClosedError",
@@ -35,6 +37,8 @@ __all__ = [
     "TimeoutError",
     "TransportError",
     "process_batches",
+    "run_batch_file",
+    "run_batch_file_sync",
     "vllm_generate",
     "Plan",
     "Semaphore",
