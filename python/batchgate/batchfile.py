@@ -69,6 +69,7 @@ class BatchSummary:
     no_answer: int = 0        # transport failure/timeout: not written, sent again next run
     not_sent: int = 0         # left unsent (interrupted, or the server looked down)
     repaired_bytes: int = 0   # partial last line cut from the output before resuming
+    failed_before: int = 0    # error lines (any kind) already in the output
     elapsed: float = 0.0
     interrupted: bool = False
     last_transport_error: Optional[str] = None
@@ -209,6 +210,7 @@ def _read_lines(path: str) -> Iterator[_Line]:
 class _Done:
     ids: Set[str] = field(default_factory=set)     # custom_ids answered (any status)
     lines: Set[int] = field(default_factory=set)   # input lines rejected with their own error
+    failed: int = 0                                # lines that are not a 2xx response
 
 
 def _load_output(path: str) -> Tuple[_Done, int]:
@@ -237,8 +239,12 @@ def _load_output(path: str) -> Tuple[_Done, int]:
             err = rec.get("error")
         except (ValueError, AttributeError):
             raise BatchFileError(f"{path} line {n} is not a batch output line; is it the "
-                                 "output of another program? (use overwrite to start over)"
+                                 "output of another program? (overwrite starts over)"
                                  ) from None
+        resp = rec.get("response")
+        status = resp.get("status_code") if isinstance(resp, dict) else None
+        if not (isinstance(status, int) and 200 <= status < 300):
+            done.failed += 1
         if isinstance(err, dict) and isinstance(err.get("line"), int):
             done.lines.add(err["line"])
         elif isinstance(cid, str):
@@ -377,6 +383,7 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
         done = _Done()
     else:
         done, summary.repaired_bytes = _load_output(output)
+        summary.failed_before = done.failed
     if done.ids:
         ours: Set[str] = set()
         for ln in _read_lines(input):
@@ -387,8 +394,8 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
             ex = sorted(stale)[0]
             raise BatchFileError(
                 f"{output} holds results for {len(stale)} custom_id(s) that are not requests "
-                f"in {input} (e.g. {ex!r}): a different batch? Use overwrite to start over, or "
-                "another output file")
+                f"in {input} (e.g. {ex!r}): a different batch? Start over with overwrite "
+                "(--overwrite), or use another output file")
 
     report: Optional[Callable[..., None]]
     if progress is True:
@@ -494,7 +501,7 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
                         summary.invalid += 1
                     continue
                 assert line.custom_id is not None
-                if line.custom_id in done.ids:
+                if line.custom_id in done.ids or line.lineno in done.lines:
                     summary.already_done += 1
                     continue
                 if server_down or summary.interrupted:
@@ -671,4 +678,4 @@ def batch_command(args: Any) -> int:
         _say(f"{s.no_answer + s.not_sent} lines got no answer and are not in {args.output}"
              f"{why}; run the same command again to send them")
         return 3
-    return 0 if s.invalid == 0 and s.server_errors == 0 else 1
+    return 0 if s.invalid + s.server_errors + s.failed_before == 0 else 1
