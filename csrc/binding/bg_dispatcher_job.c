@@ -224,6 +224,7 @@ filled:
     it->r.group = j->group;
     it->r.endpoint = (enum bg_endpoint)j->endpoint;
     it->r.tmpl = j->tmpl;
+    it->r.opts = j->opts;
     it->r.user = it;
     it->job = j;
     it->index = index;
@@ -413,7 +414,8 @@ void bg_job_item_done(Job *j, DItem *it)
         return;
     }
     int ok = r->kind == BG_RES_OK;
-    PyObject *obj = ok ? bg_result_new(st, r) : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
+    PyObject *obj = ok ? bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache)
+                       : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;
     bg_job_item_release(j, it);
     if (!obj) {

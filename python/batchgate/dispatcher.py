@@ -18,7 +18,7 @@ import weakref
 from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-from . import _native
+from . import _native, _options
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from .config import Config
@@ -47,7 +47,8 @@ class Dispatcher:
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, model: Optional[str] = None,
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
                  max_inflight_tokens: Optional[int] = None,
                  timeout: Optional[float] = 600.0, connect_timeout: Optional[float] = 10.0,
@@ -58,6 +59,10 @@ class Dispatcher:
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16) -> None:
+        # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
+        base_url, api_key = _options.resolve_connection(base_url, api_key)
+        if model is None:
+            model = _options.env_model()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         if api_key is not None and not isinstance(api_key, str):
@@ -109,6 +114,8 @@ class Dispatcher:
             if any(c in k + v for c in "\r\n") or ":" in k or not k:
                 raise ValueError(f"invalid header {k!r}")
             hdr_lines.append(f"{k}: {v}")
+        if not any(k.lower() == "user-agent" for k in (headers or {})):
+            hdr_lines.append(f"User-Agent: {user_agent()}")
         self._core = _native._Dispatcher(
             base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
             float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
@@ -125,6 +132,17 @@ class Dispatcher:
         self._templates: Dict[str, Any] = {}
         self._pid = os.getpid()
         self._closed = False
+        # openai-compat: with_options() views share this root's engine and state.
+        self._root: Dispatcher = self
+        self._defaults: Dict[str, Any] = {}
+        self._model_explicit = model is not None
+        self._resolved_model: Optional[str] = None
+        self._model_checked = False
+        self._model_error: Optional[BaseException] = None
+        self._model_lock = threading.Lock()
+        self._headers = dict(headers or {})
+        self._api_key = api_key
+        self._verify = bool(verify)
         _live.add(self)
 
     def __repr__(self) -> str:  # the API key is never shown
@@ -203,13 +221,22 @@ class Dispatcher:
         self._watcher = None
 
     def _template(self, params: Dict[str, Any]) -> Any:
-        key = json.dumps(params, separators=(",", ":"), allow_nan=False) if params else ""
-        t = self._templates.get(key)
+        """The native template for one call's keywords: body fields and the
+        reserved per-call options (see _options), cached per distinct set."""
+        opts = _options.call_options(self._defaults, params)
+        body = params
+        if opts.extra_body:
+            body = {**params, **opts.extra_body}  # openai-python: extra_body wins
+        key = _options.body_json(body) if body else ""
+        model = self.model if self.model is not None else self._root._resolved_model
+        ckey = (key, model, opts.native)
+        root = self._root
+        t = root._templates.get(ckey)
         if t is None:
-            if len(self._templates) > 256:
-                self._templates.clear()
-            t = self._core.template(self.model, key or None)
-            self._templates[key] = t
+            if len(root._templates) > 256:
+                root._templates.clear()
+            t = root._core.template(model, key or None, opts.native)
+            root._templates[ckey] = t
         return t
 
     # ---- single requests ------------------------------------------------
@@ -224,6 +251,7 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
+        await self._ensure_model()
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False)
@@ -252,6 +280,7 @@ class Dispatcher:
     async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
+        await self._ensure_model()
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
                                 window or self.window, bool(return_exceptions))
@@ -273,6 +302,7 @@ class Dispatcher:
                       window: Optional[int], params: Dict[str, Any]
                       ) -> AsyncIterator[Tuple[int, Any]]:
         loop = self._bind()
+        await self._ensure_model()
         job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
                                 window or self.window, True)
         try:
@@ -293,6 +323,62 @@ class Dispatcher:
                     yield i, r
         finally:
             job.cancel()
+
+    # ---- openai-compat: per-call defaults and the server's model ----------
+    def with_options(self, **options: Any) -> "Dispatcher":
+        """A view with other defaults for the per-call options (``timeout``,
+        ``max_retries``, ``extra_headers``/``default_headers``,
+        ``extra_query``/``default_query``, ``extra_body``, ``raw``) and/or
+        ``model``, sharing this dispatcher's engine, caps and connections, like
+        openai-python's ``client.with_options(...)``. Closing a view closes the
+        shared engine."""
+        defaults = dict(self._defaults)
+        model = options.pop("model", self.model)
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str or None, not {type(model).__name__}")
+        for k, v in options.items():
+            name = _options.ALIASES.get(k, k)
+            if name not in _options.RESERVED:
+                raise TypeError(f"with_options() got an unexpected keyword {k!r} "
+                                f"(options: model, {', '.join(_options.RESERVED)})")
+            v = _options.check_option(name, v)
+            if isinstance(v, dict) and isinstance(defaults.get(name), dict):
+                v = {**defaults[name], **v}
+            defaults[name] = v
+        return _OptionsView(self._root, defaults, model)
+
+    async def _ensure_model(self) -> None:
+        root = self._root
+        if self.model is not None or root._model_explicit or root._model_checked:
+            if root._model_error is not None and self.model is None:
+                raise root._model_error
+            return
+        await asyncio.get_running_loop().run_in_executor(None, root._lookup_model)
+        if root._model_error is not None:
+            raise root._model_error
+
+    def _lookup_model(self) -> None:
+        """Once per dispatcher: GET {base_url}/models; use the only model the
+        server offers. Blocking (runs in an executor thread, or directly from
+        SyncDispatcher), serialized by a lock so concurrent first calls share it."""
+        with self._model_lock:
+            if self._model_checked:
+                return
+            try:
+                ids = _fetch_model_ids(self.base_url, self._api_key, self._headers,
+                                       self._verify)
+            except Exception as e:  # the server may not list models: let it choose
+                log.warning("could not list %s/models (%s); sending requests without a "
+                            "model (the server's default)", self.base_url.rstrip("/"), e)
+                ids = []
+            if len(ids) == 1:
+                self._resolved_model = ids[0]
+            elif len(ids) > 1:
+                self._model_error = ValueError(
+                    f"the server at {self.base_url} offers several models "
+                    f"({', '.join(ids[:10])}); pass Dispatcher(model=...) or set LLM_MODEL / "
+                    f"VLLM_MODEL")
+            self._model_checked = True
 
     # ---- lifecycle ------------------------------------------------------
     def stats(self) -> Dict[str, int]:
@@ -336,6 +422,67 @@ class Dispatcher:
                 self._core.close(True)
         except Exception:
             pass
+
+
+class _OptionsView(Dispatcher):
+    """Dispatcher.with_options(): other per-call defaults over a shared root."""
+
+    def __init__(self, root: Dispatcher, defaults: Dict[str, Any],  # noqa: super not called
+                 model: Optional[str]) -> None:
+        self.__dict__.update(_root=root, _defaults=defaults, model=model)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the root's
+        return getattr(self.__dict__["_root"], name)
+
+    def __repr__(self) -> str:
+        return f"<batchgate.Dispatcher view of {self._root!r} options={sorted(self._defaults)}>"
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        return self._root._bind()
+
+    def close(self) -> None:
+        self._root.close()
+
+    async def aclose(self, *, wait: bool = False) -> None:
+        await self._root.aclose(wait=wait)
+
+    async def __aenter__(self) -> "Dispatcher":
+        self._root._check()
+        return self
+
+    def __del__(self) -> None:
+        pass
+
+
+def user_agent() -> str:
+    from . import __version__
+    return f"batchgate/{__version__} libcurl/{_native.libcurl_version}"
+
+
+def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str, str],
+                     verify: bool) -> List[str]:
+    import ssl
+    import urllib.request
+
+    req = urllib.request.Request(base_url.rstrip("/") + "/models", method="GET")
+    for k, v in headers.items():
+        req.add_header(k, v)
+    req.add_header("User-Agent", user_agent())
+    req.add_header("Accept", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    ctx = None
+    if base_url.startswith("https://") and not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=10, context=ctx) if ctx else opener.open(req, timeout=10) as f:
+        doc = json.loads(f.read(1 << 20))
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("no \"data\" list in the answer")
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def _messages_json(messages: Any, index: Optional[int]) -> str:
