@@ -307,15 +307,6 @@ def _http_error_body(e: HTTPStatusError) -> Dict[str, Any]:
                       else "invalid_request_error", "code": e.status}}
 
 
-def _result_body(result: Any) -> Any:
-    raw = getattr(result, "raw", None)
-    if raw is not None:
-        return raw
-    # Without the server's JSON: the fields batchgate's Result keeps.
-    return {"choices": [{"index": i, "text": t, "finish_reason": result.finish_reason}
-                        for i, t in enumerate(result.texts)], "usage": result.usage}
-
-
 # ---- progress -------------------------------------------------------------------------
 
 class _StderrProgress:
@@ -407,16 +398,24 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
 
     own = dispatcher is None
     if dispatcher is None:
-        if base_url is None:
-            base_url = os.environ.get("VLLM_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise BatchFileError("no server: pass base_url (or set VLLM_BASE_URL)")
-        if api_key is None:
-            api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+        # base_url/api_key: the arguments, else VLLM_* / OPENAI_* from the environment.
         dispatcher = Dispatcher(base_url, api_key, model, max_concurrent=max_concurrent,
                                 max_inflight_tokens=max_inflight_tokens,
                                 max_retries=max_retries, timeout=timeout)
     d = dispatcher
+    # One view per model named by lines: the request uses the line's model, and the
+    # dispatcher never has to pick one from the server's list.
+    views: Dict[str, Dispatcher] = {}
+
+    def target(line_model: Optional[str]) -> Dispatcher:
+        if line_model is None:
+            return d if model is None else target(model)
+        v = views.get(line_model)
+        if v is None:
+            if len(views) >= 1024:
+                views.clear()
+            v = views[line_model] = d.with_options(model=line_model)
+        return v
     if window is None:
         window = 2 * d.max_concurrent + 16
     breaker = max_consecutive_failures or max(8, 2 * d.max_concurrent)
@@ -435,13 +434,14 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
         nonlocal consecutive, server_down
         assert line.custom_id is not None and line.params is not None
         params = line.params
-        if model is not None and "model" not in params:
-            params = dict(params, model=model)
+        via = target(params.get("model"))
         try:
+            # extra_body: every field goes to the server as written (a body field named
+            # like an option, e.g. "timeout", stays a body field); raw: the server's JSON.
             if line.chat:
-                result = await d.chat(line.payload, **_call_params(params))
+                result = await via.chat(line.payload, extra_body=params, raw=True)
             else:
-                result = await d.generate(line.payload, **_call_params(params))
+                result = await via.generate(line.payload, extra_body=params, raw=True)
         except HTTPStatusError as e:
             consecutive = 0
             writer.write(_response_record(line.custom_id, e.status, _http_error_body(e)))
@@ -471,7 +471,7 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
             summary.invalid += 1
         else:
             consecutive = 0
-            writer.write(_response_record(line.custom_id, 200, _result_body(result)))
+            writer.write(_response_record(line.custom_id, 200, result.raw))
             summary.succeeded += 1
             summary.status_counts[200] = summary.status_counts.get(200, 0) + 1
         tick()
@@ -548,12 +548,6 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
     return summary
 
 
-def _call_params(body_fields: Dict[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments for Dispatcher.generate/chat sending ``body_fields`` as
-    literal JSON body fields and asking for the server's JSON."""
-    return dict(body_fields)
-
-
 def run_batch_file_sync(input: str, output: str, **kwargs: Any) -> BatchSummary:
     """``run_batch_file`` for code without an event loop (same arguments)."""
     return asyncio.run(run_batch_file(input, output, **kwargs))
@@ -603,12 +597,12 @@ def batch_command(args: Any) -> int:
     import signal
 
     from .runner import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
-    base_url = args.base_url or os.environ.get("VLLM_BASE_URL") or os.environ.get(
-        "OPENAI_BASE_URL")
-    if not base_url:
-        _say("error: no server: pass --base-url or set VLLM_BASE_URL")
+    from ._options import resolve_connection
+    try:
+        base_url, api_key = resolve_connection(args.base_url, None)
+    except ValueError as e:
+        _say(f"error: {e}")
         return 2
-    api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
     cap: Optional[int] = None
     if args.max_inflight_tokens not in (None, "", "none", "0"):
         if args.max_inflight_tokens == "auto":
