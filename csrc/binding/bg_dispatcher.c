@@ -606,14 +606,21 @@ static int core_clear(Core *self)
 
 static PyMethodDef core_methods[] = {
     {"_on_readable", (PyCFunction)core_on_readable, METH_NOARGS,
-     "Deliver finished requests (the loop's reader callback)."},
-    {"wait", (PyCFunction)core_wait, METH_O, "Block until completions are ready (fallback)."},
-    {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "The completion wakeup fd."},
-    {"bind", (PyCFunction)core_bind, METH_O, "Set the loop whose call_soon runs backlogs."},
-    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL, NULL},
-    {"submit", (PyCFunction)core_submit, METH_VARARGS, NULL},
-    {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL, NULL},
-    {"stats", (PyCFunction)core_stats, METH_NOARGS, NULL},
+     "_on_readable($self, /)\n--\n\nDeliver finished requests (the loop's reader callback)."},
+    {"wait", (PyCFunction)core_wait, METH_O,
+     "wait($self, timeout_ms, /)\n--\n\nBlock until completions are ready (fallback)."},
+    {"fileno", (PyCFunction)core_fileno, METH_NOARGS,
+     "fileno($self, /)\n--\n\nThe completion wakeup fd."},
+    {"bind", (PyCFunction)core_bind, METH_O,
+     "bind($self, loop, /)\n--\n\nSet the loop whose call_soon runs backlogs."},
+    /* Text signatures let stubtest hold _native.pyi to these argument lists. */
+    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
+     "template($self, model, params_json, options=None, /)\n--\n\n"},
+    {"submit", (PyCFunction)core_submit, METH_VARARGS,
+     "submit($self, mode, chat, source, template, future, window, return_exceptions, /)\n--\n\n"},
+    {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL,
+     "close($self, drop=False, /)\n--\n\n"},
+    {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats($self, /)\n--\n\n"},
     {NULL, NULL, 0, NULL},
 };
 

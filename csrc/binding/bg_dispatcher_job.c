@@ -527,9 +527,9 @@ static PyObject *job_get_finished(Job *self, void *Py_UNUSED(c))
 }
 
 static PyMethodDef job_methods[] = {
-    {"cancel", (PyCFunction)job_cancel, METH_NOARGS, NULL},
-    {"take", (PyCFunction)job_take, METH_NOARGS, NULL},
-    {"arm", (PyCFunction)job_arm, METH_O, NULL},
+    {"cancel", (PyCFunction)job_cancel, METH_NOARGS, "cancel($self, /)\n--\n\n"},
+    {"take", (PyCFunction)job_take, METH_NOARGS, "take($self, /)\n--\n\n"},
+    {"arm", (PyCFunction)job_arm, METH_O, "arm($self, future, /)\n--\n\n"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,8 +15,8 @@ import logging
 import os
 import threading
 import weakref
-from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Literal, Mapping,
+                    Optional, Sequence, Tuple, Union, overload)
 
 from . import _native, _options
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
@@ -262,6 +262,15 @@ class Dispatcher:
             raise
 
     # ---- bulk -----------------------------------------------------------
+    # Typed overloads: without return_exceptions every item is a Result.
+    @overload
+    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: Literal[False] = ...,
+                  window: Optional[int] = ..., **params: Any) -> List[Result]: ...
+    @overload
+    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
+                  window: Optional[int] = ..., **params: Any
+                  ) -> List[Union[Result, BaseException]]: ...
+
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
                   window: Optional[int] = None, **params: Any) -> List[Any]:
         """Results in input order. Prompts are pulled from the iterable a window
@@ -269,6 +278,15 @@ class Dispatcher:
         Without ``return_exceptions`` the first failure is raised and the rest
         is cancelled; with it, failures take their item's place in the list."""
         return await self._map(False, prompts, return_exceptions, window, params)
+
+    @overload
+    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
+                       return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
+                       **params: Any) -> List[Result]: ...
+    @overload
+    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
+                       return_exceptions: bool, window: Optional[int] = ...,
+                       **params: Any) -> List[Union[Result, BaseException]]: ...
 
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool = False, window: Optional[int] = None,
@@ -289,6 +307,15 @@ class Dispatcher:
         except BaseException:
             job.cancel()
             raise
+
+    @overload
+    def as_completed(self, prompts: Iterable[Prompt], *,
+                     return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
+                     **params: Any) -> AsyncIterator[Tuple[int, Result]]: ...
+    @overload
+    def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
+                     window: Optional[int] = ..., **params: Any
+                     ) -> AsyncIterator[Tuple[int, Union[Result, BaseException]]]: ...
 
     async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
                            window: Optional[int] = None,
