@@ -118,7 +118,8 @@ def call_options(defaults: Mapping[str, Any], params: Dict[str, Any]) -> CallOpt
     query = None
     if o.get("extra_query"):
         query = urllib.parse.urlencode(o["extra_query"], doseq=True)
-    native = (timeout_ms, o.get("max_retries", -1),
+    native: Optional[Tuple[int, int, Tuple[str, ...], Optional[str], bool]] = (
+              timeout_ms, o.get("max_retries", -1),
               tuple(header_lines(o.get("extra_headers") or {})), query, bool(o.get("raw")))
     if native == (-1, -1, (), None, False):
         native = None

@@ -67,8 +67,10 @@ class ServerProcess:
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready and self.proc.stdout else ""
+        out = self.proc.stdout
+        assert out is not None
+        ready, _, _ = select.select([out], [], [], 60)
+        line = out.readline() if ready else ""
         if "http://" not in line:
             self.proc.kill()
             self.proc.wait()
@@ -119,7 +121,7 @@ def scenario_batches(groups: Dict[str, List[Any]], sc: Scenario) -> List[Any]:
 def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
                  max_retries: int) -> Dict[str, Any]:
     unlimited = sc.max_concurrent is None
-    max_conc = len(batches) if unlimited else sc.max_concurrent
+    max_conc = len(batches) if sc.max_concurrent is None else sc.max_concurrent
     token_cap = None
     if sc.token_cap:  # as `run --max-inflight-tokens auto`: from the server's /metrics
         kv = server_kv_tokens(base_url, None)

@@ -100,20 +100,20 @@ class Dispatcher:
             if max_inflight_tokens < 1:
                 raise ValueError(f"max_inflight_tokens must be >= 1, got {max_inflight_tokens}")
         if semaphore is not None and not isinstance(semaphore, _native.Semaphore):
-            t = type(semaphore)
+            cls = type(semaphore)
             raise TypeError(f"semaphore must be a batchgate.Semaphore (shared natively), "
-                            f"not {t.__module__}.{t.__qualname__}")
+                            f"not {cls.__module__}.{cls.__qualname__}")
         if semaphore is None:
             # Our own cap, still a real batchgate.Semaphore: Python code can
             # share it with `async with dispatcher.semaphore:`.
             semaphore = _native.Semaphore(max_concurrent)
-        hdr_lines = []
-        for k, v in (headers or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str):
+        hdr_lines: List[str] = []
+        for k, hv in (headers or {}).items():
+            if not isinstance(k, str) or not isinstance(hv, str):
                 raise TypeError(f"header {k!r} must map str to str")
-            if any(c in k + v for c in "\r\n") or ":" in k or not k:
+            if any(c in k + hv for c in "\r\n") or ":" in k or not k:
                 raise ValueError(f"invalid header {k!r}")
-            hdr_lines.append(f"{k}: {v}")
+            hdr_lines.append(f"{k}: {hv}")
         if not any(k.lower() == "user-agent" for k in (headers or {})):
             hdr_lines.append(f"User-Agent: {user_agent()}")
         self._core = _native._Dispatcher(
@@ -129,7 +129,7 @@ class Dispatcher:
         self.window = window
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watcher: Optional[threading.Thread] = None
-        self._templates: Dict[str, Any] = {}
+        self._templates: Dict[Any, Any] = {}
         self._pid = os.getpid()
         self._closed = False
         # openai-compat: with_options() views share this root's engine and state.
@@ -503,8 +503,12 @@ def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=10, context=ctx) if ctx else opener.open(req, timeout=10) as f:
+    # OpenerDirector.open() takes no context: an unverified one goes in its handler.
+    handlers: List[Any] = [urllib.request.ProxyHandler({})]
+    if ctx is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ctx))
+    opener = urllib.request.build_opener(*handlers)
+    with opener.open(req, timeout=10) as f:
         doc = json.loads(f.read(1 << 20))
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):

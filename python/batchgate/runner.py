@@ -334,8 +334,9 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
     def finished(t: "asyncio.Task[None]") -> None:
         # O(1) per batch: refill from the done callback, no re-wait on the whole set.
         pending.discard(t)
-        if not t.cancelled() and t.exception() is not None:
-            failures.append(t.exception())  # a bug in one(); surfaced below
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            failures.append(exc)  # a bug in one(); surfaced below
             all_done.set()
             return
         fill()

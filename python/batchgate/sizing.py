@@ -26,7 +26,7 @@ def _check_method(method: Any) -> str:
     return method
 
 
-def _dynamic_batch_size(config: type, content_list: Sequence[str],
+def _dynamic_batch_size(config: Any, content_list: Sequence[str],
                         max_tokens_per_batch: Optional[int]) -> int:
     if max_tokens_per_batch is None:
         max_tokens_per_batch = config.VLLM_MAX_TOKENS_PER_BATCH
@@ -60,7 +60,7 @@ def estimate_many(texts: Sequence[str], method: str = "script") -> List[int]:
     return _native.estimate_many(texts, _check_method(method))
 
 
-class Plan(list):
+class Plan(List[List[str]]):
     """The batches (lists of the input texts), plus what the planner knows.
 
     - ``token_counts[b]``: estimated tokens of batch b, overhead included;

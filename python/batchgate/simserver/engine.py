@@ -181,7 +181,8 @@ class Engine:
         self.timeline = Timeline(non_negative("timeline_interval_s", timeline_interval_s),
                                  positive_int("timeline_max_samples", timeline_max_samples))
         self._tokens_this_step = 0
-        self._wake: Optional[asyncio.Event] = None
+        # Created on the engine's loop by start(), before submit() can be called.
+        self._wake: asyncio.Event = None  # type: ignore[assignment]
         self._task: Optional[asyncio.Task] = None
         self.reset_stats()
 
