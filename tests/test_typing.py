@@ -22,6 +22,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 USER_SCRIPT = os.path.join(HERE, "typing", "user_script.py")
+ALLOWLIST = os.path.join(HERE, "typing", "stubtest_allowlist.txt")
 
 needs_mypy = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
                                 reason="mypy is in the test extra")
@@ -42,7 +43,8 @@ def test_stubtest_clean(module, mypy_cache, tmp_path):
     # From a directory without the source tree: the installed package is checked.
     cfg = tmp_path / "mypy.ini"
     cfg.write_text(f"[mypy]\ncache_dir = {mypy_cache}\n")
-    p = _run([sys.executable, "-m", "mypy.stubtest", "--mypy-config-file", str(cfg), module],
+    p = _run([sys.executable, "-m", "mypy.stubtest", "--mypy-config-file", str(cfg),
+              "--allowlist", ALLOWLIST, "--ignore-unused-allowlist", module],
              cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
 
