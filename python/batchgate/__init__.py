@@ -13,6 +13,7 @@ from .dispatcher import (
     process_batches,
     vllm_generate,
 )
+from .sync import SyncDispatcher
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -29,6 +30,7 @@ __all__ = [
     "ClosedError",
     "Config",
     "Dispatcher",
+    "SyncDispatcher",
     "HTTPStatusError",
     "MalformedResponseError",
     "Result",
