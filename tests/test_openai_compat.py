@@ -409,6 +409,7 @@ def test_sync_dispatcher_without_an_event_loop(rec):
         assert d.with_options(timeout=0.3).generate("f").text == "echo:f"
     with pytest.raises(batchgate.ClosedError):
         d.generate("late")
+    assert d.dispatcher._closed and not d._thread.is_alive()
 
 
 def test_sync_dispatcher_shared_between_threads(rec):
@@ -432,13 +433,20 @@ def test_sync_dispatcher_shared_between_threads(rec):
     assert not errors and out == {k: f"echo:t{k}-9" for k in range(4)}
 
 
-def test_sync_as_completed_break_cancels_the_rest(rec):
+def test_sync_as_completed_runs_ahead_by_a_window_and_break_cancels(rec):
     with batchgate.SyncDispatcher(rec.base_url, model="m", max_concurrent=2) as d:
+        it = d.as_completed([f"p{i}" for i in range(300)], window=4)
+        next(it)
+        time.sleep(0.5)  # a slow consumer: the loop side must wait for it
+        assert d.stats()["submitted"] <= 16
+        it.close()
+        time.sleep(0.2)
+        assert d.stats()["live"] == 0 and d.stats()["submitted"] <= 16
         it = d.as_completed([f"[slow] {i}" for i in range(40)], window=4)
         next(it)
-        it.close()
+        it.close()  # cancels what is in flight
         time.sleep(0.3)
-        assert d.stats()["live"] == 0 and d.stats()["submitted"] < 10
+        assert d.stats()["live"] == 0
 
 
 def test_default_dispatcher_is_per_event_loop(rec, monkeypatch):
