@@ -182,6 +182,29 @@ def test_raw_is_the_parsed_answer_only_when_asked(rec):
     assert "raw" not in rec.posts()[0]["body"]  # an option, not a body field
 
 
+def test_without_raw_a_bulk_result_keeps_nothing_extra(rec):
+    import sys
+    import tracemalloc
+
+    async def main():
+        async with Dispatcher(rec.base_url, model="m", max_concurrent=8) as d:
+            prompts = ["p" * 40] * 400
+            await d.map(prompts[:8])  # warm up (templates, caches)
+            out = []
+            for raw in (False, True):
+                tracemalloc.start()
+                before = tracemalloc.get_traced_memory()[0]
+                rs = await d.map(prompts, raw=raw)
+                out.append((tracemalloc.get_traced_memory()[0] - before) / len(rs))
+                tracemalloc.stop()
+                out.append(sys.getsizeof(rs[0]))
+                del rs
+            return out
+    plain, plain_size, raw, raw_size = run(main())
+    assert plain_size == raw_size <= 80  # the fixed part did not grow
+    assert raw > plain + 150  # raw keeps the ~300-byte answer; plain keeps none of it
+
+
 def test_bulk_results_keep_no_id_unless_raw(rec):
     async def main():
         async with Dispatcher(rec.base_url, model="m") as d:
