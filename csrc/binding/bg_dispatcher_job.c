@@ -402,6 +402,22 @@ int bg_job_refill(Job *j)
     return 0;
 }
 
+/* A retried request: log its retries now, on the loop thread (the engine
+ * thread never takes the GIL; it only records the last reason and the wait). */
+static void log_retries(const bg_request *r, Py_ssize_t index)
+{
+    PyObject *mod = PyImport_ImportModule("batchgate._results");
+    PyObject *res = mod ? PyObject_CallMethod(mod, "log_retries", "Onilid",
+                                              r->kind == BG_RES_OK ? Py_True : Py_False, index,
+                                              r->attempts, r->retry_status, r->retry_curl,
+                                              r->retry_wait_s)
+                        : NULL;
+    Py_XDECREF(mod);
+    Py_XDECREF(res);
+    if (!res)
+        report_unraisable("batchgate: logging retries");
+}
+
 /* One finished request, on the loop thread with the GIL. */
 void bg_job_item_done(Job *j, DItem *it)
 {
@@ -414,6 +430,8 @@ void bg_job_item_done(Job *j, DItem *it)
         return;
     }
     int ok = r->kind == BG_RES_OK;
+    if (r->attempts > 1)
+        log_retries(r, j->mode == JOB_ONE ? -1 : it->index);
     PyObject *obj = ok ? bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache)
                        : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;

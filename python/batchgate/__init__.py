@@ -14,6 +14,7 @@ from .dispatcher import (
     process_batches,
     vllm_generate,
 )
+from .sync import SyncDispatcher
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -31,6 +32,7 @@ __all__ = [
     "ClosedError",
     "Config",
     "Dispatcher",
+    "SyncDispatcher",
     "HTTPStatusError",
     "MalformedResponseError",
     "Result",

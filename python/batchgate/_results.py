@@ -61,3 +61,18 @@ def choices(result: Any) -> List[AttrDict]:
 def tool_calls(result: Any) -> Optional[List[AttrDict]]:
     data = result._choice_data
     return _loads(data[0][2]) if data and result._chat else None
+
+
+def log_retries(ok: bool, index: int, attempts: int, status: int, curl_code: int,
+                waited: float) -> None:
+    """Called at delivery for a request that was retried: the engine thread
+    never takes the GIL, so it records the last reason and the total wait and
+    the loop thread logs them here, once per request."""
+    import logging
+    log = logging.getLogger("batchgate")
+    if not log.isEnabledFor(logging.INFO):
+        return
+    reason = f"HTTP {status}" if status else (f"curl error {curl_code}" if curl_code else "?")
+    where = f"item {index}" if index >= 0 else "request"
+    log.info("%s %s after %d attempts (%d retries, last because of %s; %.2f s of backoff)",
+             where, "succeeded" if ok else "failed", attempts, attempts - 1, reason, waited)

@@ -18,7 +18,7 @@ import weakref
 from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Literal, Mapping,
                     Optional, Sequence, Tuple, Union, overload)
 
-from . import _native, _options
+from . import _native, _options, _progress
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from .config import Config
@@ -265,35 +265,64 @@ class Dispatcher:
     # Typed overloads: without return_exceptions every item is a Result.
     @overload
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: Literal[False] = ...,
-                  window: Optional[int] = ..., **params: Any) -> List[Result]: ...
+                  window: Optional[int] = ..., progress: Any = ...,
+                  **params: Any) -> List[Result]: ...
     @overload
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
-                  window: Optional[int] = ..., **params: Any
-                  ) -> List[Union[Result, BaseException]]: ...
+                  window: Optional[int] = ..., progress: Any = ...,
+                  **params: Any) -> List[Union[Result, BaseException]]: ...
 
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                  window: Optional[int] = None, **params: Any) -> List[Any]:
+                  window: Optional[int] = None, progress: Any = None,
+                  **params: Any) -> List[Any]:
         """Results in input order. Prompts are pulled from the iterable a window
         at a time, so a huge (or lazy) input never lives in flight all at once.
         Without ``return_exceptions`` the first failure is raised and the rest
-        is cancelled; with it, failures take their item's place in the list."""
+        is cancelled; with it, failures take their item's place in the list.
+        ``progress``: see batchgate._progress (a callable(done, total), a bar, or True)."""
+        if progress is not None and progress is not False:
+            return await self._map_progress(False, prompts, return_exceptions, window, params,
+                                            progress)
         return await self._map(False, prompts, return_exceptions, window, params)
 
     @overload
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
-                       **params: Any) -> List[Result]: ...
+                       progress: Any = ..., **params: Any) -> List[Result]: ...
     @overload
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool, window: Optional[int] = ...,
-                       **params: Any) -> List[Union[Result, BaseException]]: ...
+                       progress: Any = ..., **params: Any
+                       ) -> List[Union[Result, BaseException]]: ...
 
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool = False, window: Optional[int] = None,
-                       **params: Any) -> List[Any]:
+                       progress: Any = None, **params: Any) -> List[Any]:
         """``map`` for chat: one request per messages list."""
         src = (_messages_json(m, i) for i, m in enumerate(conversations))
+        if progress is not None and progress is not False:
+            return await self._map_progress(True, src, return_exceptions, window, params,
+                                            progress, _progress.total_of(conversations))
         return await self._map(True, src, return_exceptions, window, params)
+
+    async def _map_progress(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
+                            window: Optional[int], params: Dict[str, Any], progress: Any,
+                            total: Optional[int] = None) -> List[Any]:
+        # With a progress hook map runs on the stream job and orders results
+        # here: the plain map's native path stays free of per-item callbacks.
+        bar = _progress.Progress(progress, total if total is not None
+                                 else _progress.total_of(src), "map")
+        out: List[Any] = []
+        try:
+            async for chunk in self._chunks(chat, src, return_exceptions, window, params):
+                for i, r in chunk:
+                    if i >= len(out):
+                        out.extend([None] * (i + 1 - len(out)))
+                    out[i] = r
+                bar.advance(len(chunk))
+        finally:
+            bar.close()
+        return out
 
     async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
@@ -311,23 +340,32 @@ class Dispatcher:
     @overload
     def as_completed(self, prompts: Iterable[Prompt], *,
                      return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
-                     **params: Any) -> AsyncIterator[Tuple[int, Result]]: ...
+                     progress: Any = ..., **params: Any) -> AsyncIterator[Tuple[int, Result]]: ...
     @overload
     def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
-                     window: Optional[int] = ..., **params: Any
+                     window: Optional[int] = ..., progress: Any = ..., **params: Any
                      ) -> AsyncIterator[Tuple[int, Union[Result, BaseException]]]: ...
 
     async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                           window: Optional[int] = None,
+                           window: Optional[int] = None, progress: Any = None,
                            **params: Any) -> AsyncIterator[Tuple[int, Any]]:
         """Yield ``(index, result)`` as requests finish (any order). Without
         ``return_exceptions`` a failure is raised from the iteration."""
-        async for pair in self._stream(False, prompts, return_exceptions, window, params):
-            yield pair
+        bar = _progress.make(progress, prompts, "as_completed")
+        try:
+            async for chunk in self._chunks(False, prompts, return_exceptions, window, params):
+                for pair in chunk:
+                    yield pair
+                if bar is not None:
+                    bar.advance(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
 
-    async def _stream(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
+    async def _chunks(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                       window: Optional[int], params: Dict[str, Any]
-                      ) -> AsyncIterator[Tuple[int, Any]]:
+                      ) -> AsyncIterator[List[Tuple[int, Any]]]:
+        """Lists of (index, result) as the engine delivers them."""
         loop = self._bind()
         await self._ensure_model()
         job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
@@ -342,12 +380,13 @@ class Dispatcher:
                     job.arm(fut)
                     await fut
                     continue
-                for i, r in chunk:
-                    if i < 0:  # the job itself failed (bad input, closed)
+                for k, (i, r) in enumerate(chunk):
+                    # i < 0: the job itself failed (bad input, closed).
+                    if i < 0 or (not return_exceptions and isinstance(r, BaseException)):
+                        if k:
+                            yield chunk[:k]
                         raise r
-                    if not return_exceptions and isinstance(r, BaseException):
-                        raise r
-                    yield i, r
+                yield chunk
         finally:
             job.cancel()
 
@@ -548,19 +587,40 @@ if hasattr(os, "register_at_fork"):
 
 # ---- drop-in helpers for code shaped like the original pipeline ----------
 
-_default: Optional[Dispatcher] = None
+# One default Dispatcher per event loop: a Dispatcher serves one loop at a
+# time, and code like the original pipeline may run asyncio.run() in several
+# threads at once. Entries of closed loops are closed and dropped on the next
+# call (and at exit), so finished loops do not pin engine threads.
+_defaults_by_loop: Dict[int, Tuple["weakref.ref[asyncio.AbstractEventLoop]", Dispatcher]] = {}
+_defaults_lock = threading.Lock()
 
 
 def default_dispatcher() -> Dispatcher:
-    """A process-wide Dispatcher configured from the environment:
-    VLLM_BASE_URL (default http://127.0.0.1:8000/v1), VLLM_API_KEY, VLLM_MODEL,
-    and Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
-    global _default
-    if _default is None or _default._closed or _default._pid != os.getpid():
-        _default = Dispatcher(os.getenv("VLLM_BASE_URL", "http://127.0.0.1:8000/v1"),
-                              api_key=os.getenv("VLLM_API_KEY") or None,
-                              model=os.getenv("VLLM_MODEL") or None)
-    return _default
+    """The running event loop's default Dispatcher, configured from the
+    environment: base URL and key from VLLM_BASE_URL / VLLM_API_KEY, else
+    OPENAI_BASE_URL / OPENAI_API_KEY (default http://127.0.0.1:8000/v1), model
+    from LLM_MODEL / VLLM_MODEL or the server's only model, caps from
+    Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
+    loop = asyncio.get_running_loop()
+    stale = []
+    with _defaults_lock:
+        for key, (ref, old) in list(_defaults_by_loop.items()):
+            lp = ref()
+            if lp is None or lp.is_closed() or old._closed or old._pid != os.getpid():
+                stale.append(old)
+                del _defaults_by_loop[key]
+        entry = _defaults_by_loop.get(id(loop))
+        d = entry[1] if entry and entry[0]() is loop else None
+        if d is None:
+            base = None
+            if not os.getenv("VLLM_BASE_URL", "").strip() and \
+                    not os.getenv("OPENAI_BASE_URL", "").strip():
+                base = "http://127.0.0.1:8000/v1"
+            d = Dispatcher(base)
+            _defaults_by_loop[id(loop)] = (weakref.ref(loop), d)
+    for old in stale:
+        old.close()
+    return d
 
 
 def _join_batch(batch: Any) -> str:
@@ -581,7 +641,7 @@ async def vllm_generate(batch: Any, *, dispatcher: Optional[Dispatcher] = None,
 
 async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], str],
                           parse: Optional[Callable[[str], Any]] = None, *,
-                          dispatcher: Optional[Dispatcher] = None,
+                          dispatcher: Optional[Dispatcher] = None, progress: Any = None,
                           **params: Any) -> List[Any]:
     """Run every batch through the dispatcher (capped like the original's
     ``async with semaphore``), results in batch order. A failed batch does not
@@ -604,7 +664,7 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
             continue
         prompts.append(p)
         index.append(i)
-    results = await d.map(prompts, return_exceptions=True, **params)
+    results = await d.map(prompts, return_exceptions=True, progress=progress, **params)
     for i, r in zip(index, results):
         if isinstance(r, BaseException):
             log.warning("batch %d failed: %s", i, r)

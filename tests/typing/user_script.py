@@ -69,5 +69,10 @@ async def pipeline(reviews: List[str]) -> None:
 
 def main() -> None:
     asyncio.run(pipeline(["좋아요", "별로예요"]))
+    with batchgate.SyncDispatcher("http://127.0.0.1:8000/v1", model="m") as sd:
+        r = sd.generate("hello", max_tokens=8, timeout=5)
+        assert_type(r, Result)
+        for i, res in sd.as_completed(["a", "b"], max_tokens=8):
+            print(i, res)
     s = batchgate.run_batch_file_sync("in.jsonl", "out.jsonl", max_concurrent=4)
     assert_type(s, BatchSummary)
