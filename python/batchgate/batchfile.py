@@ -416,10 +416,16 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
                 views.clear()
             v = views[line_model] = d.with_options(model=line_model)
         return v
+
     if window is None:
         window = 2 * d.max_concurrent + 16
     breaker = max_consecutive_failures or max(8, 2 * d.max_concurrent)
-    writer = _Writer(output, overwrite)
+    try:
+        writer = _Writer(output, overwrite)
+    except BaseException:
+        if own:
+            d.close()
+        raise
     slots = asyncio.Semaphore(window)
     tasks: Set["asyncio.Task[None]"] = set()
     consecutive = 0
