@@ -405,8 +405,9 @@ class Dispatcher:
                 ids = _fetch_model_ids(self.base_url, self._api_key, self._headers,
                                        self._verify)
             except Exception as e:  # the server may not list models: let it choose
-                log.warning("could not list %s/models (%s); sending requests without a "
-                            "model (the server's default)", self.base_url.rstrip("/"), e)
+                log.warning("could not list the server's models (%s: %s); sending requests "
+                            "without a model (the server's default)", type(e).__name__,
+                            _redact(str(e), self.base_url))
                 ids = []
             if len(ids) == 1:
                 self._resolved_model = ids[0]
@@ -491,6 +492,16 @@ class _OptionsView(Dispatcher):
         pass
 
 
+def _redact(text: str, url: str) -> str:
+    """text with the URL's password (if any) replaced."""
+    import urllib.parse
+    try:
+        pw = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return "(unprintable)"
+    return text.replace(pw, "***") if pw else text
+
+
 def user_agent() -> str:
     from . import __version__
     return f"batchgate/{__version__} libcurl/{_native.libcurl_version}"
@@ -498,16 +509,30 @@ def user_agent() -> str:
 
 def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str, str],
                      verify: bool) -> List[str]:
+    import base64
     import ssl
+    import urllib.parse
     import urllib.request
 
-    req = urllib.request.Request(base_url.rstrip("/") + "/models", method="GET")
+    u = urllib.parse.urlsplit(base_url)
+    basic = None
+    if u.username is not None:  # user:password@ in the URL: a header, never in messages
+        basic = base64.b64encode(f"{urllib.parse.unquote(u.username)}:"
+                                 f"{urllib.parse.unquote(u.password or '')}".encode()).decode()
+        host = u.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        u = u._replace(netloc=host + (f":{u.port}" if u.port else ""))
+    req = urllib.request.Request(urllib.parse.urlunsplit(u).rstrip("/") + "/models",
+                                 method="GET")
     for k, v in headers.items():
         req.add_header(k, v)
     req.add_header("User-Agent", user_agent())
     req.add_header("Accept", "application/json")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
+    elif basic:
+        req.add_header("Authorization", f"Basic {basic}")
     ctx = None
     if base_url.startswith("https://") and not verify:
         ctx = ssl.create_default_context()
