@@ -593,7 +593,11 @@ def default_dispatcher() -> Dispatcher:
     OPENAI_BASE_URL / OPENAI_API_KEY (default http://127.0.0.1:8000/v1), model
     from LLM_MODEL / VLLM_MODEL or the server's only model, caps from
     Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
-    loop = asyncio.get_running_loop()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("default_dispatcher() is per event loop: call it from a coroutine "
+                           "(or use batchgate.SyncDispatcher outside asyncio)") from None
     stale = []
     with _defaults_lock:
         for key, (ref, d) in list(_defaults_by_loop.items()):
