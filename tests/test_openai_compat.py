@@ -430,6 +430,13 @@ def test_model_lookup_with_url_credentials_keeps_them_secret(caplog):
         assert not any("hunter2" in m.getMessage() for m in caplog.records)
 
 
+def test_a_call_naming_its_model_needs_no_lookup(rec):
+    with batchgate.SyncDispatcher(rec.base_url) as d:
+        r = d.chat([{"role": "user", "content": "hi"}], model="per-call")
+    assert r.model == "per-call" and rec.posts()[0]["body"]["model"] == "per-call"
+    assert not [q for q in rec.requests if q["method"] == "GET"]
+
+
 def test_model_env_and_ambiguous_server(monkeypatch):
     with Recorder(models=["base", "lora-a"]) as srv:
         async def main():

@@ -251,7 +251,7 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False)
@@ -307,7 +307,7 @@ class Dispatcher:
     async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
                                 window or self.window, bool(return_exceptions))
@@ -338,7 +338,7 @@ class Dispatcher:
                       ) -> AsyncIterator[List[Tuple[int, Any]]]:
         """Lists of (index, result) as the engine delivers them."""
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
                                 window or self.window, True)
         try:
@@ -384,8 +384,11 @@ class Dispatcher:
             defaults[name] = v
         return _OptionsView(self._root, defaults, model)
 
-    async def _ensure_model(self) -> None:
+    async def _ensure_model(self, params: Mapping[str, Any]) -> None:
         root = self._root
+        if "model" in params or "model" in (params.get("extra_body") or ()) or \
+                "model" in (self._defaults.get("extra_body") or ()):
+            return  # the call names its model (openai-python habit)
         if self.model is not None or root._model_explicit or root._model_checked:
             if root._model_error is not None and self.model is None:
                 raise root._model_error
