@@ -406,6 +406,37 @@ def test_model_from_the_server_queried_once(rec):
     assert {r["body"]["model"] for r in rec.posts()} == {"served-model"}
 
 
+def test_model_lookup_with_url_credentials_keeps_them_secret(caplog):
+    with Recorder() as srv:
+        url = srv.base_url.replace("http://", "http://alice:s3cret@")
+        port = srv.base_url.split(":")[2].split("/")[0]
+
+        async def main():
+            async with Dispatcher(url) as d:
+                return await d.generate("x")
+        r = run(main())
+        get = [q for q in srv.requests if q["method"] == "GET"][0]
+        assert get["headers"]["authorization"].startswith("Basic ")
+        assert r.model == "served-model"
+        srv.models = None  # /v1/models now 404s: warn (without the password), go on
+        url2 = f"http://bob:hunter2@127.0.0.1:{port}/v1"
+        with caplog.at_level(logging.WARNING, logger="batchgate"):
+            async def second():
+                async with Dispatcher(url2) as d:
+                    return await d.generate("y")
+            r2 = run(second())
+        assert r2.text == "echo:y" and "model" not in srv.posts()[-1]["body"]
+        assert any("could not list" in m.getMessage() for m in caplog.records)
+        assert not any("hunter2" in m.getMessage() for m in caplog.records)
+
+
+def test_a_call_naming_its_model_needs_no_lookup(rec):
+    with batchgate.SyncDispatcher(rec.base_url) as d:
+        r = d.chat([{"role": "user", "content": "hi"}], model="per-call")
+    assert r.model == "per-call" and rec.posts()[0]["body"]["model"] == "per-call"
+    assert not [q for q in rec.requests if q["method"] == "GET"]
+
+
 def test_model_env_and_ambiguous_server(monkeypatch):
     with Recorder(models=["base", "lora-a"]) as srv:
         async def main():

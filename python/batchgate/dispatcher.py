@@ -251,7 +251,7 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False)
@@ -327,7 +327,7 @@ class Dispatcher:
     async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
                                 window or self.window, bool(return_exceptions))
@@ -367,7 +367,7 @@ class Dispatcher:
                       ) -> AsyncIterator[List[Tuple[int, Any]]]:
         """Lists of (index, result) as the engine delivers them."""
         loop = self._bind()
-        await self._ensure_model()
+        await self._ensure_model(params)
         job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params), None,
                                 window or self.window, True)
         try:
@@ -413,8 +413,11 @@ class Dispatcher:
             defaults[name] = v
         return _OptionsView(self._root, defaults, model)
 
-    async def _ensure_model(self) -> None:
+    async def _ensure_model(self, params: Mapping[str, Any]) -> None:
         root = self._root
+        if "model" in params or "model" in (params.get("extra_body") or ()) or \
+                "model" in (self._defaults.get("extra_body") or ()):
+            return  # the call names its model (openai-python habit)
         if self.model is not None or root._model_explicit or root._model_checked:
             if root._model_error is not None and self.model is None:
                 raise root._model_error
@@ -434,8 +437,9 @@ class Dispatcher:
                 ids = _fetch_model_ids(self.base_url, self._api_key, self._headers,
                                        self._verify)
             except Exception as e:  # the server may not list models: let it choose
-                log.warning("could not list %s/models (%s); sending requests without a "
-                            "model (the server's default)", self.base_url.rstrip("/"), e)
+                log.warning("could not list the server's models (%s: %s); sending requests "
+                            "without a model (the server's default)", type(e).__name__,
+                            _redact(str(e), self.base_url))
                 ids = []
             if len(ids) == 1:
                 self._resolved_model = ids[0]
@@ -520,6 +524,16 @@ class _OptionsView(Dispatcher):
         pass
 
 
+def _redact(text: str, url: str) -> str:
+    """text with the URL's password (if any) replaced."""
+    import urllib.parse
+    try:
+        pw = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return "(unprintable)"
+    return text.replace(pw, "***") if pw else text
+
+
 def user_agent() -> str:
     from . import __version__
     return f"batchgate/{__version__} libcurl/{_native.libcurl_version}"
@@ -527,16 +541,30 @@ def user_agent() -> str:
 
 def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str, str],
                      verify: bool) -> List[str]:
+    import base64
     import ssl
+    import urllib.parse
     import urllib.request
 
-    req = urllib.request.Request(base_url.rstrip("/") + "/models", method="GET")
+    u = urllib.parse.urlsplit(base_url)
+    basic = None
+    if u.username is not None:  # user:password@ in the URL: a header, never in messages
+        basic = base64.b64encode(f"{urllib.parse.unquote(u.username)}:"
+                                 f"{urllib.parse.unquote(u.password or '')}".encode()).decode()
+        host = u.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        u = u._replace(netloc=host + (f":{u.port}" if u.port else ""))
+    req = urllib.request.Request(urllib.parse.urlunsplit(u).rstrip("/") + "/models",
+                                 method="GET")
     for k, v in headers.items():
         req.add_header(k, v)
     req.add_header("User-Agent", user_agent())
     req.add_header("Accept", "application/json")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
+    elif basic:
+        req.add_header("Authorization", f"Basic {basic}")
     ctx = None
     if base_url.startswith("https://") and not verify:
         ctx = ssl.create_default_context()
@@ -601,7 +629,11 @@ def default_dispatcher() -> Dispatcher:
     OPENAI_BASE_URL / OPENAI_API_KEY (default http://127.0.0.1:8000/v1), model
     from LLM_MODEL / VLLM_MODEL or the server's only model, caps from
     Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
-    loop = asyncio.get_running_loop()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("default_dispatcher() is per event loop: call it from a coroutine "
+                           "(or use batchgate.SyncDispatcher outside asyncio)") from None
     stale = []
     with _defaults_lock:
         for key, (ref, old) in list(_defaults_by_loop.items()):
