@@ -332,3 +332,23 @@ def test_async_api_shared_dispatcher_progress_and_stop(server, tmp_path):
     assert seen and seen == sorted(seen)
     assert second.complete and second.already_done == first.written
     check_complete(read_output(outp), good, bad)
+
+
+def test_ctrl_c_stops_cleanly_then_resume(tmp_path):
+    inp, outp = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    good, bad = write_batch(inp, 300)
+    with FakeVLLM(latency=0.02) as srv:
+        p = cli(inp, "-o", outp, "--base-url", srv.base_url, "--max-concurrent", "4")
+        deadline = time.monotonic() + 60
+        while count_lines(outp) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130, stderr
+        assert "run the same command to continue" in stderr
+        first = read_output(outp)  # whole lines only: nothing was cut mid-write
+        assert 40 <= len(first) < len(good) + len(bad)
+        p = cli(inp, "-o", outp, "--base-url", srv.base_url, "-q")
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 1, stderr
+    check_complete(read_output(outp), good, bad)

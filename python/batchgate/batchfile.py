@@ -631,7 +631,8 @@ def batch_command(args: Any) -> int:
         stop = asyncio.Event()
 
         def on_signal() -> None:
-            _say("interrupted: finishing the lines being written (Ctrl-C again to abort)")
+            _say("interrupted: stopping; finished lines stay in the output (Ctrl-C again to "
+                 "abort)")
             stop.set()
             loop.remove_signal_handler(signal.SIGINT)
 
