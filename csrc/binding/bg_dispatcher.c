@@ -48,6 +48,7 @@ static void template_dealloc(Template *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     bg_tmpl_decref(self->tmpl);
+    bg_req_opts_free(self->opts);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -223,13 +224,62 @@ static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(bg_notify_fd(self->notify));
 }
 
-/* template(params_json: str | None) -> _Template */
+/* Per-call options from (timeout_ms, max_retries, header_lines, query, keep_raw);
+ * NULL with no exception for None. */
+static int opts_from_tuple(Core *self, PyObject *o, bg_req_opts **out)
+{
+    *out = NULL;
+    if (o == Py_None)
+        return 0;
+    long timeout_ms;
+    int max_retries, keep_raw;
+    PyObject *hdrs, *query;
+    if (!PyArg_ParseTuple(o, "liO!Op;template options", &timeout_ms, &max_retries, &PyTuple_Type,
+                          &hdrs, &query, &keep_raw))
+        return -1;
+    Py_ssize_t nh = PyTuple_GET_SIZE(hdrs);
+    const char **lines = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
+    if (!lines) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = -1;
+    bg_req_opts_spec spec = {.timeout_ms = timeout_ms, .max_retries = max_retries,
+                             .headers = lines, .n_headers = (size_t)nh, .keep_raw = keep_raw};
+    for (Py_ssize_t i = 0; i < nh; i++) {
+        Py_ssize_t n;
+        PyObject *h = PyTuple_GET_ITEM(hdrs, i);
+        if (!PyUnicode_Check(h)) {
+            PyErr_SetString(PyExc_TypeError, "header lines must be str");
+            goto done;
+        }
+        if (!(lines[i] = PyUnicode_AsUTF8AndSize(h, &n)))
+            goto done;
+        if ((size_t)n != strlen(lines[i])) {
+            PyErr_SetString(PyExc_ValueError, "a header must not contain NUL");
+            goto done;
+        }
+    }
+    if (query != Py_None && !(spec.query = PyUnicode_AsUTF8(query)))
+        goto done;
+    char err[200];
+    if (!(*out = bg_req_opts_new(self->engine, &spec, err, sizeof(err)))) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto done;
+    }
+    rc = 0;
+done:
+    PyMem_Free(lines);
+    return rc;
+}
+
+/* template(model, params_json: str | None[, options]) -> _Template */
 static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (core_check(self) < 0)
         return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "template(model, params_json)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "template(model, params_json[, options])");
         return NULL;
     }
     const char *model = NULL, *extra = NULL;
@@ -238,18 +288,24 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
         return NULL;
+    bg_req_opts *opts = NULL;
+    if (nargs == 3 && opts_from_tuple(self, args[2], &opts) < 0)
+        return NULL;
     char err[300];
     bg_tmpl *t = bg_tmpl_new(model, extra, (size_t)elen, err, sizeof(err));
     if (!t) {
+        bg_req_opts_free(opts);
         PyErr_SetString(PyExc_ValueError, err);
         return NULL;
     }
     Template *obj = PyObject_New(Template, self->st->TemplateType);
     if (!obj) {
+        bg_req_opts_free(opts);
         bg_tmpl_decref(t);
         return NULL;
     }
     obj->tmpl = t;
+    obj->opts = opts;
     return (PyObject *)obj;
 }
 
@@ -289,6 +345,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
     j->core = (Core *)Py_NewRef(self);
     j->tmpl_obj = Py_NewRef(tmpl);
     j->tmpl = ((Template *)tmpl)->tmpl;
+    j->opts = ((Template *)tmpl)->opts;
     j->mode = mode;
     j->endpoint = chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
     j->group = ++self->next_id;
@@ -524,6 +581,7 @@ static void core_dealloc(Core *self)
         Py_END_ALLOW_THREADS
     }
     Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->model_cache);
     if (self->pid == getpid()) {
         if (self->notify)
             bg_notify_destroy(self->notify);
@@ -551,14 +609,21 @@ static int core_clear(Core *self)
 
 static PyMethodDef core_methods[] = {
     {"_on_readable", (PyCFunction)core_on_readable, METH_NOARGS,
-     "Deliver finished requests (the loop's reader callback)."},
-    {"wait", (PyCFunction)core_wait, METH_O, "Block until completions are ready (fallback)."},
-    {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "The completion wakeup fd."},
-    {"bind", (PyCFunction)core_bind, METH_O, "Set the loop whose call_soon runs backlogs."},
-    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL, NULL},
-    {"submit", (PyCFunction)core_submit, METH_VARARGS, NULL},
-    {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL, NULL},
-    {"stats", (PyCFunction)core_stats, METH_NOARGS, NULL},
+     "_on_readable($self, /)\n--\n\nDeliver finished requests (the loop's reader callback)."},
+    {"wait", (PyCFunction)core_wait, METH_O,
+     "wait($self, timeout_ms, /)\n--\n\nBlock until completions are ready (fallback)."},
+    {"fileno", (PyCFunction)core_fileno, METH_NOARGS,
+     "fileno($self, /)\n--\n\nThe completion wakeup fd."},
+    {"bind", (PyCFunction)core_bind, METH_O,
+     "bind($self, loop, /)\n--\n\nSet the loop whose call_soon runs backlogs."},
+    /* Text signatures let stubtest hold _native.pyi to these argument lists. */
+    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
+     "template($self, model, params_json, options=None, /)\n--\n\n"},
+    {"submit", (PyCFunction)core_submit, METH_VARARGS,
+     "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, /)\n--\n\n"},
+    {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL,
+     "close($self, drop=False, /)\n--\n\n"},
+    {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats($self, /)\n--\n\n"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,6 +59,7 @@ struct Core {
     bg_notify_node *backlog;  /* drained but not yet delivered (drain limit) */
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
+    PyObject *model_cache;    /* last Result.model str (shared by the results) */
     PyObject *weakreflist;
 };
 
@@ -71,6 +72,7 @@ struct Job {
     Core *core;
     PyObject *tmpl_obj;   /* _Template, keeps tmpl alive */
     const bg_tmpl *tmpl;
+    const bg_req_opts *opts; /* the template's per-call options, or NULL */
     int mode;
     int endpoint;
     uint64_t group;
@@ -92,21 +94,38 @@ struct Job {
 typedef struct {
     PyObject_HEAD
     bg_tmpl *tmpl;
+    bg_req_opts *opts;    /* owned, NULL = the engine's defaults */
 } Template;
 
+/* 80 bytes, like before the openai-shaped fields: a million results in a
+ * map() cost no more. What only some answers have lives in `extra`. */
 typedef struct {
     PyObject_HEAD
     PyObject *text;
     PyObject *finish_reason;
-    PyObject *texts;      /* tuple when a request produced several choices, else NULL */
+    PyObject *model;      /* str shared between results of the same model, or None */
+    PyObject *extra;      /* NULL, or a list, see RX_* */
     double latency;
-    int attempts;
-    int64_t prompt_tokens, completion_tokens, total_tokens;
+    unsigned int chat : 1;
+    unsigned int attempts : 31;
+    int32_t prompt_tokens, completion_tokens, total_tokens; /* -1 = not reported */
 } Result;
+
+/* Result.extra slots. */
+enum {
+    RX_RAW,     /* bytes of the answer (raw=True), else None */
+    RX_RAW_OBJ, /* its parsed JSON, cached on first access, else None */
+    RX_ID,      /* the server's "id" (single calls, or raw=True), else None */
+    RX_CHOICES, /* several choices, tool calls or logprobs: a tuple of
+                   (text, finish_reason, tool_calls_json, logprobs_json), else None */
+    RX_COUNT
+};
 
 /* bg_dispatcher_result.c */
 extern PyType_Spec bg_result_spec;
-PyObject *bg_result_new(bg_state *st, const bg_request *r);
+/* keep_id: also keep the server's id (single calls; bulk ones only with raw).
+ * model_cache: the last model str built, reused while the name repeats. */
+PyObject *bg_result_new(bg_state *st, const bg_request *r, int keep_id, PyObject **model_cache);
 PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, int with_index);
 
 /* bg_dispatcher_job.c (loop thread, GIL held) */

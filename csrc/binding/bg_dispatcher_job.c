@@ -225,6 +225,7 @@ filled:
     it->r.count_preheld = j->count_preheld != 0;
     it->r.endpoint = (enum bg_endpoint)j->endpoint;
     it->r.tmpl = j->tmpl;
+    it->r.opts = j->opts;
     it->r.user = it;
     it->job = j;
     it->index = index;
@@ -402,6 +403,22 @@ int bg_job_refill(Job *j)
     return 0;
 }
 
+/* A retried request: log its retries now, on the loop thread (the engine
+ * thread never takes the GIL; it only records the last reason and the wait). */
+static void log_retries(const bg_request *r, Py_ssize_t index)
+{
+    PyObject *mod = PyImport_ImportModule("batchgate._results");
+    PyObject *res = mod ? PyObject_CallMethod(mod, "log_retries", "Onilid",
+                                              r->kind == BG_RES_OK ? Py_True : Py_False, index,
+                                              r->attempts, r->retry_status, r->retry_curl,
+                                              r->retry_wait_s)
+                        : NULL;
+    Py_XDECREF(mod);
+    Py_XDECREF(res);
+    if (!res)
+        report_unraisable("batchgate: logging retries");
+}
+
 /* One finished request, on the loop thread with the GIL. */
 void bg_job_item_done(Job *j, DItem *it)
 {
@@ -414,7 +431,10 @@ void bg_job_item_done(Job *j, DItem *it)
         return;
     }
     int ok = r->kind == BG_RES_OK;
-    PyObject *obj = ok ? bg_result_new(st, r) : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
+    if (r->attempts > 1)
+        log_retries(r, j->mode == JOB_ONE ? -1 : it->index);
+    PyObject *obj = ok ? bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache)
+                       : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;
     bg_job_item_release(j, it);
     if (!obj) {
@@ -526,9 +546,9 @@ static PyObject *job_get_finished(Job *self, void *Py_UNUSED(c))
 }
 
 static PyMethodDef job_methods[] = {
-    {"cancel", (PyCFunction)job_cancel, METH_NOARGS, NULL},
-    {"take", (PyCFunction)job_take, METH_NOARGS, NULL},
-    {"arm", (PyCFunction)job_arm, METH_O, NULL},
+    {"cancel", (PyCFunction)job_cancel, METH_NOARGS, "cancel($self, /)\n--\n\n"},
+    {"take", (PyCFunction)job_take, METH_NOARGS, "take($self, /)\n--\n\n"},
+    {"arm", (PyCFunction)job_arm, METH_O, "arm($self, future, /)\n--\n\n"},
     {NULL, NULL, 0, NULL},
 };
 

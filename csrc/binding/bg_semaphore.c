@@ -1385,19 +1385,21 @@ done:
 
 static PyMethodDef sem_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))sem_acquire, METH_FASTCALL | METH_KEYWORDS,
-     "acquire(n=1)\n--\n\nAwaitable: wait (FIFO) until n permits are free, take them, "
+     "acquire($self, /, n=1)\n--\n\nAwaitable: wait (FIFO) until n permits are free, take them, "
      "return True."},
     {"release", (PyCFunction)(void (*)(void))sem_release, METH_FASTCALL | METH_KEYWORDS,
-     "release(n=1)\n--\n\nGive back n permits; callable from any thread."},
+     "release($self, /, n=1)\n--\n\nGive back n permits; callable from any thread."},
     {"locked", (PyCFunction)sem_locked, METH_NOARGS,
-     "True if acquire() would have to wait."},
+     "locked($self, /)\n--\n\nTrue if acquire() would have to wait."},
     {"acquire_blocking", (PyCFunction)(void (*)(void))sem_acquire_blocking,
      METH_FASTCALL | METH_KEYWORDS,
-     "acquire_blocking(n=1, timeout=None)\n--\n\nFor plain threads: wait (FIFO, GIL "
+     "acquire_blocking($self, /, n=1, timeout=None)\n--\n\nFor plain threads: wait (FIFO, GIL "
      "released) for n permits. Returns True, or False on timeout."},
     {"_track_holders", (PyCFunction)sem_track_holders, METH_NOARGS,
+     "_track_holders($self, /)\n--\n\n"
      "Record which tasks hold permits (a Dispatcher uses this semaphore)."},
     {"_held", (PyCFunction)sem_held, METH_NOARGS,
+     "_held($self, /)\n--\n\n"
      "[permits, riding, waiters] this task holds (see Dispatcher), or None."},
     {"__aenter__", (PyCFunction)sem_aenter, METH_NOARGS, NULL},
     {"__aexit__", (PyCFunction)(void (*)(void))sem_aexit, METH_FASTCALL, NULL},
@@ -1549,9 +1551,12 @@ static PyObject *test_native_try_acquire(PyObject *module, PyObject *const *args
 
 static PyMethodDef sem_test_methods[] = {
     {"_sem_native_release_later", (PyCFunction)(void (*)(void))test_native_release_later,
-     METH_FASTCALL, "Test hook: release n permits from a native thread (no GIL) later."},
+     METH_FASTCALL,
+     "_sem_native_release_later(sem, n, delay_ms, /)\n--\n\n"
+     "Test hook: release n permits from a native thread (no GIL) later."},
     {"_sem_native_try_acquire", (PyCFunction)(void (*)(void))test_native_try_acquire,
-     METH_FASTCALL, "Test hook: take n permits through the C API."},
+     METH_FASTCALL,
+     "_sem_native_try_acquire(sem, n, /)\n--\n\nTest hook: take n permits through the C API."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -527,15 +527,18 @@ done:
 
 static PyMethodDef sizing_methods[] = {
     {"dynamic_batch_size", (PyCFunction)(void (*)(void))dynamic_batch_size, METH_FASTCALL,
+     "dynamic_batch_size(texts, max_tokens, min_size, max_size, default_size, /)\n--\n\n"
      "The original pipeline's batch size formula (see batchgate.calculate_dynamic_batch_size)."},
     {"estimate_tokens", (PyCFunction)(void (*)(void))estimate_tokens, METH_FASTCALL,
-     "Estimated tokens of one text."},
+     "estimate_tokens(text, method, /)\n--\n\nEstimated tokens of one text."},
     {"estimate_many", (PyCFunction)(void (*)(void))estimate_many, METH_FASTCALL,
-     "Estimated tokens of each text, as a list."},
+     "estimate_many(texts, method, /)\n--\n\nEstimated tokens of each text, as a list."},
     {"_token_features", token_features, METH_O,
+     "_token_features(text, /)\n--\n\n"
      "The script model's feature vector of a text (for calibration)."},
     {"plan", (PyCFunction)(void (*)(void))plan, METH_FASTCALL,
-     "Plan batches under a token budget (see batchgate.plan_batches)."},
+     "plan(texts, budget, counts, counter, max_batch_size, overhead, alone, method, pack, /)"
+     "\n--\n\nPlan batches under a token budget (see batchgate.plan_batches)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -36,6 +36,12 @@ void bg_request_clear(bg_request *r)
     free(r->message);
     r->message = NULL;
     bg_resp_free(&r->resp);
+    free(r->raw);
+    r->raw = NULL;
+    r->raw_len = 0;
+    r->retry_status = 0;
+    r->retry_curl = 0;
+    r->retry_wait_s = 0;
     r->kind = BG_RES_OK;
     r->status = 0;
     r->curl_code = 0;

@@ -23,6 +23,7 @@ extern "C" {
 
 typedef struct bg_engine bg_engine;
 typedef struct bg_request bg_request;
+typedef struct bg_req_opts bg_req_opts;
 
 /* Outcome of a request. */
 enum bg_result_kind {
@@ -53,6 +54,7 @@ struct bg_request {
     bool count_preheld;   /* the submitter already holds a count permit for this request
                              (a task inside `async with sem`): never take or release one */
     void *user;           /* caller's data, untouched */
+    const bg_req_opts *opts; /* borrowed per-call options, NULL = the engine's */
 
     /* ---- output, valid in on_done ---- */
     int kind;             /* enum bg_result_kind */
@@ -63,6 +65,12 @@ struct bg_request {
     int attempts;         /* transfers started */
     bg_resp resp;         /* BG_RES_OK: parsed choices and usage */
     int64_t t_submit_ns, t_first_send_ns, t_done_ns; /* CLOCK_MONOTONIC */
+    char *raw;            /* BG_RES_OK with opts->keep_raw: the answer's bytes, owned */
+    size_t raw_len;
+    /* Retries, for the caller's log (the engine thread never logs). */
+    long retry_status;    /* HTTP status that caused the last retry, 0 if none */
+    int retry_curl;       /* CURLcode that caused the last retry, 0 if none */
+    double retry_wait_s;  /* total backoff slept */
 
     /* ---- private to the engine ---- */
     bg_engine *engine;
@@ -133,6 +141,25 @@ void bg_engine_close(bg_engine *e);
 
 /* Close (if needed) and free. */
 void bg_engine_destroy(bg_engine *e);
+
+/* ---- per-call options ----
+ * What openai-python lets a call override: its attempt timeout, retries,
+ * extra headers (replacing the engine's of the same name) and query, plus
+ * keeping the answer's bytes. Built once per distinct set on the caller's
+ * thread; immutable afterwards, so any number of requests may point at it.
+ * It must outlive every request using it. */
+typedef struct {
+    long timeout_ms;    /* per attempt; -1 = the engine's, 0 = none */
+    int max_retries;    /* -1 = the engine's */
+    const char *const *headers; /* "Name: value" lines (no CR/LF) */
+    size_t n_headers;
+    const char *query;  /* appended after '?' (already encoded), NULL = none */
+    bool keep_raw;      /* hand the answer's bytes back in bg_request.raw */
+} bg_req_opts_spec;
+
+bg_req_opts *bg_req_opts_new(const bg_engine *e, const bg_req_opts_spec *spec, char *err,
+                             size_t errlen);
+void bg_req_opts_free(bg_req_opts *o);
 
 typedef struct {
     uint64_t submitted, completed, attempts, retries;

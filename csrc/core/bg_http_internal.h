@@ -30,6 +30,14 @@ typedef struct {
     bg_request *head, *tail;
 } req_list;
 
+struct bg_req_opts {
+    long timeout_ms;
+    int max_retries;
+    bool keep_raw;
+    struct curl_slist *headers;       /* engine's merged with the call's, or NULL */
+    char *url_completions, *url_chat; /* with the query, or NULL */
+};
+
 struct bg_engine {
     bg_engine_config cfg; /* string fields point into owned copies below */
     char *base_url, *api_key;
@@ -78,6 +86,15 @@ void bgh_set_message(bg_request *r, const char *fmt, ...) __attribute__((format(
 void bgh_finish(bg_engine *e, bg_request *r, int kind);
 
 /* bg_http_transfer.c */
+/* Options of a request: its own, else the engine's. */
+static inline long bgh_timeout_ms(const bg_engine *e, const bg_request *r)
+{
+    return r->opts && r->opts->timeout_ms >= 0 ? r->opts->timeout_ms : e->cfg.timeout_ms;
+}
+static inline int bgh_max_retries(const bg_engine *e, const bg_request *r)
+{
+    return r->opts && r->opts->max_retries >= 0 ? r->opts->max_retries : e->cfg.max_retries;
+}
 void bgh_easy_put(bg_engine *e, bg_easy *x);
 void bgh_start_transfer(bg_engine *e, bg_request *r);
 void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code);

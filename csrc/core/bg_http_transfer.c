@@ -97,7 +97,6 @@ static bg_easy *easy_get(bg_engine *e)
     /* Options fixed for the engine's lifetime; per-request ones are set in start_transfer. */
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, x->errbuf);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, e->headers);
     curl_easy_setopt(h, CURLOPT_POST, 1L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
@@ -108,8 +107,6 @@ static bg_easy *easy_get(bg_engine *e)
 #endif
     if (c->connect_timeout_ms > 0)
         curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
-    if (c->timeout_ms > 0)
-        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, c->timeout_ms);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, c->verify_tls ? 1L : 0L);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, c->verify_tls ? 2L : 0L);
     if (c->max_response_bytes)
@@ -144,8 +141,14 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
         return;
     }
     CURL *h = x->h;
-    curl_easy_setopt(h, CURLOPT_URL,
-                     r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions);
+    /* Handles are pooled across requests with different options: set them every time. */
+    const bg_req_opts *o = r->opts;
+    const char *url = r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions;
+    if (o && o->url_chat)
+        url = r->endpoint == BG_EP_CHAT ? o->url_chat : o->url_completions;
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, o && o->headers ? o->headers : e->headers);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, bgh_timeout_ms(e, r));
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
     curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
     curl_easy_setopt(h, CURLOPT_PRIVATE, r);
@@ -222,6 +225,9 @@ static void schedule_retry(bg_engine *e, bg_request *r)
         d = d / 2 + u * d / 2;
     }
     r->due_ns = bgh_now_ns() + (int64_t)(d * 1e9);
+    r->retry_status = r->status;
+    r->retry_curl = r->curl_code;
+    r->retry_wait_s += d;
     r->state = ST_BACKOFF;
     bgh_backoff_insert(&e->backoff, r);
     STAT_ADD(e, st_retries, 1);
@@ -239,7 +245,7 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
     STAT_ADD(e, st_in_flight, (uint64_t)-1);
     r->status = status;
     r->curl_code = (int)code;
-    bool can_retry = r->attempts <= e->cfg.max_retries;
+    bool can_retry = r->attempts <= bgh_max_retries(e, r);
     size_t cap = e->cfg.max_response_bytes;
 
     if (code != CURLE_OK) {
@@ -279,6 +285,12 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
             bgh_set_message(r, "%s", err);
             bgh_finish(e, r, BG_RES_MALFORMED);
         } else {
+            if (r->opts && r->opts->keep_raw && r->rbuf) {
+                r->raw = r->rbuf; /* hand the buffer over: no copy */
+                r->raw_len = r->rlen;
+                r->rbuf = NULL;
+                r->rlen = r->rcap = 0;
+            }
             bgh_finish(e, r, BG_RES_OK);
         }
         return;
@@ -291,4 +303,107 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
     free(r->message);
     r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
     bgh_finish(e, r, BG_RES_HTTP);
+}
+
+/* ---- per-call options -------------------------------------------------- */
+
+static size_t header_name_len(const char *h)
+{
+    const char *c = strchr(h, ':');
+    const char *s = strchr(h, ';'); /* "Name;" = send it empty (libcurl) */
+    if (!c || (s && s < c))
+        c = s;
+    return c ? (size_t)(c - h) : strlen(h);
+}
+
+static char *url_with_query(const char *url, const char *query)
+{
+    size_t ul = strlen(url), ql = strlen(query);
+    char *u = malloc(ul + ql + 2);
+    if (!u)
+        return NULL;
+    memcpy(u, url, ul);
+    u[ul] = strchr(url, '?') ? '&' : '?';
+    memcpy(u + ul + 1, query, ql + 1);
+    return u;
+}
+
+bg_req_opts *bg_req_opts_new(const bg_engine *e, const bg_req_opts_spec *spec, char *err,
+                             size_t errlen)
+{
+    bg_req_opts *o = calloc(1, sizeof(*o));
+    if (!o) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    o->timeout_ms = spec->timeout_ms < 0 ? -1 : spec->timeout_ms;
+    o->max_retries = spec->max_retries < 0 ? -1 : spec->max_retries;
+    o->keep_raw = spec->keep_raw;
+    for (size_t i = 0; i < spec->n_headers; i++) {
+        const char *h = spec->headers[i];
+        if (!h || header_name_len(h) == 0 || header_name_len(h) == strlen(h) ||
+            strpbrk(h, "\r\n")) {
+            snprintf(err, errlen, "header %zu must look like \"Name: value\" on one line", i);
+            goto fail;
+        }
+    }
+    if (spec->n_headers) {
+        /* The engine's headers first, minus those the call replaces. */
+        struct curl_slist *sl = NULL, *tmp;
+        for (const struct curl_slist *p = e->headers; p; p = p->next) {
+            size_t nl = header_name_len(p->data);
+            bool replaced = false;
+            for (size_t i = 0; i < spec->n_headers && !replaced; i++)
+                replaced = header_name_len(spec->headers[i]) == nl &&
+                           strncasecmp(spec->headers[i], p->data, nl) == 0;
+            if (replaced)
+                continue;
+            if (!(tmp = curl_slist_append(sl, p->data)))
+                goto nomem_list;
+            sl = tmp;
+        }
+        for (size_t i = 0; i < spec->n_headers; i++) {
+            if (!(tmp = curl_slist_append(sl, spec->headers[i])))
+                goto nomem_list;
+            sl = tmp;
+        }
+        o->headers = sl;
+        goto headers_done;
+    nomem_list:
+        curl_slist_free_all(sl);
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+headers_done:
+    if (spec->query && spec->query[0]) {
+        if (strpbrk(spec->query, " \r\n#")) {
+            snprintf(err, errlen, "query must be URL-encoded");
+            goto fail;
+        }
+        o->url_completions = url_with_query(e->url_completions, spec->query);
+        o->url_chat = url_with_query(e->url_chat, spec->query);
+        if (!o->url_completions || !o->url_chat) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
+    }
+    return o;
+fail:
+    bg_req_opts_free(o);
+    return NULL;
+}
+
+void bg_req_opts_free(bg_req_opts *o)
+{
+    if (!o)
+        return;
+    if (o->headers) {
+        /* The list may hold an Authorization line: wipe it before freeing. */
+        for (struct curl_slist *p = o->headers; p; p = p->next)
+            memset(p->data, 0, strlen(p->data));
+        curl_slist_free_all(o->headers);
+    }
+    free(o->url_completions);
+    free(o->url_chat);
+    free(o);
 }

@@ -392,6 +392,24 @@ static int64_t usage_field(const cJSON *u, const char *name)
     return get_int(cJSON_GetObjectItemCaseSensitive(u, name), &v) == 0 ? v : -1;
 }
 
+/* The serialized form of an optional structured field: NULL when absent,
+ * null or an empty list/object, so the common answer costs one lookup. */
+static int keep_json(const cJSON *v, char **out)
+{
+    *out = NULL;
+    if (!v || cJSON_IsNull(v) || ((cJSON_IsArray(v) || cJSON_IsObject(v)) && !v->child))
+        return 0;
+    *out = cJSON_PrintUnformatted(v);
+    return *out ? 0 : -1;
+}
+
+/* A top-level string field, taken without a copy; NULL if absent or not a string. */
+static char *take_string(cJSON *root, const char *name)
+{
+    cJSON *v = cJSON_GetObjectItemCaseSensitive(root, name);
+    return cJSON_IsString(v) ? steal_string(v) : NULL;
+}
+
 void bg_resp_free(bg_resp *r)
 {
     if (!r)
@@ -399,8 +417,12 @@ void bg_resp_free(bg_resp *r)
     for (size_t i = 0; i < r->n_choices; i++) {
         free(r->choices[i].text);
         free(r->choices[i].finish_reason);
+        free(r->choices[i].tool_calls_json);
+        free(r->choices[i].logprobs_json);
     }
     free(r->choices);
+    free(r->id);
+    free(r->model);
     memset(r, 0, sizeof(*r));
 }
 
@@ -490,6 +512,14 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
             }
             tv = cJSON_GetObjectItemCaseSensitive(msg, "content");
             field = "[\"message\"][\"content\"]";
+            cJSON *tc = cJSON_GetObjectItemCaseSensitive(msg, "tool_calls");
+            if (tc && !cJSON_IsNull(tc) && !cJSON_IsArray(tc)) {
+                set_err(err, errlen, "choices[%zu][\"message\"][\"tool_calls\"] must be a list, "
+                        "got %s", pos, type_name(tc));
+                goto fail;
+            }
+            if (keep_json(tc, &dst->tool_calls_json) < 0)
+                goto nomem;
             if (cJSON_IsNull(tv))
                 tv = NULL; /* tool calls: no text */
             else if (!cJSON_IsString(tv))
@@ -501,10 +531,10 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                 goto bad_text;
         }
         dst->text = tv ? steal_string(tv) : strdup("");
-        if (!dst->text) {
-            set_err(err, errlen, "out of memory");
-            goto fail;
-        }
+        if (!dst->text)
+            goto nomem;
+        if (keep_json(cJSON_GetObjectItemCaseSensitive(c, "logprobs"), &dst->logprobs_json) < 0)
+            goto nomem;
         dst->text_len = strlen(dst->text);
         cJSON *fr = cJSON_GetObjectItemCaseSensitive(c, "finish_reason");
         if (cJSON_IsString(fr)) {
@@ -532,8 +562,12 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
         set_err(err, errlen, "response \"usage\" must be an object, got %s", type_name(u));
         goto fail;
     }
+    out->id = take_string(root, "id");
+    out->model = take_string(root, "model");
     cJSON_Delete(root);
     return 0;
+nomem:
+    set_err(err, errlen, "out of memory");
 fail:
     cJSON_Delete(root);
     bg_resp_free(out);

@@ -83,6 +83,10 @@ typedef struct {
     char *text;          /* owned, NUL-terminated; "" for a null chat content */
     size_t text_len;
     char *finish_reason; /* owned or NULL (JSON null / absent) */
+    /* Kept only when the server sent them (rare, so no cost otherwise):
+     * serialized JSON, owned, NULL when absent, null or empty. */
+    char *tool_calls_json; /* chat: message.tool_calls (a list) */
+    char *logprobs_json;   /* choice.logprobs */
 } bg_choice;
 
 typedef struct {
@@ -94,6 +98,8 @@ typedef struct {
     bg_choice *choices; /* n_choices entries, choices[i] has "index" == i */
     size_t n_choices;
     bg_usage usage;
+    char *id;    /* owned: top-level "id" string, or NULL */
+    char *model; /* owned: top-level "model" string, or NULL */
 } bg_resp;
 
 /* Parse a 2xx body. expected = number of choices the request must produce

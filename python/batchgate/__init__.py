@@ -1,6 +1,7 @@
 """batchgate: push large volumes of LLM work through a vLLM server, fast and
 within a token budget. The core is the C extension ``batchgate._native``."""
 from ._native import BatchgateError, BoundedSemaphore, Semaphore, libcurl_version
+from .batchfile import BatchSummary, run_batch_file, run_batch_file_sync
 from .config import Config
 from .dispatcher import (
     ClosedError,
@@ -19,6 +20,7 @@ from .compat import (
     vllm_generate,
 )
 from .run import LLMUtils, analyze_restaurants
+from .sync import SyncDispatcher
 from .sizing import (
     Plan,
     calculate_dynamic_batch_size,
@@ -32,11 +34,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchFailed",
     "BatchResults",
+    "BatchSummary",
     "BatchgateError",
     "BoundedSemaphore",
     "ClosedError",
     "Config",
     "Dispatcher",
+    "SyncDispatcher",
     "HTTPStatusError",
     "MalformedResponseError",
     "Result",
@@ -46,6 +50,8 @@ __all__ = [
     "analyze_restaurants",
     "generate_with_vllm",
     "process_batches",
+    "run_batch_file",
+    "run_batch_file_sync",
     "vllm_generate",
     "Plan",
     "Semaphore",

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
     _add_run(sub)
     _add_demo(sub)
+    from .batchfile import add_parser as _add_batch
+    _add_batch(sub)
     return p
 
 

@@ -124,7 +124,7 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
                           parse: Optional[Callable[[str], Any]] = None, *,
                           dispatcher: Optional[Dispatcher] = None,
                           max_retries: Optional[int] = None,
-                          priority: Optional[bool] = None,
+                          priority: Optional[bool] = None, progress: Any = None,
                           **params: Any) -> BatchResults:
     """Run every batch through the dispatcher (capped like the original's
     ``async with semaphore``); results in batch order.
@@ -134,7 +134,9 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
     fails holds a ``BatchFailed`` in its slot, is listed in
     ``results.failed`` and logged: never a silent gap in the counts.
     ``priority`` (default Config.VLLM_USE_PRIORITY_QUEUE): send shortest
-    estimated prompt first, with vLLM's ``priority`` field."""
+    estimated prompt first, with vLLM's ``priority`` field. ``progress``: a
+    callable(done, total), a tqdm-style bar or True, advanced per settled batch."""
+    from . import _progress
     from .sizing import estimate_many
     d = dispatcher or default_dispatcher()
     retries = Config.MAX_RETRIES if max_retries is None else max_retries
@@ -160,6 +162,9 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
         cost = dict(zip(order, estimate_many([prompts[i] for i in order])))
         order.sort(key=lambda i: cost[i])
     used: Dict[int, int] = {}
+    bar = _progress.Progress(progress, len(batches), "batches") if progress else None
+    if bar is not None and failed:
+        bar.advance(len(failed))
     while order:
         again: List[int] = []
 
@@ -168,18 +173,19 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
             if isinstance(r, BaseException):
                 out[i] = BatchFailed(i, n, r)
                 failed.append(i)
-                return
-            if parse is None:
+            elif parse is None:
                 out[i] = r.text
-                return
-            try:
-                out[i] = parse(r.text)
-            except Exception as e:
-                if n < 1 + retries:
-                    again.append(i)
-                else:
+            else:
+                try:
+                    out[i] = parse(r.text)
+                except Exception as e:
+                    if n < 1 + retries:
+                        again.append(i)
+                        return
                     out[i] = BatchFailed(i, n, e)
                     failed.append(i)
+            if bar is not None:  # the batch is settled for good
+                bar.advance(1)
 
         if priority:
             # vLLM's `priority` differs per request and a request template is
@@ -203,6 +209,8 @@ async def process_batches(batches: Iterable[Any], build_prompt: Callable[[Any], 
                                              return_exceptions=True, **params):
                 settle(order[k], r)
         order = again
+    if bar is not None:
+        bar.close()
     failed.sort()
     for i in failed:
         log.warning("%s", out[i])

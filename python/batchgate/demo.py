@@ -85,8 +85,10 @@ class ServerProcess:
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready and self.proc.stdout else ""
+        out = self.proc.stdout
+        assert out is not None
+        ready, _, _ = select.select([out], [], [], 60)
+        line = out.readline() if ready else ""
         if "http://" not in line:
             self.proc.kill()
             self.proc.wait()

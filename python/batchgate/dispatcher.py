@@ -16,10 +16,10 @@ import logging
 import os
 import threading
 import weakref
-from typing import (Any, AsyncIterator, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
+                    Optional, Sequence, Tuple, Union, overload)
 
-from . import _native
+from . import _native, _options, _progress
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from .config import Config
@@ -47,7 +47,8 @@ class Dispatcher:
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, model: Optional[str] = None,
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
                  max_inflight_tokens: Optional[int] = None,
                  timeout: Optional[float] = 600.0, connect_timeout: Optional[float] = 10.0,
@@ -58,6 +59,10 @@ class Dispatcher:
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16) -> None:
+        # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
+        base_url, api_key = _options.resolve_connection(base_url, api_key)
+        if model is None:
+            model = _options.env_model()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         if api_key is not None and not isinstance(api_key, str):
@@ -97,22 +102,24 @@ class Dispatcher:
             if max_inflight_tokens < 1:
                 raise ValueError(f"max_inflight_tokens must be >= 1, got {max_inflight_tokens}")
         if semaphore is not None and not isinstance(semaphore, _native.Semaphore):
-            t = type(semaphore)
+            cls = type(semaphore)
             raise TypeError(f"semaphore must be a batchgate.Semaphore (shared natively), "
-                            f"not {t.__module__}.{t.__qualname__}")
+                            f"not {cls.__module__}.{cls.__qualname__}")
         if semaphore is None:
             # Our own cap, still a real batchgate.Semaphore: Python code can
             # share it with `async with dispatcher.semaphore:`.
             semaphore = _native.Semaphore(max_concurrent)
         # Tasks holding its permits get requests that ride on them (see _ride).
         semaphore._track_holders()
-        hdr_lines = []
-        for k, v in (headers or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str):
+        hdr_lines: List[str] = []
+        for k, hv in (headers or {}).items():
+            if not isinstance(k, str) or not isinstance(hv, str):
                 raise TypeError(f"header {k!r} must map str to str")
-            if any(c in k + v for c in "\r\n") or ":" in k or not k:
+            if any(c in k + hv for c in "\r\n") or ":" in k or not k:
                 raise ValueError(f"invalid header {k!r}")
-            hdr_lines.append(f"{k}: {v}")
+            hdr_lines.append(f"{k}: {hv}")
+        if not any(k.lower() == "user-agent" for k in (headers or {})):
+            hdr_lines.append(f"User-Agent: {user_agent()}")
         self._core = _native._Dispatcher(
             base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
             float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
@@ -126,9 +133,20 @@ class Dispatcher:
         self.window = window
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watcher: Optional[threading.Thread] = None
-        self._templates: Dict[str, Any] = {}
+        self._templates: Dict[Any, Any] = {}
         self._pid = os.getpid()
         self._closed = False
+        # openai-compat: with_options() views share this root's engine and state.
+        self._root: Dispatcher = self
+        self._defaults: Dict[str, Any] = {}
+        self._model_explicit = model is not None
+        self._resolved_model: Optional[str] = None
+        self._model_checked = False
+        self._model_error: Optional[BaseException] = None
+        self._model_lock = threading.Lock()
+        self._headers = dict(headers or {})
+        self._api_key = api_key
+        self._verify = bool(verify)
         _live.add(self)
 
     def __repr__(self) -> str:  # the API key is never shown
@@ -207,13 +225,22 @@ class Dispatcher:
         self._watcher = None
 
     def _template(self, params: Dict[str, Any]) -> Any:
-        key = json.dumps(params, separators=(",", ":"), allow_nan=False) if params else ""
-        t = self._templates.get(key)
+        """The native template for one call's keywords: body fields and the
+        reserved per-call options (see _options), cached per distinct set."""
+        opts = _options.call_options(self._defaults, params)
+        body = params
+        if opts.extra_body:
+            body = {**params, **opts.extra_body}  # openai-python: extra_body wins
+        key = _options.body_json(body) if body else ""
+        model = self.model if self.model is not None else self._root._resolved_model
+        ckey = (key, model, opts.native)
+        root = self._root
+        t = root._templates.get(ckey)
         if t is None:
-            if len(self._templates) > 256:
-                self._templates.clear()
-            t = self._core.template(self.model, key or None)
-            self._templates[key] = t
+            if len(root._templates) > 256:
+                root._templates.clear()
+            t = root._core.template(model, key or None, opts.native)
+            root._templates[ckey] = t
         return t
 
     # ---- single requests ------------------------------------------------
@@ -228,6 +255,7 @@ class Dispatcher:
 
     async def _one(self, chat: bool, payload: Any, params: Dict[str, Any]) -> Result:
         loop = self._bind()
+        await self._ensure_model(params)
         rec = self.semaphore._held()
         if rec is not None:
             return await self._ride(loop, rec, chat, payload, params)
@@ -280,38 +308,90 @@ class Dispatcher:
                 _wake_rider(rec)
 
     # ---- bulk -----------------------------------------------------------
+    # Typed overloads: without return_exceptions every item is a Result.
+    @overload
+    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: Literal[False] = ...,
+                  window: Optional[int] = ..., priority: Optional[bool] = ...,
+                  progress: Any = ..., **params: Any) -> List[Result]: ...
+    @overload
+    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
+                  window: Optional[int] = ..., priority: Optional[bool] = ...,
+                  progress: Any = ..., **params: Any) -> List[Union[Result, BaseException]]: ...
+
     async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
                   window: Optional[int] = None, priority: Optional[bool] = None,
+                  progress: Any = None,
                   **params: Any) -> List[Any]:
         """Results in input order. Prompts are pulled from the iterable a window
         at a time, so a huge (or lazy) input never lives in flight all at once.
         Without ``return_exceptions`` the first failure is raised and the rest
         is cancelled; with it, failures take their item's place in the list.
         ``priority`` (default Config.VLLM_USE_PRIORITY_QUEUE): send the
-        shortest estimated prompts first (the input is read whole for that)."""
+        shortest estimated prompts first (the input is read whole for that).
+        ``progress``: see batchgate._progress (a callable(done, total), a bar, or True)."""
         if priority is None:
             priority = Config.VLLM_USE_PRIORITY_QUEUE
-        if not priority:
-            return await self._map(False, prompts, return_exceptions, window, params)
-        items = list(prompts)
-        order = _shortest_first(items)
-        res = await self._map(False, [items[i] for i in order], return_exceptions, window,
-                              params)
-        out: List[Any] = [None] * len(items)
+        order: Optional[List[int]] = None
+        src: Iterable[Any] = prompts
+        if priority:
+            items = list(prompts)
+            order = _shortest_first(items)
+            src = [items[i] for i in order]
+        if progress is not None and progress is not False:
+            res = await self._map_progress(False, src, return_exceptions, window, params,
+                                           progress)
+        else:
+            res = await self._map(False, src, return_exceptions, window, params)
+        if order is None:
+            return res
+        out: List[Any] = [None] * len(order)
         for k, i in enumerate(order):
             out[i] = res[k]
         return out
 
+    @overload
+    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
+                       return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
+                       progress: Any = ..., **params: Any) -> List[Result]: ...
+    @overload
+    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
+                       return_exceptions: bool, window: Optional[int] = ...,
+                       progress: Any = ..., **params: Any
+                       ) -> List[Union[Result, BaseException]]: ...
+
     async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
                        return_exceptions: bool = False, window: Optional[int] = None,
-                       **params: Any) -> List[Any]:
+                       progress: Any = None, **params: Any) -> List[Any]:
         """``map`` for chat: one request per messages list."""
         src = (_messages_json(m, i) for i, m in enumerate(conversations))
+        if progress is not None and progress is not False:
+            return await self._map_progress(True, src, return_exceptions, window, params,
+                                            progress, _progress.total_of(conversations))
         return await self._map(True, src, return_exceptions, window, params)
+
+    async def _map_progress(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
+                            window: Optional[int], params: Dict[str, Any], progress: Any,
+                            total: Optional[int] = None) -> List[Any]:
+        # With a progress hook map runs on the stream job and orders results
+        # here: the plain map's native path stays free of per-item callbacks.
+        bar = _progress.Progress(progress, total if total is not None
+                                 else _progress.total_of(src), "map")
+        out: List[Any] = []
+        try:
+            async for chunk in self._chunks(chat, src, return_exceptions, window, params):
+                for i, r in chunk:
+                    if i >= len(out):
+                        out.extend([None] * (i + 1 - len(out)))
+                    out[i] = r
+                bar.advance(len(chunk))
+        finally:
+            bar.close()
+        return out
 
     async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
+        await self._ensure_model(params)
         fut = loop.create_future()
         window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
@@ -334,18 +414,37 @@ class Dispatcher:
         rec[1] += window
         return window, rec
 
+    @overload
+    def as_completed(self, prompts: Iterable[Prompt], *,
+                     return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
+                     progress: Any = ..., **params: Any) -> AsyncIterator[Tuple[int, Result]]: ...
+    @overload
+    def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
+                     window: Optional[int] = ..., progress: Any = ..., **params: Any
+                     ) -> AsyncIterator[Tuple[int, Union[Result, BaseException]]]: ...
+
     async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                           window: Optional[int] = None,
+                           window: Optional[int] = None, progress: Any = None,
                            **params: Any) -> AsyncIterator[Tuple[int, Any]]:
         """Yield ``(index, result)`` as requests finish (any order). Without
         ``return_exceptions`` a failure is raised from the iteration."""
-        async for pair in self._stream(False, prompts, return_exceptions, window, params):
-            yield pair
+        bar = _progress.make(progress, prompts, "as_completed")
+        try:
+            async for chunk in self._chunks(False, prompts, return_exceptions, window, params):
+                for pair in chunk:
+                    yield pair
+                if bar is not None:
+                    bar.advance(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
 
-    async def _stream(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
+    async def _chunks(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
                       window: Optional[int], params: Dict[str, Any]
-                      ) -> AsyncIterator[Tuple[int, Any]]:
+                      ) -> AsyncIterator[List[Tuple[int, Any]]]:
+        """Lists of (index, result) as the engine delivers them."""
         loop = self._bind()
+        await self._ensure_model(params)
         window, ride = self._ride_window(window or self.window)
         try:
             job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params),
@@ -363,15 +462,76 @@ class Dispatcher:
                     job.arm(fut)
                     await fut
                     continue
-                for i, r in chunk:
-                    if i < 0:  # the job itself failed (bad input, closed)
+                for k, (i, r) in enumerate(chunk):
+                    # i < 0: the job itself failed (bad input, closed).
+                    if i < 0 or (not return_exceptions and isinstance(r, BaseException)):
+                        if k:
+                            yield chunk[:k]
                         raise r
-                    if not return_exceptions and isinstance(r, BaseException):
-                        raise r
-                    yield i, r
+                yield chunk
         finally:
             job.cancel()
             _end_ride(ride, window)
+
+    # ---- openai-compat: per-call defaults and the server's model ----------
+    def with_options(self, **options: Any) -> "Dispatcher":
+        """A view with other defaults for the per-call options (``timeout``,
+        ``max_retries``, ``extra_headers``/``default_headers``,
+        ``extra_query``/``default_query``, ``extra_body``, ``raw``) and/or
+        ``model``, sharing this dispatcher's engine, caps and connections, like
+        openai-python's ``client.with_options(...)``. Closing a view closes the
+        shared engine."""
+        defaults = dict(self._defaults)
+        model = options.pop("model", self.model)
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str or None, not {type(model).__name__}")
+        for k, v in options.items():
+            name = _options.ALIASES.get(k, k)
+            if name not in _options.RESERVED:
+                raise TypeError(f"with_options() got an unexpected keyword {k!r} "
+                                f"(options: model, {', '.join(_options.RESERVED)})")
+            v = _options.check_option(name, v)
+            if isinstance(v, dict) and isinstance(defaults.get(name), dict):
+                v = {**defaults[name], **v}
+            defaults[name] = v
+        return _OptionsView(self._root, defaults, model)
+
+    async def _ensure_model(self, params: Mapping[str, Any]) -> None:
+        root = self._root
+        if "model" in params or "model" in (params.get("extra_body") or ()) or \
+                "model" in (self._defaults.get("extra_body") or ()):
+            return  # the call names its model (openai-python habit)
+        if self.model is not None or root._model_explicit or root._model_checked:
+            if root._model_error is not None and self.model is None:
+                raise root._model_error
+            return
+        await asyncio.get_running_loop().run_in_executor(None, root._lookup_model)
+        if root._model_error is not None:
+            raise root._model_error
+
+    def _lookup_model(self) -> None:
+        """Once per dispatcher: GET {base_url}/models; use the only model the
+        server offers. Blocking (runs in an executor thread, or directly from
+        SyncDispatcher), serialized by a lock so concurrent first calls share it."""
+        with self._model_lock:
+            if self._model_checked:
+                return
+            try:
+                ids = _fetch_model_ids(self.base_url, self._api_key, self._headers,
+                                       self._verify)
+            except Exception as e:  # the server may not list models: let it choose
+                log.warning("could not list the server's models (%s: %s); sending requests "
+                            "without a model (the server's default)", type(e).__name__,
+                            _redact(str(e), self.base_url))
+                ids = []
+            if len(ids) == 1:
+                self._resolved_model = ids[0]
+            elif len(ids) > 1:
+                self._model_error = ValueError(
+                    f"the server at {self.base_url} offers several models "
+                    f"({', '.join(ids[:10])}); pass Dispatcher(model=...) or set LLM_MODEL / "
+                    f"VLLM_MODEL")
+            self._model_checked = True
 
     # ---- lifecycle ------------------------------------------------------
     def stats(self) -> Dict[str, int]:
@@ -441,6 +601,95 @@ def _end_ride(rec: Optional[List[Any]], window: int) -> None:
             _wake_rider(rec)
 
 
+class _OptionsView(Dispatcher):
+    """Dispatcher.with_options(): other per-call defaults over a shared root."""
+
+    def __init__(self, root: Dispatcher, defaults: Dict[str, Any],  # noqa: super not called
+                 model: Optional[str]) -> None:
+        self.__dict__.update(_root=root, _defaults=defaults, model=model)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the root's
+        return getattr(self.__dict__["_root"], name)
+
+    def __repr__(self) -> str:
+        return f"<batchgate.Dispatcher view of {self._root!r} options={sorted(self._defaults)}>"
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        return self._root._bind()
+
+    def close(self) -> None:
+        self._root.close()
+
+    async def aclose(self, *, wait: bool = False) -> None:
+        await self._root.aclose(wait=wait)
+
+    async def __aenter__(self) -> "Dispatcher":
+        self._root._check()
+        return self
+
+    def __del__(self) -> None:
+        pass
+
+
+def _redact(text: str, url: str) -> str:
+    """text with the URL's password (if any) replaced."""
+    import urllib.parse
+    try:
+        pw = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return "(unprintable)"
+    return text.replace(pw, "***") if pw else text
+
+
+def user_agent() -> str:
+    from . import __version__
+    return f"batchgate/{__version__} libcurl/{_native.libcurl_version}"
+
+
+def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str, str],
+                     verify: bool) -> List[str]:
+    import base64
+    import ssl
+    import urllib.parse
+    import urllib.request
+
+    u = urllib.parse.urlsplit(base_url)
+    basic = None
+    if u.username is not None:  # user:password@ in the URL: a header, never in messages
+        basic = base64.b64encode(f"{urllib.parse.unquote(u.username)}:"
+                                 f"{urllib.parse.unquote(u.password or '')}".encode()).decode()
+        host = u.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        u = u._replace(netloc=host + (f":{u.port}" if u.port else ""))
+    req = urllib.request.Request(urllib.parse.urlunsplit(u).rstrip("/") + "/models",
+                                 method="GET")
+    for k, v in headers.items():
+        req.add_header(k, v)
+    req.add_header("User-Agent", user_agent())
+    req.add_header("Accept", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    elif basic:
+        req.add_header("Authorization", f"Basic {basic}")
+    ctx = None
+    if base_url.startswith("https://") and not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    # OpenerDirector.open() takes no context: an unverified one goes in its handler.
+    handlers: List[Any] = [urllib.request.ProxyHandler({})]
+    if ctx is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ctx))
+    opener = urllib.request.build_opener(*handlers)
+    with opener.open(req, timeout=10) as f:
+        doc = json.loads(f.read(1 << 20))
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("no \"data\" list in the answer")
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
 def _messages_json(messages: Any, index: Optional[int]) -> str:
     where = "messages" if index is None else f"conversations[{index}]"
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -473,19 +722,44 @@ if hasattr(os, "register_at_fork"):
 
 # ---- drop-in helpers for code shaped like the original pipeline ----------
 
-_default: Optional[Dispatcher] = None
+# One default Dispatcher per event loop: a Dispatcher serves one loop at a
+# time, and code like the original pipeline may run asyncio.run() in several
+# threads at once. Entries of closed loops are closed and dropped on the next
+# call (and at exit), so finished loops do not pin engine threads.
+_defaults_by_loop: Dict[int, Tuple["weakref.ref[asyncio.AbstractEventLoop]", Dispatcher]] = {}
+_defaults_lock = threading.Lock()
 
 
 def default_dispatcher() -> Dispatcher:
-    """A process-wide Dispatcher configured from the environment:
-    VLLM_BASE_URL (default http://127.0.0.1:8000/v1), VLLM_API_KEY, VLLM_MODEL,
-    and Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
-    global _default
-    if _default is None or _default._closed or _default._pid != os.getpid():
-        _default = Dispatcher(os.getenv("VLLM_BASE_URL", "http://127.0.0.1:8000/v1"),
-                              api_key=os.getenv("VLLM_API_KEY") or None,
-                              model=os.getenv("VLLM_MODEL") or None)
-    return _default
+    """The running event loop's default Dispatcher, configured from the
+    environment: base URL and key from VLLM_BASE_URL / VLLM_API_KEY, else
+    OPENAI_BASE_URL / OPENAI_API_KEY (default http://127.0.0.1:8000/v1), model
+    from LLM_MODEL / VLLM_MODEL or the server's only model, caps from
+    Config.VLLM_MAX_CONCURRENT_BATCHES / Config.MAX_RETRIES."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("default_dispatcher() is per event loop: call it from a coroutine "
+                           "(or use batchgate.SyncDispatcher outside asyncio)") from None
+    stale = []
+    with _defaults_lock:
+        for key, (ref, old) in list(_defaults_by_loop.items()):
+            lp = ref()
+            if lp is None or lp.is_closed() or old._closed or old._pid != os.getpid():
+                stale.append(old)
+                del _defaults_by_loop[key]
+        entry = _defaults_by_loop.get(id(loop))
+        d = entry[1] if entry and entry[0]() is loop else None
+        if d is None:
+            base = None
+            if not os.getenv("VLLM_BASE_URL", "").strip() and \
+                    not os.getenv("OPENAI_BASE_URL", "").strip():
+                base = "http://127.0.0.1:8000/v1"
+            d = Dispatcher(base)
+            _defaults_by_loop[id(loop)] = (weakref.ref(loop), d)
+    for old in stale:
+        old.close()
+    return d
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,7 @@ def estimate_many(texts: Sequence[str], method: str = "script") -> List[int]:
     return _native.estimate_many(texts, _check_method(method))
 
 
-class Plan(list):
+class Plan(List[List[str]]):
     """The batches (lists of the input texts), plus what the planner knows.
 
     - ``token_counts[b]``: estimated tokens of batch b, overhead included;

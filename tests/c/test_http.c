@@ -544,6 +544,73 @@ static void test_headers_and_body_passthrough(void)
     fx_close(&fx);
 }
 
+/* Per-call options: retries, attempt timeout, replaced headers, query and
+ * keeping the answer's bytes, on one engine alongside plain requests. */
+static item *run_with(fixture *fx, const char *prompt, const bg_req_opts *o)
+{
+    item *it = make_items(fx, 1, "%d");
+    snprintf(it->text, sizeof(it->text), "%s", prompt);
+    it->p.len = strlen(it->text);
+    it->r.opts = o;
+    size_t before = coll.done;
+    CHECK(bg_engine_submit(fx->e, &it->r) == 0);
+    CHECK(wait_done(&coll, before + 1, 30));
+    return it;
+}
+
+static void test_per_request_options(void)
+{
+    fixture fx;
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.api_key = "sk-engine";
+    c.max_retries = 3;
+    c.backoff_base_s = 0.01;
+    c.backoff_max_s = 0.02;
+    c.timeout_ms = 30000;
+    fx_open(&fx, 2, &c, NULL);
+    char err[200];
+    const char *hdrs[] = {"authorization: Bearer sk-call", "X-Call: 1"};
+    bg_req_opts_spec sp = {.timeout_ms = 300, .max_retries = 0, .headers = hdrs,
+                           .n_headers = 2, .keep_raw = true};
+    bg_req_opts *o = bg_req_opts_new(fx.e, &sp, err, sizeof(err));
+    CHECK(o != NULL);
+    const char *bad[] = {"X-Bad: a\r\nX-Evil: b"};
+    bg_req_opts_spec spb = {.timeout_ms = -1, .max_retries = -1, .headers = bad, .n_headers = 1};
+    CHECK(bg_req_opts_new(fx.e, &spb, err, sizeof(err)) == NULL);
+    bg_req_opts_spec spq = {.timeout_ms = -1, .max_retries = -1, .query = "a=1 2"};
+    CHECK(bg_req_opts_new(fx.e, &spq, err, sizeof(err)) == NULL);
+
+    item *it = run_with(&fx, "fail [[status=503]]", o);
+    CHECK(it->r.kind == BG_RES_HTTP && it->r.attempts == 1); /* the call's 0 retries */
+    free_items(it, 1);
+    it = run_with(&fx, "fail2 [[status=503,times=2]]", NULL);
+    CHECK(it->r.kind == BG_RES_OK && it->r.attempts == 3 && it->r.raw == NULL);
+    CHECK(it->r.retry_status == 503 && it->r.retry_wait_s > 0);
+    free_items(it, 1);
+    double t0 = now_s();
+    it = run_with(&fx, "slow [[delay=3]]", o);
+    CHECK(it->r.kind == BG_RES_TIMEOUT && now_s() - t0 < 2.5);
+    free_items(it, 1);
+    it = run_with(&fx, "keep", o);
+    expect_ok_text(it);
+    CHECK(it->r.raw && it->r.raw_len == strlen(it->r.raw) && strstr(it->r.raw, "echo:keep"));
+    free_items(it, 1);
+    char *s = control("/_stats", false);
+    CHECK_CONTAINS(s, "\"authorization\": \"Bearer sk-call\"");
+    CHECK_CONTAINS(s, "\"x-call\": \"1\"");
+    free(s);
+    it = run_with(&fx, "plain", NULL);
+    expect_ok_text(it);
+    free_items(it, 1);
+    s = control("/_stats", false);
+    CHECK_CONTAINS(s, "\"authorization\": \"Bearer sk-engine\"");
+    CHECK(strstr(s, "x-call") == NULL);
+    free(s);
+    fx_close(&fx);
+    bg_req_opts_free(o);
+}
+
 static void test_token_budget(void)
 {
     fixture fx;
@@ -791,6 +858,7 @@ int main(int argc, char **argv)
         {"transport_faults", test_transport_faults},
         {"malformed", test_malformed},
         {"headers_and_body_passthrough", test_headers_and_body_passthrough},
+        {"per_request_options", test_per_request_options},
         {"token_budget", test_token_budget},
         {"cancel_half", test_cancel_half},
         {"cancel_group", test_cancel_group},

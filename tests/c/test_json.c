@@ -115,6 +115,36 @@ static void test_template_errors(void)
     CHECK(bg_json_check_messages("[]", 2, err, sizeof(err)) < 0);
 }
 
+static void expect_parse_error(const char *body, enum bg_endpoint ep, size_t expected,
+                               const char *want);
+
+/* openai-shaped extras: id, model, tool calls and logprobs kept only when sent. */
+static void test_parse_openai_fields(void)
+{
+    char err[256];
+    bg_resp r;
+    const char *b = "{\"id\":\"chatcmpl-1\",\"model\":\"m\",\"choices\":[{\"index\":0,"
+                    "\"message\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":"
+                    "[{\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\","
+                    "\"arguments\":\"{\\\"a\\\":1}\"}}]},\"logprobs\":{\"content\":[]},"
+                    "\"finish_reason\":\"tool_calls\"}]}";
+    CHECK(bg_json_parse_response(b, strlen(b), BG_EP_CHAT, 1, &r, err, sizeof(err)) == 0);
+    CHECK(r.id && strcmp(r.id, "chatcmpl-1") == 0 && r.model && strcmp(r.model, "m") == 0);
+    CHECK(r.n_choices == 1 && r.choices[0].tool_calls_json &&
+          strstr(r.choices[0].tool_calls_json, "\"arguments\":\"{\\\"a\\\":1}\""));
+    CHECK(r.choices[0].logprobs_json &&
+          strcmp(r.choices[0].logprobs_json, "{\"content\":[]}") == 0);
+    bg_resp_free(&r);
+    const char *c = "{\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":\"x\","
+                    "\"tool_calls\":[]},\"logprobs\":null}]}";
+    CHECK(bg_json_parse_response(c, strlen(c), BG_EP_CHAT, 1, &r, err, sizeof(err)) == 0);
+    CHECK(!r.id && !r.model && !r.choices[0].tool_calls_json && !r.choices[0].logprobs_json);
+    bg_resp_free(&r);
+    expect_parse_error("{\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":null,"
+                       "\"tool_calls\":\"f()\"}}]}",
+                       BG_EP_CHAT, 1, "[\"tool_calls\"] must be a list, got string");
+}
+
 static void test_parse_ok(void)
 {
     char err[256];
@@ -215,6 +245,7 @@ int main(void)
     test_template_and_bodies();
     test_template_errors();
     test_parse_ok();
+    test_parse_openai_fields();
     test_parse_errors();
     test_error_messages();
     if (failures) {

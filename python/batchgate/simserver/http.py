@@ -9,6 +9,7 @@ stops the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Awaitable, Callable, Dict, Optional, Set, Tuple, Union
@@ -107,7 +108,8 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, handler: Handler, connections: Set["HttpProtocol"]) -> None:
         self._handler = handler
         self._connections = connections
-        self._transport: Optional[asyncio.Transport] = None
+        # Set by connection_made before any other callback can run.
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]
         self._buf = bytearray()
         self._busy = False
         self._task: Optional[asyncio.Task] = None
@@ -217,6 +219,7 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 if self._head is None and not self._parse_head():
                     return
+                assert self._head is not None  # set by _parse_head()
                 method, path, query, headers, keep_alive, length, chunked = self._head
                 if chunked:
                     got = _decode_chunked(self._buf, 0)
@@ -246,7 +249,7 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             self._busy = True
             self._task = asyncio.ensure_future(result)
-            self._task.add_done_callback(lambda t, ka=keep_alive: self._done(t, ka))
+            self._task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive))
 
     def _maybe_continue(self) -> None:
         if not self._sent_continue:
@@ -262,7 +265,7 @@ class HttpProtocol(asyncio.Protocol):
             response = _internal_error()
         elif task.exception() is not None:
             exc = task.exception()
-            log.error("handler failed", exc_info=(type(exc), exc, exc.__traceback__))
+            log.error("handler failed", exc_info=exc)
             response = _internal_error()
         else:
             response = task.result()

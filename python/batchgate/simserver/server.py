@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, overload
 
 from . import answers
 from .engine import E2E_BUCKETS, Engine, OutOfMemory, Sequence
@@ -46,6 +46,12 @@ def error_response(message: str, status: int, err_type: str, param: Optional[str
                                             "param": param, "code": status}})
 
 
+@overload
+def _int_field(body: Dict[str, Any], name: str, default: int, minimum: int,
+               maximum: Optional[int] = None) -> int: ...
+@overload
+def _int_field(body: Dict[str, Any], name: str, default: None, minimum: int,
+               maximum: Optional[int] = None) -> Optional[int]: ...
 def _int_field(body: Dict[str, Any], name: str, default: Optional[int], minimum: int,
                maximum: Optional[int] = None) -> Optional[int]:
     value = body.get(name)
@@ -605,6 +611,7 @@ class SimServerThread:
 
         async def run() -> Any:
             return fn(*args)
+        assert self._loop is not None  # set before the thread runs
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
     def timeline(self, since: float = -1.0) -> Dict[str, Any]:
