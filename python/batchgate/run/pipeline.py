@@ -166,8 +166,9 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
                    else prompt)
 
     async def stream_round(round_batches: List[Batch]) -> None:
-        async for i, r in dispatcher._stream(chat, source(round_batches), True, window, body):
-            finish(round_batches[i], r)
+        async for chunk in dispatcher._chunks(chat, source(round_batches), True, window, body):
+            for i, r in chunk:
+                finish(round_batches[i], r)
 
     async def priority_round(round_batches: List[Batch]) -> None:
         # vLLM's `priority` differs per request, and a request template is per
