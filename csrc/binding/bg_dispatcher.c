@@ -13,6 +13,7 @@
 
 #include "bg_semaphore.h"
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -233,9 +234,13 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     const char *model = NULL, *extra = NULL;
-    Py_ssize_t elen = 0;
-    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8(args[0])))
+    Py_ssize_t elen = 0, mlen = 0;
+    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8AndSize(args[0], &mlen)))
         return NULL;
+    if (model && ((size_t)mlen != strlen(model) || strpbrk(model, "\r\n"))) {
+        PyErr_SetString(PyExc_ValueError, "model must not contain NUL, CR or LF");
+        return NULL;
+    }
     if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
         return NULL;
     char err[300];
@@ -314,6 +319,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
         goto fail;
     if (mode == JOB_STREAM && !(j->ready = PyList_New(0)))
         goto fail;
+    bg_job_link(j);
     if (bg_job_refill(j) < 0)
         goto fail;
     bg_job_maybe_finish(j); /* an empty input finishes at once */
@@ -321,6 +327,34 @@ static PyObject *core_submit(Core *self, PyObject *args)
 fail:
     Py_DECREF(j);
     return NULL;
+}
+
+/* After the engine is gone: end every job still waiting for input (a map or
+ * as_completed whose iterator was not used up would otherwise wait forever). */
+static void core_end_jobs(Core *self, int drop)
+{
+    Py_ssize_t n = 0;
+    for (Job *j = self->jobs; j; j = j->jnext)
+        n++;
+    if (n == 0)
+        return;
+    Job **v = PyMem_Malloc((size_t)n * sizeof(Job *));
+    if (!v) {
+        /* No room for a snapshot: close them in place (job_fail never unlinks). */
+        for (Job *j = self->jobs; j; j = j->jnext)
+            bg_job_close(j, drop);
+        PyErr_Clear();
+        return;
+    }
+    Py_ssize_t k = 0;
+    for (Job *j = self->jobs; j && k < n; j = j->jnext)
+        v[k++] = (Job *)Py_NewRef(j);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        bg_job_close(v[i], drop);
+        Py_DECREF(v[i]);
+    }
+    PyMem_Free(v);
+    PyErr_Clear();
 }
 
 /* close(drop=False): stop the engine (every unfinished request ends with
@@ -342,14 +376,17 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
     if (!self->engine)
         Py_RETURN_NONE;
     self->closed = 1;
+    /* Taken before the GIL is released: a second close() arriving meanwhile
+     * (atexit, a finalizer, another thread) finds nothing left to destroy. */
     bg_engine *e = self->engine;
+    self->engine = NULL;
     Py_BEGIN_ALLOW_THREADS
     bg_engine_close(e); /* on_done only pushes to the notify queue: no GIL needed */
     Py_END_ALLOW_THREADS
     while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
         ;
     bg_engine_destroy(e);
-    self->engine = NULL;
+    core_end_jobs(self, drop);
     Py_RETURN_NONE;
 }
 
@@ -376,6 +413,17 @@ static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
 static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->closed);
+}
+
+/* libcurl timeouts are whole milliseconds, 0 meaning none: round a positive
+ * timeout up (0.0004 s must not become "no timeout"), and treat inf or
+ * anything past 2^31 ms (~25 days) as none instead of an undefined cast. */
+static long seconds_to_ms(double s)
+{
+    if (!(s > 0))
+        return 0;
+    double ms = ceil(s * 1000.0);
+    return ms >= 2147483647.0 ? 0 : (long)ms;
 }
 
 static int core_init(Core *self, PyObject *args, PyObject *kwds)
@@ -450,9 +498,14 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
             goto fail;
         }
         for (Py_ssize_t i = 0; i < nh; i++) {
-            hdrs[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(hseq, i));
+            Py_ssize_t hl;
+            hdrs[i] = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(hseq, i), &hl);
             if (!hdrs[i])
                 goto fail;
+            if ((size_t)hl != strlen(hdrs[i])) {
+                PyErr_Format(PyExc_ValueError, "header %zd must not contain NUL", i);
+                goto fail;
+            }
         }
     }
     self->notify = bg_notify_create();
@@ -466,8 +519,8 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     c.api_key = api_key;
     c.headers = hdrs;
     c.n_headers = (size_t)nh;
-    c.timeout_ms = timeout > 0 ? (long)(timeout * 1000) : 0;
-    c.connect_timeout_ms = connect_timeout > 0 ? (long)(connect_timeout * 1000) : 0;
+    c.timeout_ms = seconds_to_ms(timeout);
+    c.connect_timeout_ms = seconds_to_ms(connect_timeout);
     c.max_retries = (int)max_retries;
     c.verify_tls = verify;
     c.retry_timeouts = retry_timeouts;
@@ -502,6 +555,17 @@ fail:
         bg_notify_destroy(self->notify);
         self->notify = NULL;
     }
+    /* Nothing may survive a failed __init__ (a retried __init__ would
+     * otherwise overwrite and leak these). */
+    if (self->count) {
+        bg_sem_decref(self->count);
+        self->count = NULL;
+    }
+    if (self->tokens) {
+        bg_sem_decref(self->tokens);
+        self->tokens = NULL;
+    }
+    self->token_cap = 0;
     return -1;
 }
 

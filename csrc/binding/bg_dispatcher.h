@@ -60,6 +60,7 @@ struct Core {
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
     PyObject *weakreflist;
+    Job *jobs;                /* every live job (borrowed): close() ends them all */
 };
 
 /* At most this many completions per loop callback, so one callback never
@@ -86,6 +87,8 @@ struct Job {
     int finished;         /* outcome delivered (ONE/MAP) or stream ended */
     int cancelled;
     int holding_self;     /* a self-reference while items are in the engine */
+    Job *jprev, *jnext;   /* on core->jobs while listed */
+    int listed;
 };
 
 typedef struct {
@@ -115,5 +118,9 @@ void bg_job_drop_self(Job *j);
 void bg_job_maybe_finish(Job *j);
 int bg_job_refill(Job *j);
 void bg_job_item_done(Job *j, DItem *it);
+void bg_job_link(Job *j);
+/* The dispatcher closed: end the job now (ClosedError to its caller), or with
+ * drop just stop it (no loop left to deliver to). */
+void bg_job_close(Job *j, int drop);
 
 #endif /* BATCHGATE_BG_DISPATCHER_H */

@@ -140,6 +140,12 @@ typedef struct {
 } bg_engine_stats;
 void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
 
+#ifdef BG_TESTING
+/* Fault injection for the C tests: the next n curl_multi_perform calls
+ * report CURLM_INTERNAL_ERROR. */
+void bg_engine_test_fail_multi(bg_engine *e, int n);
+#endif
+
 #ifdef __cplusplus
 }
 #endif

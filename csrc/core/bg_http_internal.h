@@ -59,6 +59,9 @@ struct bg_engine {
     /* Statistics (atomic). */
     uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
     uint64_t st_max_in_flight; /* written by the engine thread only */
+#ifdef BG_TESTING
+    int test_fail_multi; /* next n curl_multi_perform calls "fail" (atomic) */
+#endif
 };
 
 #define STAT_ADD(e, field, v) __atomic_add_fetch(&(e)->field, (v), __ATOMIC_RELAXED)

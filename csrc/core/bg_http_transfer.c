@@ -221,6 +221,12 @@ static void schedule_retry(bg_engine *e, bg_request *r)
         double u = (double)(rng_next(e) >> 11) / 9007199254740992.0;
         d = d / 2 + u * d / 2;
     }
+    /* NaN (0 * inf), inf or absurd caps would make the conversion undefined:
+     * keep the delay in [0, 1e9 s]. */
+    if (!(d >= 0))
+        d = 0;
+    else if (d > 1e9)
+        d = 1e9;
     r->due_ns = bgh_now_ns() + (int64_t)(d * 1e9);
     r->state = ST_BACKOFF;
     bgh_backoff_insert(&e->backoff, r);
