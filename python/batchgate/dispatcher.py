@@ -21,6 +21,7 @@ from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping,
 from . import _native
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
+from ._redact import check_header_value, redact_url
 from .config import Config
 
 __all__ = [
@@ -59,11 +60,17 @@ class Dispatcher:
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+            raise ValueError(f"base_url must be an http:// or https:// URL, "
+                             f"got {redact_url(base_url)!r}")
+        check_header_value("base_url", base_url)
         if api_key is not None and not isinstance(api_key, str):
             raise TypeError("api_key must be a str or None")
+        if api_key is not None:
+            check_header_value("api_key", api_key)
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None, not {type(model).__name__}")
+        if model is not None:
+            check_header_value("model", model)
         if max_concurrent is None:
             max_concurrent = Config.VLLM_MAX_CONCURRENT_BATCHES
         if max_retries is None:
@@ -106,15 +113,16 @@ class Dispatcher:
         for k, v in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"header {k!r} must map str to str")
-            if any(c in k + v for c in "\r\n") or ":" in k or not k:
-                raise ValueError(f"invalid header {k!r}")
+            if any(c in k for c in "\r\n\0") or ":" in k or not k.strip():
+                raise ValueError(f"invalid header name {k!r}")
+            check_header_value(f"header {k!r}", v)
             hdr_lines.append(f"{k}: {v}")
         self._core = _native._Dispatcher(
             base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
             float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
             bool(verify), int(max_response_bytes or 0), float(backoff), float(max_backoff),
             float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens)
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # shown in repr/logs; the engine has the real one
         self.model = model
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
