@@ -451,9 +451,12 @@ static void *engine_main(void *arg)
         int running = 0;
         CURLMcode mc = curl_multi_perform(e->multi, &running);
 #ifdef BG_TESTING
-        if (__atomic_load_n(&e->test_fail_multi, __ATOMIC_RELAXED) > 0 &&
-            __atomic_sub_fetch(&e->test_fail_multi, 1, __ATOMIC_RELAXED) >= 0)
+        pthread_mutex_lock(&e->mu);
+        if (e->test_fail_multi > 0) {
+            e->test_fail_multi--;
             mc = CURLM_INTERNAL_ERROR;
+        }
+        pthread_mutex_unlock(&e->mu);
 #endif
         if (mc != CURLM_OK)
             multi_failed(e, "curl_multi_perform", mc);
@@ -736,8 +739,12 @@ void bg_engine_destroy(bg_engine *e)
 #ifdef BG_TESTING
 void bg_engine_test_fail_multi(bg_engine *e, int n)
 {
-    __atomic_store_n(&e->test_fail_multi, n, __ATOMIC_RELAXED);
-    curl_multi_wakeup(e->multi);
+    pthread_mutex_lock(&e->mu);
+    e->test_fail_multi = n;
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
 }
 #endif
 

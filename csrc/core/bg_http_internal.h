@@ -60,7 +60,7 @@ struct bg_engine {
     uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
     uint64_t st_max_in_flight; /* written by the engine thread only */
 #ifdef BG_TESTING
-    int test_fail_multi; /* next n curl_multi_perform calls "fail" (atomic) */
+    int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
 #endif
 };
 
