@@ -570,6 +570,9 @@ def test_no_leak_over_rounds():
 
 
 def test_second_python_thread_keeps_running(fake):
+    """While requests wait on the network nothing of ours holds the GIL: a
+    spinning Python thread keeps most of its solo speed. Holding the GIL for
+    0.3 s of the 0.5 s wait (tried: a ctypes.PyDLL usleep) gives ~0.35."""
     counter = 0
     stop = threading.Event()
 
@@ -580,6 +583,7 @@ def test_second_python_thread_keeps_running(fake):
 
     async def main():
         async with make(fake, max_concurrent=16) as d:
+            await d.generate("warm")
             th = threading.Thread(target=spin)
             th.start()
             try:
@@ -588,18 +592,14 @@ def test_second_python_thread_keeps_running(fake):
                 time.sleep(0.3)
                 alone = (counter - c0) / (time.perf_counter() - t0)
                 c0, t0 = counter, time.perf_counter()
-                await d.map([f"t{i} [[delay=0.002]]" for i in range(1500)])
+                await d.map([f"wait{i} [[delay=0.5]]" for i in range(16)])
                 during = (counter - c0) / (time.perf_counter() - t0)
             finally:
                 stop.set()
                 th.join()
             return alone, during
     alone, during = run(main())
-    # The loop thread shares the GIL with the spinner (it builds the results),
-    # but nothing of ours holds it while waiting: the spinner keeps a good
-    # share of its solo speed. Holding the GIL through the waits drives this
-    # to ~0 (tried: a 2 ms sleep with the GIL held in _on_readable).
-    assert during > 0.2 * alone, (alone, during)
+    assert during > 0.5 * alone, (alone, during)
 
 
 def test_event_loop_stays_responsive(fake):
