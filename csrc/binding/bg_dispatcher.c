@@ -14,6 +14,7 @@
 #include "bg_semaphore.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -24,13 +25,26 @@ static const char *const dn_strs[DN_COUNT] = {
     "done", "set_result", "set_exception", "status", "message", "attempts", "curl_code", "index",
 };
 
+unsigned long bg_fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_child_bump(void)
+{
+    __atomic_add_fetch(&bg_fork_generation, 1, __ATOMIC_RELAXED);
+}
+
+static void fork_register(void)
+{
+    (void)pthread_atfork(NULL, NULL, fork_child_bump);
+}
+
 static int core_check(Core *c)
 {
     if (!c->st) {
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ was not called");
         return -1;
     }
-    if (c->pid != getpid()) {
+    if (CORE_FORKED(c)) {
         PyErr_SetString(c->st->BatchgateError,
                         "this Dispatcher was created before fork(); create a new one in the "
                         "child process");
@@ -166,7 +180,7 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
 
 static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->st || self->pid != getpid() || !self->notify)
+    if (!self->st || CORE_FORKED(self) || !self->notify)
         Py_RETURN_NONE;
     self->resched = 0;
     core_drain(self, 1, DRAIN_LIMIT);
@@ -367,7 +381,7 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!self->st)
         Py_RETURN_NONE;
-    if (self->pid != getpid()) {
+    if (CORE_FORKED(self)) {
         /* Forked child: the engine thread does not exist here; leak it. */
         self->engine = NULL;
         self->closed = 1;
@@ -393,7 +407,7 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *core_stats(Core *self, PyObject *Py_UNUSED(ignored))
 {
     bg_engine_stats s = {0};
-    if (self->engine && self->pid == getpid())
+    if (self->engine && !CORE_FORKED(self))
         bg_engine_get_stats(self->engine, &s);
     return Py_BuildValue(
         "{sKsKsKsKsKsKsKsnsLsL}", "submitted", (unsigned long long)s.submitted, "completed",
@@ -454,7 +468,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     if (!st)
         return -1;
     self->st = st;
-    self->pid = getpid();
+    self->fork_gen = __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED);
     self->default_max_tokens = default_max_tokens;
     const char **hdrs = NULL;
     Py_ssize_t nh = 0;
@@ -575,7 +589,7 @@ static void core_dealloc(Core *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)self);
-    if (self->engine && self->pid == getpid()) {
+    if (self->engine && !CORE_FORKED(self)) {
         /* Jobs hold a reference to us while they have items in the engine, so
          * nothing here has a job left to deliver to. */
         bg_engine *e = self->engine;
@@ -585,7 +599,7 @@ static void core_dealloc(Core *self)
         Py_END_ALLOW_THREADS
     }
     Py_CLEAR(self->call_soon);
-    if (self->pid == getpid()) {
+    if (!CORE_FORKED(self)) {
         if (self->notify)
             bg_notify_destroy(self->notify);
         if (self->count)
@@ -667,6 +681,7 @@ static PyObject *new_error(PyObject *module, const char *name, const char *doc, 
 
 int bg_dispatcher_exec(PyObject *module, bg_state *st)
 {
+    pthread_once(&fork_once, fork_register);
     PyObject *names = PyTuple_New(DN_COUNT);
     if (!names)
         return -1;

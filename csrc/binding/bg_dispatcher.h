@@ -51,7 +51,7 @@ struct Core {
     bg_sem *count, *tokens;
     bg_notify *notify;
     uint64_t next_id;
-    pid_t pid;
+    unsigned long fork_gen;   /* bg_fork_generation when created */
     int closed;
     Py_ssize_t live_items;
     int64_t default_max_tokens;
@@ -105,6 +105,11 @@ typedef struct {
     int attempts;
     int64_t prompt_tokens, completion_tokens, total_tokens;
 } Result;
+
+/* Bumped in every forked child (pthread_atfork): a Core from before the fork
+ * is unusable there. Cheaper than getpid() on every wakeup and submit. */
+extern unsigned long bg_fork_generation;
+#define CORE_FORKED(c) ((c)->fork_gen != __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED))
 
 /* bg_dispatcher_result.c */
 extern PyType_Spec bg_result_spec;

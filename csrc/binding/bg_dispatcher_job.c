@@ -548,7 +548,7 @@ static PyObject *job_cancel(Job *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->source);
     if (!self->cancelled && self->live > 0 && self->core->engine && !self->core->closed &&
-        self->core->pid == getpid()) {
+        !CORE_FORKED(self->core)) {
         if (self->mode == JOB_ONE) {
             for (Py_ssize_t i = 0; i < self->window; i++)
                 if (self->slots[i].job == self)

@@ -238,9 +238,6 @@ void bgh_finish(bg_engine *e, bg_request *r, int kind)
     r->state = ST_DONE;
     free(r->body);
     r->body = NULL;
-    free(r->rbuf);
-    r->rbuf = NULL;
-    r->rlen = r->rcap = 0;
     r->t_done_ns = bgh_now_ns();
     STAT_ADD(e, st_completed, 1);
     e->cfg.on_done(r, e->cfg.done_ctx);
@@ -638,8 +635,6 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
         r->t_first_send_ns = r->t_done_ns = 0;
         r->easy = NULL;
         r->body = NULL;
-        r->rbuf = NULL;
-        r->rlen = r->rcap = 0;
         r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
         r->hnext = NULL;
     }
@@ -718,6 +713,7 @@ void bg_engine_destroy(bg_engine *e)
         bg_easy *x = e->easy_pool;
         e->easy_pool = x->next;
         curl_easy_cleanup(x->h);
+        free(x->buf);
         free(x);
     }
     curl_multi_cleanup(e->multi);

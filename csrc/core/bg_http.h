@@ -70,8 +70,6 @@ struct bg_request {
     void *easy;              /* CURL* while in flight */
     char *body;
     size_t body_len;
-    char *rbuf;              /* response body */
-    size_t rlen, rcap;
     int64_t due_ns;          /* backoff deadline */
     double retry_after_s;    /* from the last response, -1 if none */
     int64_t weight_taken;

@@ -24,7 +24,14 @@ typedef struct bg_easy {
     CURL *h;
     struct bg_easy *next;
     char errbuf[CURL_ERROR_SIZE];
+    /* Response body, reused by the handle's next transfers (no malloc per
+     * request); freed when a big answer left it large. */
+    char *buf;
+    size_t len, cap;
 } bg_easy;
+
+/* Pooled handles keep at most this much body buffer between transfers. */
+#define BG_EASY_KEEP_BYTES (1u << 20)
 
 typedef struct {
     bg_request *head, *tail;
