@@ -58,6 +58,15 @@ static void fuzz_error_message(const char *p, size_t n, size_t max_len)
     free(m);
 }
 
+static int has_surrogate_escape(const char *p, size_t n)
+{
+    for (size_t i = 0; i + 3 < n; i++)
+        if (p[i] == '\\' && p[i + 1] == 'u' && (p[i + 2] == 'd' || p[i + 2] == 'D') &&
+            strchr("89abcdefABCDEF", p[i + 3]))
+            return 1;
+    return 0;
+}
+
 static void fuzz_template(const char *p, size_t n)
 {
     const char *sep = memchr(p, 0xFF, n);
@@ -72,15 +81,18 @@ static void fuzz_template(const char *p, size_t n)
     size_t blen = 0;
     char *body = bg_json_completions_body(t, &s, 1, false, &blen);
     REQUIRE(body != NULL);
+    /* cJSON refuses unpaired surrogate escapes ("\udc00"), which JSON's
+     * grammar allows (Python's json writes them for lone surrogates): only
+     * then is it not an oracle. */
     cJSON *j = cJSON_ParseWithLength(body, blen);
-    REQUIRE(cJSON_IsObject(j));
+    REQUIRE(cJSON_IsObject(j) || has_surrogate_escape(p, plen));
     int prompts = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, j) {
         if (it->string && strcmp(it->string, "prompt") == 0)
             prompts++;
     }
-    REQUIRE(prompts == 1);
+    REQUIRE(prompts == 1 || !j);
     /* Byte-exact round trip with our scanner (cJSON strings stop at NUL). */
     bg_js js;
     bg_buf key = {0}, val = {0};
