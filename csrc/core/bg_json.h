@@ -40,7 +40,10 @@ typedef struct bg_tmpl {
 
 /* Build a template. model may be NULL/"" (then the body has no "model" unless
  * extra_json has one; a "model" in extra_json wins). extra_json is NULL, "" or
- * a serialized JSON object whose fields are copied unchanged. Rejected:
+ * a serialized JSON object whose fields are copied unchanged; it is checked
+ * as strict JSON first (one object, nothing after it), so no params text can
+ * close the body's object early. For repeated keys the last one counts, as
+ * in the server's Python json. Rejected:
  * non-objects, "prompt"/"messages" fields (they are per request), "stream":
  * true (not supported), a non-positive integer "n". Returns NULL with a
  * message in err on error. */
@@ -98,10 +101,11 @@ typedef struct {
     bg_usage usage;
 } bg_resp;
 
-/* Parse a 2xx body. expected = number of choices the request must produce
+/* Parse a 2xx body: strict JSON, one object and nothing after it but
+ * whitespace. expected = number of choices the request must produce
  * (prompts * n); 0 means "whatever is there" (still 0..k-1, no gaps, no
  * duplicates). Returns 0, or -1 with a precise message in err and *out
- * zeroed. */
+ * zeroed. Thread-safe: no global state. */
 int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                            size_t expected, bg_resp *out, char *err, size_t errlen);
 void bg_resp_free(bg_resp *r);
