@@ -239,6 +239,21 @@ def test_aclose_ends_as_completed_with_input_not_yet_pulled(fake, return_excepti
     run(main())
 
 
+def test_dropping_close_still_ends_a_pending_map(fake):
+    # close(drop=True) is the atexit/finalizer path: no answers are delivered,
+    # but an await on a live loop must still end.
+    async def main():
+        d = Dispatcher(fake.base_url, max_concurrent=2)
+        task = asyncio.ensure_future(d.map((f"d{i} [[delay=0.05]]" for i in range(100000)),
+                                           window=4, return_exceptions=True))
+        await asyncio.sleep(0.2)
+        d._closed = True
+        d._core.close(True)
+        with pytest.raises(ClosedError):
+            await asyncio.wait_for(task, 10)
+    run(main())
+
+
 # ---- 4. server messages that are not clean UTF-8 ---------------------------
 
 def test_long_non_ascii_error_message_is_cut_on_a_character(fake):

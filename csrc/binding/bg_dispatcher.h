@@ -124,8 +124,8 @@ void bg_job_maybe_finish(Job *j);
 int bg_job_refill(Job *j);
 void bg_job_item_done(Job *j, DItem *it);
 void bg_job_link(Job *j);
-/* The dispatcher closed: end the job now (ClosedError to its caller), or with
- * drop just stop it (no loop left to deliver to). */
+/* The dispatcher closed: end the job now (ClosedError to its caller; dropped
+ * quietly if the caller's loop is closed). */
 void bg_job_close(Job *j, int drop);
 
 #endif /* BATCHGATE_BG_DISPATCHER_H */

@@ -386,12 +386,10 @@ void bg_job_close(Job *j, int drop)
         Py_CLEAR(j->source);
         return;
     }
-    if (drop) {
-        Py_CLEAR(j->source);
-        j->finished = 1;
-        Py_CLEAR(j->fut);
-        return;
-    }
+    /* Even with drop (no loop to deliver finished requests to) the caller's
+     * future gets ClosedError: on a closed loop fut_resolve drops it quietly,
+     * on a live one it ends the await instead of leaving it hanging. */
+    (void)drop;
     PyObject *msg = PyUnicode_FromString("the Dispatcher was closed");
     PyObject *exc = msg ? PyObject_CallOneArg(j->core->st->ClosedError, msg) : NULL;
     Py_XDECREF(msg);
