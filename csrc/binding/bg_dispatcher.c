@@ -129,10 +129,10 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
         if (deliver) {
             bg_job_item_done(j, it);
         } else {
-            /* Closed loop / interpreter exit: drop and release. */
+            /* Closed loop / interpreter exit: drop and release (the job's
+             * caller hears ClosedError from core_end_jobs). */
             j->live--;
             c->live_items--;
-            j->finished = 1;
             bg_job_item_release(j, it);
         }
         count++;
