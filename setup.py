@@ -84,4 +84,9 @@ def _extension():
 
 
 os.chdir(HERE)
-setup(ext_modules=[_extension()])
+_sanitize = os.environ.get("BATCHGATE_SANITIZE", "")
+# A sanitized build keeps its own objects: setuptools would otherwise reuse the
+# plain objects of an earlier build in build/ and silently skip the sanitizer.
+setup(ext_modules=[_extension()],
+      options={"build": {"build_base": os.path.join("build", "sanitize-" + _sanitize)}}
+      if _sanitize else {})
