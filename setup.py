@@ -4,6 +4,9 @@ Flags come from pkg-config (curl-config as a fallback for libcurl). Overrides:
   BATCHGATE_CFLAGS / BATCHGATE_LDFLAGS   extra compiler / linker flags
   BATCHGATE_WERROR=1                     warnings are errors (CI builds)
   BATCHGATE_DEBUG=1                      -O0 -g, asserts on
+  BATCHGATE_SANITIZE=address             AddressSanitizer + UndefinedBehaviorSanitizer
+                                         (load libasan first: LD_PRELOAD=$(cc
+                                         -print-file-name=libasan.so), see tests/run_all.sh)
   PKG_CONFIG                             the pkg-config program to use
 """
 import glob
@@ -57,8 +60,17 @@ def _extension():
         cflags.append("-Werror")
     if os.environ.get("BATCHGATE_DEBUG") == "1":
         cflags += ["-O0", "-g", "-UNDEBUG"]
-    cflags += curl_cflags + cjson_cflags + shlex.split(os.environ.get("BATCHGATE_CFLAGS", ""))
-    ldflags = curl_libs + cjson_libs + ["-lpthread"] + shlex.split(
+    san = []
+    sanitize = os.environ.get("BATCHGATE_SANITIZE", "")
+    if sanitize == "address":
+        # UB aborts too (no recovery), so a test run cannot pass over it.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+               "-fno-omit-frame-pointer", "-g", "-O1"]
+    elif sanitize:
+        sys.exit(f"error: BATCHGATE_SANITIZE={sanitize!r}: only 'address' is supported")
+    cflags += san + curl_cflags + cjson_cflags + shlex.split(
+        os.environ.get("BATCHGATE_CFLAGS", ""))
+    ldflags = san + curl_libs + cjson_libs + ["-lpthread"] + shlex.split(
         os.environ.get("BATCHGATE_LDFLAGS", ""))
     sources = sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/binding/*.c"))
     depends = sorted(glob.glob("csrc/core/*.h")) + sorted(glob.glob("csrc/binding/*.h"))
@@ -72,4 +84,9 @@ def _extension():
 
 
 os.chdir(HERE)
-setup(ext_modules=[_extension()])
+_sanitize = os.environ.get("BATCHGATE_SANITIZE", "")
+# A sanitized build keeps its own objects: setuptools would otherwise reuse the
+# plain objects of an earlier build in build/ and silently skip the sanitizer.
+setup(ext_modules=[_extension()],
+      options={"build": {"build_base": os.path.join("build", "sanitize-" + _sanitize)}}
+      if _sanitize else {})

@@ -12,6 +12,9 @@ directive inside the prompt (or last message), e.g. "hello [[status=503,times=2]
   retry_after=S      add "Retry-After: S" (seconds)
   retry_after_date=S add "Retry-After: <HTTP date S seconds from now>"
   msg=TEXT           error message (no commas or brackets)
+  msg_repeat=K       the error message is TEXT repeated K times (long messages)
+  msg_hex=HEX        the error message is these raw bytes, spliced into the JSON
+                     body unescaped (invalid UTF-8 on purpose)
   fault=reset        headers + part of the body, then a TCP RST
   fault=truncate     Content-Length larger than the body, then a clean close
   fault=close        close the connection without any answer
@@ -22,7 +25,8 @@ directive inside the prompt (or last message), e.g. "hello [[status=503,times=2]
   fault=stall_body   headers and part of the body, then stall
   shape=NAME         200 with a wrong JSON shape: notobj nochoices choices_obj
                      text_int content_int index_oob index_dup index_str fewer extra
-                     choice_str finish_int usage_str error200
+                     choice_str finish_int usage_str error200 (message from msg=)
+                     trailing (a valid answer followed by garbage)
 
 Statistics (max concurrency seen, per-request attempt counts, ...) come from
 FakeVLLM.stats() in-process or GET /_stats; POST /_reset clears them.
@@ -338,7 +342,12 @@ class FakeVLLM:
             if "retry_after_date" in d:
                 extra["Retry-After"] = email.utils.formatdate(
                     time.time() + float(d["retry_after_date"]), usegmt=True)
-            msg = d.get("msg", f"fake error {status}")
+            msg = d.get("msg", f"fake error {status}") * int(d.get("msg_repeat", 1))
+            if "msg_hex" in d:
+                raw = (b'{"error":{"message":"' + bytes.fromhex(d["msg_hex"]) +
+                       b'","code":' + str(status).encode() + b'}}')
+                await self._send(writer, status, raw=raw, extra=extra)
+                return True
             await self._send(writer, status, {"error": {"message": msg, "code": status}},
                              extra=extra)
             return True
@@ -385,8 +394,14 @@ class FakeVLLM:
                 body["choices"][0][key] = "x" * size
             await self._send(writer, 200, body)
             return True
+        if shape == "trailing":
+            await self._send(writer, 200, raw=json.dumps(ok_body).encode() + b" {garbage")
+            return True
         if shape:
-            await self._send(writer, 200, self._bad_shape(shape, ok_body, chat))
+            bad = self._bad_shape(shape, ok_body, chat)
+            if shape == "error200" and "msg" in d:
+                bad["error"]["message"] = d["msg"] * int(d.get("msg_repeat", 1))
+            await self._send(writer, 200, bad)
             return True
         await self._send(writer, 200, ok_body)
         return True

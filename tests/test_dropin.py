@@ -72,9 +72,7 @@ def pipelines(sent, monkeypatch):
     assert orig.Semaphore is asyncio.Semaphore
     from batchgate import dispatcher as bgd
     yield orig, swapped
-    if bgd._default is not None:
-        bgd._default.close()
-        bgd._default = None
+    bgd._close_defaults()
 
 
 # ---- the original pipeline, imports swapped -----------------------------------------

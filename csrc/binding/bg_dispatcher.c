@@ -13,6 +13,8 @@
 
 #include "bg_semaphore.h"
 
+#include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,13 +25,26 @@ static const char *const dn_strs[DN_COUNT] = {
     "done", "set_result", "set_exception", "status", "message", "attempts", "curl_code", "index",
 };
 
+unsigned long bg_fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_child_bump(void)
+{
+    __atomic_add_fetch(&bg_fork_generation, 1, __ATOMIC_RELAXED);
+}
+
+static void fork_register(void)
+{
+    (void)pthread_atfork(NULL, NULL, fork_child_bump);
+}
+
 static int core_check(Core *c)
 {
     if (!c->st) {
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ was not called");
         return -1;
     }
-    if (c->pid != getpid()) {
+    if (CORE_FORKED(c)) {
         PyErr_SetString(c->st->BatchgateError,
                         "this Dispatcher was created before fork(); create a new one in the "
                         "child process");
@@ -115,10 +130,10 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
         if (deliver) {
             bg_job_item_done(j, it);
         } else {
-            /* Closed loop / interpreter exit: drop and release. */
+            /* Closed loop / interpreter exit: drop and release (the job's
+             * caller hears ClosedError from core_end_jobs). */
             j->live--;
             c->live_items--;
-            j->finished = 1;
             bg_job_item_release(j, it);
         }
         count++;
@@ -166,7 +181,7 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
 
 static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->st || self->pid != getpid() || !self->notify)
+    if (!self->st || CORE_FORKED(self) || !self->notify)
         Py_RETURN_NONE;
     self->resched = 0;
     core_drain(self, 1, DRAIN_LIMIT);
@@ -283,9 +298,13 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     const char *model = NULL, *extra = NULL;
-    Py_ssize_t elen = 0;
-    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8(args[0])))
+    Py_ssize_t elen = 0, mlen = 0;
+    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8AndSize(args[0], &mlen)))
         return NULL;
+    if (model && ((size_t)mlen != strlen(model) || strpbrk(model, "\r\n"))) {
+        PyErr_SetString(PyExc_ValueError, "model must not contain NUL, CR or LF");
+        return NULL;
+    }
     if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
         return NULL;
     bg_req_opts *opts = NULL;
@@ -374,6 +393,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
         goto fail;
     if (mode == JOB_STREAM && !(j->ready = PyList_New(0)))
         goto fail;
+    bg_job_link(j);
     if (bg_job_refill(j) < 0)
         goto fail;
     bg_job_maybe_finish(j); /* an empty input finishes at once */
@@ -381,6 +401,34 @@ static PyObject *core_submit(Core *self, PyObject *args)
 fail:
     Py_DECREF(j);
     return NULL;
+}
+
+/* After the engine is gone: end every job still waiting for input (a map or
+ * as_completed whose iterator was not used up would otherwise wait forever). */
+static void core_end_jobs(Core *self, int drop)
+{
+    Py_ssize_t n = 0;
+    for (Job *j = self->jobs; j; j = j->jnext)
+        n++;
+    if (n == 0)
+        return;
+    Job **v = PyMem_Malloc((size_t)n * sizeof(Job *));
+    if (!v) {
+        /* No room for a snapshot: close them in place (job_fail never unlinks). */
+        for (Job *j = self->jobs; j; j = j->jnext)
+            bg_job_close(j, drop);
+        PyErr_Clear();
+        return;
+    }
+    Py_ssize_t k = 0;
+    for (Job *j = self->jobs; j && k < n; j = j->jnext)
+        v[k++] = (Job *)Py_NewRef(j);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        bg_job_close(v[i], drop);
+        Py_DECREF(v[i]);
+    }
+    PyMem_Free(v);
+    PyErr_Clear();
 }
 
 /* close(drop=False): stop the engine (every unfinished request ends with
@@ -393,7 +441,7 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!self->st)
         Py_RETURN_NONE;
-    if (self->pid != getpid()) {
+    if (CORE_FORKED(self)) {
         /* Forked child: the engine thread does not exist here; leak it. */
         self->engine = NULL;
         self->closed = 1;
@@ -402,21 +450,24 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
     if (!self->engine)
         Py_RETURN_NONE;
     self->closed = 1;
+    /* Taken before the GIL is released: a second close() arriving meanwhile
+     * (atexit, a finalizer, another thread) finds nothing left to destroy. */
     bg_engine *e = self->engine;
+    self->engine = NULL;
     Py_BEGIN_ALLOW_THREADS
     bg_engine_close(e); /* on_done only pushes to the notify queue: no GIL needed */
     Py_END_ALLOW_THREADS
     while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
         ;
     bg_engine_destroy(e);
-    self->engine = NULL;
+    core_end_jobs(self, drop);
     Py_RETURN_NONE;
 }
 
 static PyObject *core_stats(Core *self, PyObject *Py_UNUSED(ignored))
 {
     bg_engine_stats s = {0};
-    if (self->engine && self->pid == getpid())
+    if (self->engine && !CORE_FORKED(self))
         bg_engine_get_stats(self->engine, &s);
     return Py_BuildValue(
         "{sKsKsKsKsKsKsKsnsLsL}", "submitted", (unsigned long long)s.submitted, "completed",
@@ -436,6 +487,17 @@ static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
 static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->closed);
+}
+
+/* libcurl timeouts are whole milliseconds, 0 meaning none: round a positive
+ * timeout up (0.0004 s must not become "no timeout"), and treat inf or
+ * anything past 2^31 ms (~25 days) as none instead of an undefined cast. */
+static long seconds_to_ms(double s)
+{
+    if (!(s > 0))
+        return 0;
+    double ms = ceil(s * 1000.0);
+    return ms >= 2147483647.0 ? 0 : (long)ms;
 }
 
 static int core_init(Core *self, PyObject *args, PyObject *kwds)
@@ -466,7 +528,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     if (!st)
         return -1;
     self->st = st;
-    self->pid = getpid();
+    self->fork_gen = __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED);
     self->default_max_tokens = default_max_tokens;
     const char **hdrs = NULL;
     Py_ssize_t nh = 0;
@@ -510,9 +572,14 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
             goto fail;
         }
         for (Py_ssize_t i = 0; i < nh; i++) {
-            hdrs[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(hseq, i));
+            Py_ssize_t hl;
+            hdrs[i] = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(hseq, i), &hl);
             if (!hdrs[i])
                 goto fail;
+            if ((size_t)hl != strlen(hdrs[i])) {
+                PyErr_Format(PyExc_ValueError, "header %zd must not contain NUL", i);
+                goto fail;
+            }
         }
     }
     self->notify = bg_notify_create();
@@ -526,8 +593,8 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     c.api_key = api_key;
     c.headers = hdrs;
     c.n_headers = (size_t)nh;
-    c.timeout_ms = timeout > 0 ? (long)(timeout * 1000) : 0;
-    c.connect_timeout_ms = connect_timeout > 0 ? (long)(connect_timeout * 1000) : 0;
+    c.timeout_ms = seconds_to_ms(timeout);
+    c.connect_timeout_ms = seconds_to_ms(connect_timeout);
     c.max_retries = (int)max_retries;
     c.verify_tls = verify;
     c.retry_timeouts = retry_timeouts;
@@ -562,6 +629,17 @@ fail:
         bg_notify_destroy(self->notify);
         self->notify = NULL;
     }
+    /* Nothing may survive a failed __init__ (a retried __init__ would
+     * otherwise overwrite and leak these). */
+    if (self->count) {
+        bg_sem_decref(self->count);
+        self->count = NULL;
+    }
+    if (self->tokens) {
+        bg_sem_decref(self->tokens);
+        self->tokens = NULL;
+    }
+    self->token_cap = 0;
     return -1;
 }
 
@@ -571,7 +649,7 @@ static void core_dealloc(Core *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)self);
-    if (self->engine && self->pid == getpid()) {
+    if (self->engine && !CORE_FORKED(self)) {
         /* Jobs hold a reference to us while they have items in the engine, so
          * nothing here has a job left to deliver to. */
         bg_engine *e = self->engine;
@@ -582,7 +660,7 @@ static void core_dealloc(Core *self)
     }
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->model_cache);
-    if (self->pid == getpid()) {
+    if (!CORE_FORKED(self)) {
         if (self->notify)
             bg_notify_destroy(self->notify);
         if (self->count)
@@ -671,6 +749,7 @@ static PyObject *new_error(PyObject *module, const char *name, const char *doc, 
 
 int bg_dispatcher_exec(PyObject *module, bg_state *st)
 {
+    pthread_once(&fork_once, fork_register);
     PyObject *names = PyTuple_New(DN_COUNT);
     if (!names)
         return -1;

@@ -51,7 +51,7 @@ struct Core {
     bg_sem *count, *tokens;
     bg_notify *notify;
     uint64_t next_id;
-    pid_t pid;
+    unsigned long fork_gen;   /* bg_fork_generation when created */
     int closed;
     Py_ssize_t live_items;
     int64_t default_max_tokens;
@@ -61,6 +61,7 @@ struct Core {
     int resched;              /* _on_readable already scheduled via call_soon */
     PyObject *model_cache;    /* last Result.model str (shared by the results) */
     PyObject *weakreflist;
+    Job *jobs;                /* every live job (borrowed): close() ends them all */
 };
 
 /* At most this many completions per loop callback, so one callback never
@@ -89,6 +90,8 @@ struct Job {
     int finished;         /* outcome delivered (ONE/MAP) or stream ended */
     int cancelled;
     int holding_self;     /* a self-reference while items are in the engine */
+    Job *jprev, *jnext;   /* on core->jobs while listed */
+    int listed;
 };
 
 typedef struct {
@@ -121,6 +124,11 @@ enum {
     RX_COUNT
 };
 
+/* Bumped in every forked child (pthread_atfork): a Core from before the fork
+ * is unusable there. Cheaper than getpid() on every wakeup and submit. */
+extern unsigned long bg_fork_generation;
+#define CORE_FORKED(c) ((c)->fork_gen != __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED))
+
 /* bg_dispatcher_result.c */
 extern PyType_Spec bg_result_spec;
 /* keep_id: also keep the server's id (single calls; bulk ones only with raw).
@@ -135,5 +143,9 @@ void bg_job_drop_self(Job *j);
 void bg_job_maybe_finish(Job *j);
 int bg_job_refill(Job *j);
 void bg_job_item_done(Job *j, DItem *it);
+void bg_job_link(Job *j);
+/* The dispatcher closed: end the job now (ClosedError to its caller; dropped
+ * quietly if the caller's loop is closed). */
+void bg_job_close(Job *j, int drop);
 
 #endif /* BATCHGATE_BG_DISPATCHER_H */

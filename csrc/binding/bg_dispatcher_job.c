@@ -5,13 +5,64 @@
 
 #include "bg_estimate.h"
 
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
 /* ---- futures ----------------------------------------------------------- */
 
+static PyObject *PyErr_GetRaisedException_compat(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+#endif
+}
+
+static void PyErr_SetRaisedException_compat(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
 /* fut.set_result(v) / set_exception(v) unless the future is already done
  * (cancelled by its awaiter). Returns 0 or -1 with an exception. */
+static int fut_resolve(bg_state *st, PyObject *fut, PyObject *v, int is_exc);
+
+/* set_result failed: if only because the future's loop is closed, the result
+ * has nobody to go to - drop it quietly instead of one "Exception ignored"
+ * per request. Returns 0 if dropped, -1 to report. */
+static int drop_if_loop_closed(PyObject *fut)
+{
+    if (!PyErr_ExceptionMatches(PyExc_RuntimeError))
+        return -1;
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    PyObject *loop = PyObject_CallMethod(fut, "get_loop", NULL);
+    PyObject *closed = loop ? PyObject_CallMethod(loop, "is_closed", NULL) : NULL;
+    int is = closed ? PyObject_IsTrue(closed) : -1;
+    Py_XDECREF(loop);
+    Py_XDECREF(closed);
+    if (is == 1) {
+        PyErr_Clear();
+        Py_DECREF(exc);
+        return 0;
+    }
+    PyErr_Clear();
+    PyErr_SetRaisedException_compat(exc);
+    return -1;
+}
+
 static int fut_resolve(bg_state *st, PyObject *fut, PyObject *v, int is_exc)
 {
     PyObject *done = PyObject_CallMethodNoArgs(fut, DNAME(st, DN_DONE));
@@ -24,7 +75,7 @@ static int fut_resolve(bg_state *st, PyObject *fut, PyObject *v, int is_exc)
     PyObject *r = PyObject_CallMethodOneArg(fut, DNAME(st, is_exc ? DN_SET_EXCEPTION : DN_SET_RESULT),
                                             v);
     if (!r)
-        return -1;
+        return drop_if_loop_closed(fut);
     Py_DECREF(r);
     return 0;
 }
@@ -57,6 +108,31 @@ void bg_job_drop_self(Job *j)
     }
 }
 
+void bg_job_link(Job *j)
+{
+    Core *c = j->core;
+    j->jprev = NULL;
+    j->jnext = c->jobs;
+    if (c->jobs)
+        c->jobs->jprev = j;
+    c->jobs = j;
+    j->listed = 1;
+}
+
+static void job_unlink(Job *j)
+{
+    if (!j->listed || !j->core)
+        return;
+    if (j->jprev)
+        j->jprev->jnext = j->jnext;
+    else
+        j->core->jobs = j->jnext;
+    if (j->jnext)
+        j->jnext->jprev = j->jprev;
+    j->jprev = j->jnext = NULL;
+    j->listed = 0;
+}
+
 static int job_traverse(Job *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
@@ -80,6 +156,7 @@ static int job_clear(Job *self)
     Py_CLEAR(self->ready);
     Py_CLEAR(self->fut);
     Py_CLEAR(self->tmpl_obj);
+    job_unlink(self);
     Py_CLEAR(self->core);
     return 0;
 }
@@ -216,7 +293,14 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
 filled:
     if (c->tokens) {
         int64_t mt = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens : c->default_max_tokens;
-        it->r.token_weight = est + mt * (int64_t)np * j->tmpl->n_per_prompt;
+        int64_t w;
+        /* max_tokens may be up to 2^63: saturate (the engine clamps the
+         * weight to the budget, so such a request runs alone). */
+        if (mt < 0 || __builtin_mul_overflow(mt, (int64_t)np, &w) ||
+            __builtin_mul_overflow(w, j->tmpl->n_per_prompt, &w) ||
+            __builtin_add_overflow(w, est, &w))
+            w = INT64_MAX;
+        it->r.token_weight = w;
     } else {
         it->r.token_weight = 1;
     }
@@ -298,20 +382,31 @@ static void job_fail(Job *j, PyObject *exc)
     }
 }
 
+void bg_job_close(Job *j, int drop)
+{
+    if (j->finished) {
+        Py_CLEAR(j->source);
+        return;
+    }
+    /* Even with drop (no loop to deliver finished requests to) the caller's
+     * future gets ClosedError: on a closed loop fut_resolve drops it quietly,
+     * on a live one it ends the await instead of leaving it hanging. */
+    (void)drop;
+    PyObject *msg = PyUnicode_FromString("the Dispatcher was closed");
+    PyObject *exc = msg ? PyObject_CallOneArg(j->core->st->ClosedError, msg) : NULL;
+    Py_XDECREF(msg);
+    if (!exc) {
+        report_unraisable("batchgate: closing a job");
+        Py_CLEAR(j->source);
+        j->finished = 1;
+        return;
+    }
+    job_fail(j, exc);
+}
+
 static PyObject *fetch_exception(void)
 {
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
-    if (tb)
-        PyException_SetTraceback(v, tb);
-    Py_XDECREF(t);
-    Py_XDECREF(tb);
-    return v;
-#endif
+    return PyErr_GetRaisedException_compat();
 }
 
 /* Pull inputs until the window is full and submit them in one go. Errors
@@ -472,7 +567,7 @@ static PyObject *job_cancel(Job *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->source);
     if (!self->cancelled && self->live > 0 && self->core->engine && !self->core->closed &&
-        self->core->pid == getpid()) {
+        !CORE_FORKED(self->core)) {
         if (self->mode == JOB_ONE) {
             for (Py_ssize_t i = 0; i < self->window; i++)
                 if (self->slots[i].job == self)

@@ -350,7 +350,7 @@ PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, i
                                                 r->attempts, m);
     else
         msg = with_index ? PyUnicode_FromFormat("item %zd: %s", index, m)
-                         : PyUnicode_FromString(m);
+                         : PyUnicode_DecodeUTF8(m, (Py_ssize_t)strlen(m), "replace");
     if (!msg)
         return NULL;
     PyObject *exc = PyObject_CallOneArg(cls, msg);
@@ -369,7 +369,8 @@ PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, i
         Py_DECREF(v);                                                           \
     } while (0)
     SETATTR(DN_ATTEMPTS, PyLong_FromLong(r->attempts));
-    SETATTR(DN_MESSAGE, PyUnicode_FromString(m));
+    /* The server's bytes: never let them raise UnicodeDecodeError. */
+    SETATTR(DN_MESSAGE, PyUnicode_DecodeUTF8(m, (Py_ssize_t)strlen(m), "replace"));
     SETATTR(DN_STATUS, r->status ? PyLong_FromLong(r->status) : Py_NewRef(Py_None));
     SETATTR(DN_CURL_CODE, r->curl_code ? PyLong_FromLong(r->curl_code) : Py_NewRef(Py_None));
     SETATTR(DN_INDEX, with_index ? PyLong_FromSsize_t(index) : Py_NewRef(Py_None));

@@ -244,9 +244,6 @@ void bgh_finish(bg_engine *e, bg_request *r, int kind)
     r->state = ST_DONE;
     free(r->body);
     r->body = NULL;
-    free(r->rbuf);
-    r->rbuf = NULL;
-    r->rlen = r->rcap = 0;
     r->t_done_ns = bgh_now_ns();
     STAT_ADD(e, st_completed, 1);
     e->cfg.on_done(r, e->cfg.done_ctx);
@@ -380,6 +377,31 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
     free(v);
 }
 
+/* The multi handle itself failed (out of memory, a libcurl bug): what is in
+ * flight may never finish, and retrying at once would spin. End the
+ * transfers with the error and pause a little before going on. */
+static void multi_failed(bg_engine *e, const char *what, CURLMcode mc)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < e->n_buckets; i++)
+        for (bg_request *r = e->buckets[i]; r; r = r->hnext)
+            n += r->state == ST_FLIGHT;
+    bg_request **v = n ? malloc(n * sizeof(*v)) : NULL;
+    size_t k = 0;
+    for (size_t i = 0; v && i < e->n_buckets; i++)
+        for (bg_request *r = e->buckets[i]; r; r = r->hnext)
+            if (r->state == ST_FLIGHT && k < n)
+                v[k++] = r;
+    for (size_t i = 0; i < k; i++) {
+        bg_request *r = v[i];
+        bgh_set_message(r, "%s failed: %s (%d)", what, curl_multi_strerror(mc), (int)mc);
+        cancel_request(e, r, BG_RES_TRANSPORT);
+    }
+    free(v);
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+}
+
 static void *engine_main(void *arg)
 {
     bg_engine *e = arg;
@@ -430,7 +452,17 @@ static void *engine_main(void *arg)
         }
 
         int running = 0;
-        curl_multi_perform(e->multi, &running);
+        CURLMcode mc = curl_multi_perform(e->multi, &running);
+#ifdef BG_TESTING
+        pthread_mutex_lock(&e->mu);
+        if (e->test_fail_multi > 0) {
+            e->test_fail_multi--;
+            mc = CURLM_INTERNAL_ERROR;
+        }
+        pthread_mutex_unlock(&e->mu);
+#endif
+        if (mc != CURLM_OK)
+            multi_failed(e, "curl_multi_perform", mc);
         CURLMsg *msg;
         int left;
         while ((msg = curl_multi_info_read(e->multi, &left))) {
@@ -448,7 +480,9 @@ static void *engine_main(void *arg)
         if (e->pending)
             timeout_ms = 0;
         pthread_mutex_unlock(&e->mu);
-        curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
+        mc = curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
+        if (mc != CURLM_OK)
+            multi_failed(e, "curl_multi_poll", mc);
     }
     return NULL;
 }
@@ -512,6 +546,9 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     ADD_HEADER("Accept: application/json");
     ADD_HEADER("Expect:"); /* no 100-continue round trip for big bodies */
     if (cfg->api_key && cfg->api_key[0]) {
+        /* Never echo the key: say what is wrong with it, not what it is. */
+        if (strpbrk(cfg->api_key, "\r\n"))
+            FAIL("api_key must not contain CR or LF (it would inject HTTP headers)");
         size_t kl = strlen(cfg->api_key);
         char *h = malloc(kl + 32);
         if (!h)
@@ -527,7 +564,7 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     }
     for (size_t i = 0; i < cfg->n_headers; i++) {
         const char *h = cfg->headers[i];
-        if (!h || !strchr(h, ':') || strpbrk(h, "\r\n"))
+        if (!h || !strchr(h, ':') || h[0] == ':' || strpbrk(h, "\r\n"))
             FAIL("header %zu must look like \"Name: value\" on one line", i);
         ADD_HEADER(h);
     }
@@ -604,8 +641,6 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
         r->t_first_send_ns = r->t_done_ns = 0;
         r->easy = NULL;
         r->body = NULL;
-        r->rbuf = NULL;
-        r->rlen = r->rcap = 0;
         r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
         r->hnext = NULL;
     }
@@ -684,6 +719,7 @@ void bg_engine_destroy(bg_engine *e)
         bg_easy *x = e->easy_pool;
         e->easy_pool = x->next;
         curl_easy_cleanup(x->h);
+        free(x->buf);
         free(x);
     }
     curl_multi_cleanup(e->multi);
@@ -701,6 +737,18 @@ void bg_engine_destroy(bg_engine *e)
     free(e->url_chat);
     free(e);
 }
+
+#ifdef BG_TESTING
+void bg_engine_test_fail_multi(bg_engine *e, int n)
+{
+    pthread_mutex_lock(&e->mu);
+    e->test_fail_multi = n;
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
+}
+#endif
 
 void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out)
 {

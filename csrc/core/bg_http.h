@@ -80,8 +80,6 @@ struct bg_request {
     void *easy;              /* CURL* while in flight */
     char *body;
     size_t body_len;
-    char *rbuf;              /* response body */
-    size_t rlen, rcap;
     int64_t due_ns;          /* backoff deadline */
     double retry_after_s;    /* from the last response, -1 if none */
     int64_t weight_taken;
@@ -168,6 +166,12 @@ typedef struct {
     uint64_t max_in_flight; /* most transfers ever running at once */
 } bg_engine_stats;
 void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
+
+#ifdef BG_TESTING
+/* Fault injection for the C tests: the next n curl_multi_perform calls
+ * report CURLM_INTERNAL_ERROR. */
+void bg_engine_test_fail_multi(bg_engine *e, int n);
+#endif
 
 #ifdef __cplusplus
 }

@@ -24,7 +24,14 @@ typedef struct bg_easy {
     CURL *h;
     struct bg_easy *next;
     char errbuf[CURL_ERROR_SIZE];
+    /* Response body, reused by the handle's next transfers (no malloc per
+     * request); freed when a big answer left it large. */
+    char *buf;
+    size_t len, cap;
 } bg_easy;
+
+/* Pooled handles keep at most this much body buffer between transfers. */
+#define BG_EASY_KEEP_BYTES (1u << 20)
 
 typedef struct {
     bg_request *head, *tail;
@@ -67,6 +74,9 @@ struct bg_engine {
     /* Statistics (atomic). */
     uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
     uint64_t st_max_in_flight; /* written by the engine thread only */
+#ifdef BG_TESTING
+    int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
+#endif
 };
 
 #define STAT_ADD(e, field, v) __atomic_add_fetch(&(e)->field, (v), __ATOMIC_RELAXED)

@@ -18,25 +18,29 @@
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     bg_request *r = userp;
+    bg_easy *x = r->easy;
     size_t n = size * nmemb;
     size_t cap = r->engine->cfg.max_response_bytes;
-    if (cap && (r->rlen + n > cap || r->rlen + n < r->rlen)) {
+    if (cap && (x->len + n > cap || x->len + n < x->len)) {
         r->oversize = true;
         return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
     }
-    if (r->rcap - r->rlen <= n) {
-        size_t nc = r->rcap ? r->rcap : 4096;
-        while (nc - r->rlen <= n)
+    if (x->cap - x->len <= n) {
+        size_t nc = x->cap ? x->cap : 4096;
+        while (nc - x->len <= n) {
+            if (nc > SIZE_MAX / 2)
+                return 0;
             nc *= 2;
-        char *p = realloc(r->rbuf, nc);
+        }
+        char *p = realloc(x->buf, nc);
         if (!p)
             return 0;
-        r->rbuf = p;
-        r->rcap = nc;
+        x->buf = p;
+        x->cap = nc;
     }
-    memcpy(r->rbuf + r->rlen, data, n);
-    r->rlen += n;
-    r->rbuf[r->rlen] = '\0';
+    memcpy(x->buf + x->len, data, n);
+    x->len += n;
+    x->buf[x->len] = '\0';
     return n;
 }
 
@@ -116,6 +120,12 @@ static bg_easy *easy_get(bg_engine *e)
 
 void bgh_easy_put(bg_engine *e, bg_easy *x)
 {
+    x->len = 0;
+    if (x->cap > BG_EASY_KEEP_BYTES) {
+        free(x->buf);
+        x->buf = NULL;
+        x->cap = 0;
+    }
     x->next = e->easy_pool;
     e->easy_pool = x;
 }
@@ -155,7 +165,7 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
     curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
     x->errbuf[0] = '\0';
-    r->rlen = 0;
+    x->len = 0;
     r->oversize = false;
     r->retry_after_s = -1;
     r->easy = x;
@@ -224,6 +234,12 @@ static void schedule_retry(bg_engine *e, bg_request *r)
         double u = (double)(rng_next(e) >> 11) / 9007199254740992.0;
         d = d / 2 + u * d / 2;
     }
+    /* NaN (0 * inf), inf or absurd caps would make the conversion undefined:
+     * keep the delay in [0, 1e9 s]. */
+    if (!(d >= 0))
+        d = 0;
+    else if (d > 1e9)
+        d = 1e9;
     r->due_ns = bgh_now_ns() + (int64_t)(d * 1e9);
     r->retry_status = r->status;
     r->retry_curl = r->curl_code;
@@ -270,7 +286,6 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
         }
         return;
     }
-    bgh_easy_put(e, x);
     if (status >= 200 && status < 300) {
         /* Permits go back before parsing so the next request starts meanwhile. */
         bgh_release_permits(e, r);
@@ -280,28 +295,32 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
         else
             expected = (size_t)r->tmpl->n_per_prompt;
         char err[256];
-        if (bg_json_parse_response(r->rbuf ? r->rbuf : "", r->rlen, r->endpoint, expected,
-                                   &r->resp, err, sizeof(err)) < 0) {
+        int rc = bg_json_parse_response(x->buf ? x->buf : "", x->len, r->endpoint, expected,
+                                        &r->resp, err, sizeof(err));
+        if (rc == 0 && r->opts && r->opts->keep_raw && x->buf) {
+            r->raw = x->buf; /* hand the buffer over: no copy; the handle grows a new one */
+            r->raw_len = x->len;
+            x->buf = NULL;
+            x->len = x->cap = 0;
+        }
+        bgh_easy_put(e, x);
+        if (rc < 0) {
             bgh_set_message(r, "%s", err);
             bgh_finish(e, r, BG_RES_MALFORMED);
         } else {
-            if (r->opts && r->opts->keep_raw && r->rbuf) {
-                r->raw = r->rbuf; /* hand the buffer over: no copy */
-                r->raw_len = r->rlen;
-                r->rbuf = NULL;
-                r->rlen = r->rcap = 0;
-            }
             bgh_finish(e, r, BG_RES_OK);
         }
         return;
     }
     if (retryable_status(status) && can_retry) {
+        bgh_easy_put(e, x);
         schedule_retry(e, r);
         return;
     }
     /* The server's own words; callers add status and attempts. */
     free(r->message);
-    r->message = bg_json_error_message(r->rbuf, r->rlen, 1000);
+    r->message = bg_json_error_message(x->buf, x->len, 1000);
+    bgh_easy_put(e, x);
     bgh_finish(e, r, BG_RES_HTTP);
 }
 

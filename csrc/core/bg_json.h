@@ -1,4 +1,4 @@
-/* bg_json.h - request/response codec for the OpenAI-compatible API (cJSON).
+/* bg_json.h - request/response codec for the OpenAI-compatible API.
  *
  * Pure C (no Python.h); runs on the engine thread without the GIL.
  *
@@ -7,7 +7,8 @@
  * plus the prompt(s) or messages, written with a plain string builder so a
  * million prompts do not cost a million cJSON trees.
  *
- * Responses: parsed into plain C structs, choices ordered by their "index".
+ * Responses: scanned in one pass (bg_json_scan.h: no tree, no global state)
+ * into plain C structs, choices ordered by their "index".
  */
 #ifndef BATCHGATE_BG_JSON_H
 #define BATCHGATE_BG_JSON_H
@@ -39,7 +40,10 @@ typedef struct bg_tmpl {
 
 /* Build a template. model may be NULL/"" (then the body has no "model" unless
  * extra_json has one; a "model" in extra_json wins). extra_json is NULL, "" or
- * a serialized JSON object whose fields are copied unchanged. Rejected:
+ * a serialized JSON object whose fields are copied unchanged; it is checked
+ * as strict JSON first (one object, nothing after it), so no params text can
+ * close the body's object early. For repeated keys the last one counts, as
+ * in the server's Python json. Rejected:
  * non-objects, "prompt"/"messages" fields (they are per request), "stream":
  * true (not supported), a non-positive integer "n". Returns NULL with a
  * message in err on error. */
@@ -80,7 +84,8 @@ int bg_buf_append_json_string(bg_buf *b, const char *s, size_t n);
 void bg_buf_free(bg_buf *b);
 
 typedef struct {
-    char *text;          /* owned, NUL-terminated; "" for a null chat content */
+    char *text;          /* owned, NUL-terminated; "" for a null chat content; may
+                            contain NUL ("\u0000"): text_len is the length */
     size_t text_len;
     char *finish_reason; /* owned or NULL (JSON null / absent) */
     /* Kept only when the server sent them (rare, so no cost otherwise):
@@ -102,25 +107,33 @@ typedef struct {
     char *model; /* owned: top-level "model" string, or NULL */
 } bg_resp;
 
-/* Parse a 2xx body. expected = number of choices the request must produce
+/* Parse a 2xx body: strict JSON, one object and nothing after it but
+ * whitespace. expected = number of choices the request must produce
  * (prompts * n); 0 means "whatever is there" (still 0..k-1, no gaps, no
  * duplicates). Returns 0, or -1 with a precise message in err and *out
- * zeroed. */
+ * zeroed. Thread-safe: no global state. */
 int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                            size_t expected, bg_resp *out, char *err, size_t errlen);
 void bg_resp_free(bg_resp *r);
 
 /* cJSON_ParseWithLengthOpts (no NUL required, trailing data allowed; *end,
- * if given, is where parsing stopped or failed) under a process-wide lock:
- * cJSON keeps its last error in a global, so unlocked parses on several
- * threads race. Use this for every parse in the process's batchgate code. */
+ * if given, is where parsing stopped or failed) under a process-wide lock
+ * (cJSON keeps its last error in a global), made safe across fork() with
+ * pthread_atfork. For tests and tools: the library's own parsing uses the
+ * lock-free scanner in bg_json_scan.h. */
 struct cJSON *bg_json_parse(const char *s, size_t len, const char **end);
 
 /* Server message of an error body: {"error": {"message": m}}, {"error": m},
- * {"message": m}, {"detail": m}; otherwise the start of the body itself
- * (control characters replaced), at most max_len bytes. Returns a malloc'd
- * string (never NULL unless out of memory). */
+ * {"message": m}, {"detail": m}; otherwise the start of the body itself.
+ * Control characters (NUL included) become spaces; at most max_len bytes,
+ * cut on a UTF-8 character boundary, then "..." if cut. The bytes are the
+ * server's: they may still be invalid UTF-8 (decode with replacement).
+ * Returns a malloc'd string (never NULL unless out of memory). */
 char *bg_json_error_message(const char *body, size_t len, size_t max_len);
+
+/* Drop a trailing incomplete UTF-8 sequence from a NUL-terminated string
+ * (what a byte-limited snprintf leaves when it cuts inside a character). */
+void bg_utf8_trim(char *s);
 
 #ifdef __cplusplus
 }

@@ -18,6 +18,7 @@
 
 struct bg_notify {
     pthread_mutex_t mu;
+    bg_notify *all_prev, *all_next; /* every live queue, for fork() */
     bg_notify_node *head, *tail;
     int rfd, wfd; /* equal for eventfd */
 };
@@ -57,6 +58,37 @@ static int open_fds(bg_notify *n)
     return 0;
 }
 
+/* Fork: a pushing thread (engine, or a semaphore grant made under the
+ * semaphore's lock) may hold a queue's lock at fork(). Taking these locks in
+ * a prepare handler could deadlock against that grant path, so the child
+ * re-creates them instead: only the forking thread exists there, so nobody
+ * can be inside. */
+static pthread_mutex_t all_mu = PTHREAD_MUTEX_INITIALIZER;
+static bg_notify *all_head;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&all_mu);
+}
+
+static void fork_parent(void)
+{
+    pthread_mutex_unlock(&all_mu);
+}
+
+static void fork_child(void)
+{
+    for (bg_notify *n = all_head; n; n = n->all_next)
+        (void)pthread_mutex_init(&n->mu, NULL);
+    pthread_mutex_unlock(&all_mu);
+}
+
+static void fork_register(void)
+{
+    (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
 bg_notify *bg_notify_create(void)
 {
     bg_notify *n = calloc(1, sizeof *n);
@@ -75,6 +107,13 @@ bg_notify *bg_notify_create(void)
         errno = e;
         return NULL;
     }
+    pthread_once(&fork_once, fork_register);
+    pthread_mutex_lock(&all_mu);
+    n->all_next = all_head;
+    if (all_head)
+        all_head->all_prev = n;
+    all_head = n;
+    pthread_mutex_unlock(&all_mu);
     return n;
 }
 
@@ -82,6 +121,14 @@ void bg_notify_destroy(bg_notify *n)
 {
     if (n == NULL)
         return;
+    pthread_mutex_lock(&all_mu);
+    if (n->all_prev)
+        n->all_prev->all_next = n->all_next;
+    else
+        all_head = n->all_next;
+    if (n->all_next)
+        n->all_next->all_prev = n->all_prev;
+    pthread_mutex_unlock(&all_mu);
     close(n->rfd);
     if (n->wfd != n->rfd)
         close(n->wfd);

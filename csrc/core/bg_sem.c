@@ -11,17 +11,65 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
 
 struct bg_sem {
     pthread_mutex_t mu;
+    bg_sem *all_prev, *all_next; /* every live semaphore, for fork() */
     atomic_long refcnt;
     int64_t value;     /* free permits */
     int64_t max_value; /* < 0: unbounded */
     bg_sem_waiter *head, *tail;
     size_t nqueued;
 };
+
+/* ---- fork safety ----
+ * Every semaphore is on one list. Before fork() all their locks are taken (no
+ * thread ever holds two of them, so any order is deadlock-free), so the child
+ * gets consistent counts and locks it can use. The child then forgets every
+ * queued waiter: they belong to threads and engines that do not exist there
+ * (their permits are not owed to anyone in the child). */
+static pthread_mutex_t all_mu = PTHREAD_MUTEX_INITIALIZER;
+static bg_sem *all_head;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&all_mu);
+    for (bg_sem *s = all_head; s; s = s->all_next)
+        pthread_mutex_lock(&s->mu);
+}
+
+static void fork_parent(void)
+{
+    for (bg_sem *s = all_head; s; s = s->all_next)
+        pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&all_mu);
+}
+
+static void fork_child(void)
+{
+    for (bg_sem *s = all_head; s; s = s->all_next) {
+        bg_sem_waiter *w = s->head;
+        while (w) {
+            bg_sem_waiter *nx = w->next;
+            w->prev = w->next = NULL;
+            w->state = BG_SEM_W_IDLE;
+            w = nx;
+        }
+        s->head = s->tail = NULL;
+        s->nqueued = 0;
+        pthread_mutex_unlock(&s->mu);
+    }
+    pthread_mutex_unlock(&all_mu);
+}
+
+static void fork_register(void)
+{
+    (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
 
 bg_sem *bg_sem_create(int64_t value, int64_t max_value)
 {
@@ -41,6 +89,13 @@ bg_sem *bg_sem_create(int64_t value, int64_t max_value)
     atomic_init(&s->refcnt, 1);
     s->value = value;
     s->max_value = max_value;
+    pthread_once(&fork_once, fork_register);
+    pthread_mutex_lock(&all_mu);
+    s->all_next = all_head;
+    if (all_head)
+        all_head->all_prev = s;
+    all_head = s;
+    pthread_mutex_unlock(&all_mu);
     return s;
 }
 
@@ -57,6 +112,14 @@ void bg_sem_decref(bg_sem *s)
         return;
     /* Last reference: nobody can be queued any more (a queued waiter's owner
      * holds a reference), so there is nothing to wake. */
+    pthread_mutex_lock(&all_mu);
+    if (s->all_prev)
+        s->all_prev->all_next = s->all_next;
+    else
+        all_head = s->all_next;
+    if (s->all_next)
+        s->all_next->all_prev = s->all_prev;
+    pthread_mutex_unlock(&all_mu);
     pthread_mutex_destroy(&s->mu);
     free(s);
 }
@@ -196,7 +259,7 @@ int bg_sem_release(bg_sem *s, int64_t n)
     if (n < 1)
         return -1;
     pthread_mutex_lock(&s->mu);
-    if (s->max_value >= 0 && s->value > s->max_value - n) {
+    if ((s->max_value >= 0 && s->value > s->max_value - n) || s->value > INT64_MAX - n) {
         pthread_mutex_unlock(&s->mu);
         return -1;
     }

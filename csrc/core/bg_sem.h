@@ -47,7 +47,9 @@ struct bg_sem_waiter {
     void *ctx;                  /* owner's data */
 };
 
-/* max_value < 0: unbounded (release may raise the count without limit). */
+/* max_value < 0: unbounded (release may raise the count up to INT64_MAX).
+ * Fork: a child gets each semaphore's count as it was at fork() and a usable
+ * lock; waiters queued by other threads are forgotten in the child. */
 bg_sem *bg_sem_create(int64_t value, int64_t max_value);
 void bg_sem_incref(bg_sem *s);
 void bg_sem_decref(bg_sem *s);
@@ -93,7 +95,8 @@ int bg_sem_cancel(bg_sem *s, bg_sem_waiter *w);
 int bg_sem_acquire_blocking(bg_sem *s, int64_t n, int64_t timeout_ns);
 
 /* Give back n permits and grant queued waiters in FIFO order.
- * Returns 0, or -1 if the release would pass max_value (nothing changed). */
+ * Returns 0, or -1 if the release would pass max_value, or INT64_MAX on an
+ * unbounded semaphore (nothing changed). */
 int bg_sem_release(bg_sem *s, int64_t n);
 
 #ifdef __cplusplus

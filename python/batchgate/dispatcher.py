@@ -22,6 +22,7 @@ from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
 from . import _native, _options, _progress
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
+from ._redact import check_header_value, redact_url
 from .config import Config
 
 __all__ = [
@@ -61,16 +62,20 @@ class Dispatcher:
                  default_max_tokens: int = 16) -> None:
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
-        if model is None:
-            model = _options.env_model()
+        if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env
+            model = Config.LLM_MODEL or _options.env_model()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+            raise ValueError(f"base_url must be an http:// or https:// URL, "
+                             f"got {redact_url(base_url)!r}")
+        check_header_value("base_url", base_url)
         if api_key is not None and not isinstance(api_key, str):
             raise TypeError("api_key must be a str or None")
-        if model is None:
-            model = Config.LLM_MODEL  # the original's LLM_MODEL (e.g. a LoRA adapter)
+        if api_key is not None:
+            check_header_value("api_key", api_key)
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a str or None, not {type(model).__name__}")
+        if model is not None:
+            check_header_value("model", model)
         if max_concurrent is None:
             max_concurrent = Config.VLLM_MAX_CONCURRENT_BATCHES
         if max_retries is None:
@@ -115,8 +120,9 @@ class Dispatcher:
         for k, hv in (headers or {}).items():
             if not isinstance(k, str) or not isinstance(hv, str):
                 raise TypeError(f"header {k!r} must map str to str")
-            if any(c in k + hv for c in "\r\n") or ":" in k or not k:
-                raise ValueError(f"invalid header {k!r}")
+            if any(c in k for c in "\r\n\0") or ":" in k or not k.strip():
+                raise ValueError(f"invalid header name {k!r}")
+            check_header_value(f"header {k!r}", hv)
             hdr_lines.append(f"{k}: {hv}")
         if not any(k.lower() == "user-agent" for k in (headers or {})):
             hdr_lines.append(f"User-Agent: {user_agent()}")
@@ -125,7 +131,7 @@ class Dispatcher:
             float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
             bool(verify), int(max_response_bytes or 0), float(backoff), float(max_backoff),
             float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens)
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # shown in repr/logs; the engine has the real one
         self.model = model
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
@@ -760,6 +766,15 @@ def default_dispatcher() -> Dispatcher:
     for old in stale:
         old.close()
     return d
+
+
+def _close_defaults() -> None:
+    """Close every loop's default dispatcher (tests, and code that reconfigures)."""
+    with _defaults_lock:
+        olds = [d for _, d in _defaults_by_loop.values()]
+        _defaults_by_loop.clear()
+    for d in olds:
+        d.close()
 
 
 def __getattr__(name: str) -> Any:

@@ -239,8 +239,76 @@ static void test_error_messages(void)
     free(m);
 }
 
+/* Found under fault injection (issue 9): each of these was wrong once. */
+static void test_hardening(void)
+{
+    char err[256];
+    bg_resp r;
+    /* \u0000 inside an answer is kept: the length is not taken with strlen. */
+    const char *nul = "{\"choices\":[{\"index\":0,\"text\":\"a\\u0000b\"}]}";
+    CHECK(bg_json_parse_response(nul, strlen(nul), BG_EP_COMPLETIONS, 1, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 1 && r.choices[0].text_len == 3 && memcmp(r.choices[0].text, "a\0b", 3) == 0);
+    bg_resp_free(&r);
+    /* Escapes and surrogate pairs decode to UTF-8; lone surrogates to U+FFFD. */
+    const char *esc = "{\"choices\":[{\"text\":\"\\ud83d\\ude00\\u00e9\\n\\/\\udc00\"}]}";
+    CHECK(bg_json_parse_response(esc, strlen(esc), BG_EP_COMPLETIONS, 1, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 1 && strcmp(r.choices[0].text, "\xf0\x9f\x98\x80\xc3\xa9\n/\xef\xbf\xbd") == 0);
+    bg_resp_free(&r);
+    /* Trailing garbage after the object is not an answer. */
+    expect_parse_error("{\"choices\":[{\"index\":0,\"text\":\"a\"}]} trailing", BG_EP_COMPLETIONS, 1,
+                       "trailing data");
+    expect_parse_error("{\"choices\":[{\"text\":\"a\"}],}", BG_EP_COMPLETIONS, 1, "not JSON");
+    expect_parse_error("{\"choices\":[{\"text\":\"a\x01\"}]}", BG_EP_COMPLETIONS, 1, "control character");
+    expect_parse_error("{\"choices\":[{\"text\":\"a\"}],\"x\":01}", BG_EP_COMPLETIONS, 1, "not JSON");
+    expect_parse_error("{\"choices\":[{\"index\":9223372036854775808,\"text\":\"a\"}]}",
+                       BG_EP_COMPLETIONS, 1, "must be an integer");
+    /* Deep nesting is refused, not a stack overflow. */
+    static char deep[20000];
+    size_t k = 0;
+    k += (size_t)sprintf(deep, "{\"choices\":[],\"x\":");
+    for (int i = 0; i < 5000; i++)
+        deep[k++] = '[';
+    deep[k] = '\0';
+    expect_parse_error(deep, BG_EP_COMPLETIONS, 0, "nested too deeply");
+    /* Usage fields that are not integers read as missing. */
+    const char *u = "{\"choices\":[],\"usage\":{\"prompt_tokens\":1.5,\"total_tokens\":7}}";
+    CHECK(bg_json_parse_response(u, strlen(u), BG_EP_COMPLETIONS, 0, &r, err, sizeof(err)) == 0);
+    CHECK(r.usage.present && r.usage.prompt_tokens == -1 && r.usage.total_tokens == 7);
+    bg_resp_free(&r);
+
+    /* Params can never break out of the body's object. */
+    expect_tmpl_error("{\"a\":1},{\"b\":2}", "trailing data");
+    expect_tmpl_error("{\"a\":1}}", "trailing data");
+    expect_tmpl_error("{\"a\":\"x\"", "not valid JSON");
+    expect_tmpl_error("{\"a\":[1,}", "not valid JSON");
+    expect_tmpl_error("{\"a\":1,}", "not valid JSON");
+    expect_tmpl_error("{\"max_tokens\":1e3}", "max_tokens");
+    expect_tmpl_error("{\"stream\":\"yes\"}", "stream");
+    const char *okp = "{\"n\":2.0,\"stream\":false,\"max_completion_tokens\":9}";
+    bg_tmpl *t = bg_tmpl_new("m", okp, strlen(okp), err, sizeof(err));
+    CHECK(t && t->n_per_prompt == 2 && t->max_tokens == 9);
+    bg_tmpl_decref(t);
+
+    /* Error messages are cut on a character boundary. */
+    const char *ko = "{\"error\":{\"message\":\"\xea\xb0\x80\xea\xb0\x80\xea\xb0\x80\"}}";
+    char *m = bg_json_error_message(ko, strlen(ko), 4); /* inside the 2nd character */
+    CHECK(m && strcmp(m, "\xea\xb0\x80...") == 0);
+    free(m);
+    const char *nm = "{\"message\":\"a\\u0000b\"}";
+    m = bg_json_error_message(nm, strlen(nm), 50);
+    CHECK(m && strcmp(m, "a b") == 0);
+    free(m);
+    char cut[16] = "ab\xea\xb0";
+    bg_utf8_trim(cut);
+    CHECK(strcmp(cut, "ab") == 0);
+    strcpy(cut, "ab\xea\xb0\x80");
+    bg_utf8_trim(cut);
+    CHECK(strcmp(cut, "ab\xea\xb0\x80") == 0);
+}
+
 int main(void)
 {
+    test_hardening();
     test_escape();
     test_template_and_bodies();
     test_template_errors();

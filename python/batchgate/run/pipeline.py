@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .._native import BatchgateError
+from .._redact import redact
 from ..config import Config
 from ..dispatcher import Dispatcher, _messages_json
 from .batches import Batch, priority_order
@@ -131,7 +132,7 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
         n = used.get(b.key, 0) + max(1, int(getattr(r, "attempts", 1) or 1))
         used[b.key] = n
         if isinstance(r, BaseException):
-            rec.update(status="failed", error=f"{type(r).__name__}: {r}", attempts=n)
+            rec.update(status="failed", error=redact(f"{type(r).__name__}: {r}"), attempts=n)
         else:
             usage = r.usage or {}
             st.prompt_tokens += int(usage.get("prompt_tokens") or 0)

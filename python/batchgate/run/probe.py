@@ -6,6 +6,8 @@ import json
 import re
 from typing import Optional, Tuple
 
+from .._redact import redact, redact_url, secrets_of, split_userinfo
+
 # Share of the server's KV cache the default token cap takes: block rounding
 # and the answers' own tokens need the rest.
 AUTO_TOKEN_CAP_FRACTION = 0.95
@@ -21,22 +23,24 @@ def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0
     lists it), or ServerUnreachable."""
     import urllib.error
     import urllib.request
-    req = urllib.request.Request(base_url.rstrip("/") + "/models")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
+    url, basic = split_userinfo(base_url)  # urllib takes no credentials from URLs
+    shown = redact_url(base_url).rstrip("/")
+    req = urllib.request.Request(url.rstrip("/") + "/models")
+    if api_key or basic:
+        req.add_header("Authorization", f"Bearer {api_key}" if api_key else basic)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             data = json.loads(resp.read())
     except urllib.error.HTTPError as e:
         hint = (" (the base URL is the OpenAI-style one, ending in /v1)" if e.code == 404 else
                 " (check VLLM_API_KEY)" if e.code in (401, 403) else "")
-        raise ServerUnreachable(f"{base_url.rstrip('/')}/models answered HTTP {e.code} "
+        raise ServerUnreachable(f"{shown}/models answered HTTP {e.code} "
                                 f"{e.reason}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ServerUnreachable(f"cannot reach the server at {base_url}: {reason}") from None
+        reason = redact(str(getattr(e, "reason", e)), secrets_of(base_url) + (api_key,))
+        raise ServerUnreachable(f"cannot reach the server at {shown}: {reason}") from None
     except ValueError:
-        raise ServerUnreachable(f"{base_url}/models did not return JSON; is this an "
+        raise ServerUnreachable(f"{shown}/models did not return JSON; is this an "
                                 "OpenAI-compatible server (base URL ending in /v1)?") from None
     try:
         first = data["data"][0]
@@ -57,10 +61,11 @@ def server_kv_tokens(base_url: str, api_key: Optional[str], timeout: float = 5.0
     import urllib.error
     import urllib.request
     from urllib.parse import urlsplit
-    u = urlsplit(base_url)
+    url, basic = split_userinfo(base_url)
+    u = urlsplit(url)
     req = urllib.request.Request(f"{u.scheme}://{u.netloc}/metrics")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
+    if api_key or basic:
+        req.add_header("Authorization", f"Bearer {api_key}" if api_key else basic)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             text = resp.read().decode("utf-8", "replace")
