@@ -60,6 +60,7 @@ struct Core {
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
     PyObject *weakreflist;
+    int admit;                /* closed-loop admission: tokens counts KV blocks */
 };
 
 /* At most this many completions per loop callback, so one callback never
@@ -107,6 +108,12 @@ typedef struct {
 extern PyType_Spec bg_result_spec;
 PyObject *bg_result_new(bg_state *st, const bg_request *r);
 PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, int with_index);
+
+/* bg_dispatcher_admit.c */
+PyObject *bg_dsp_probe(PyObject *cls, PyObject *args);
+int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c);
+PyObject *bg_dsp_admit_stats(Core *self);
+PyObject *bg_dsp_admit_events(Core *self, PyObject *ignored);
 
 /* bg_dispatcher_job.c (loop thread, GIL held) */
 extern PyType_Spec bg_job_spec;

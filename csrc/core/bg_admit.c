@@ -10,6 +10,8 @@
 #define RECOMPUTE_EVERY 16
 #define EVENT_RING 64
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
+#define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
+#define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
 
 struct bg_admit {
     bg_admit_params p;
@@ -18,7 +20,9 @@ struct bg_admit {
     double limit; /* L, fractional so small gains accumulate */
     int64_t effective;
     double last_sample_t, last_cut_t;
-    bool have_sample, stale, prev_waiting_over;
+    bool have_sample, stale;
+    int waiting_over_n; /* consecutive samples with a queue over the allowance */
+    double prev_waiting;
     double pre_base, pre_last;
 
     /* learned output lengths per sequence, and prompt estimate ratios */
@@ -186,9 +190,16 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     if (u > a->st.peak_kv_usage)
         a->st.peak_kv_usage = u;
 
-    bool waiting_over = waiting > a->p.wait_allow;
-    bool queue = waiting_over && a->prev_waiting_over;
-    a->prev_waiting_over = waiting_over;
+    /* New arrivals wait one engine step (tens of ms) even on an idle server,
+     * so a snapshot of the queue is noisy: only a queue above the allowance
+     * on QUEUE_SAMPLES samples in a row that is not draining counts. */
+    double running = (s->found & BG_PROM_RUNNING) ? s->running : 0;
+    double allow = a->p.wait_allow > WAIT_FRACTION * running ? a->p.wait_allow
+                                                             : WAIT_FRACTION * running;
+    bool waiting_over = waiting > allow;
+    a->waiting_over_n = waiting_over ? a->waiting_over_n + 1 : 0;
+    bool queue = a->waiting_over_n >= QUEUE_SAMPLES && waiting >= a->prev_waiting;
+    a->prev_waiting = waiting;
     bool in_holdoff = now - a->last_cut_t < a->p.holdoff_s;
 
     int reason = -1;

@@ -23,9 +23,11 @@
  * Control law, evaluated on each fresh sample of /metrics:
  *   cut      L <- max(L_min, L * decrease) when a new preemption appears
  *            (vllm:num_preemptions_total rose), KV usage exceeds high_usage,
- *            a waiting queue persists (vllm:num_requests_waiting > wait_allow
- *            on two samples in a row), or the server answered 429/503 (its
- *            queue limits). At most one cut per holdoff_s: a cut shows only
+ *            a waiting queue persists (vllm:num_requests_waiting above
+ *            max(wait_allow, 10% of running) on three samples in a row and
+ *            not shrinking: new arrivals always wait one engine step, so a
+ *            single snapshot says little), or the server answered 429/503
+ *            (its queue limits). At most one cut per holdoff_s: a cut shows only
  *            once requests in flight finish, so cutting on every sample of
  *            the same episode would collapse the limit.
  *   grow     L <- min(high_usage * N, L + max(1, gain * H), held + H), H = (target_usage
@@ -92,7 +94,7 @@ typedef struct {
     double stale_s;       /* metrics older than this: admit nothing (2.0) */
     double init_fraction; /* L0 / N (0.5) */
     double min_fraction;  /* L_min / N (0.02, at least one block) */
-    double wait_allow;    /* waiting requests tolerated (2) */
+    double wait_allow;    /* waiting requests tolerated, at least (2) */
     double out_quantile;  /* quantile of output lengths reserved (0.95) */
     double out_margin;    /* safety margin on it (0.10) */
     int warmup;           /* finished sequences before learning is trusted (8) */

@@ -131,21 +131,36 @@ static void test_cuts(void)
     s = sample(0.95, 10, 0, 3);
     bg_admit_on_sample(a, 1.9, &s, 586);
     CHECK(limit_of(a) == 410); /* 586.25 * 0.7 */
-    /* A queue must persist for two samples. */
+    /* A queue must persist for three samples and not drain; the allowance
+     * is max(2, 10% of running). held = 0 keeps growth out of the way. */
     bg_admit *b = make(1000);
-    s = sample(0.5, 10, 3, 0);
-    bg_admit_on_sample(b, 0.2, &s, 500);
+    s = sample(0.5, 40, 4, 0); /* 4 <= 10% of 40: tolerated */
+    for (int i = 0; i < 5; i++)
+        bg_admit_on_sample(b, 0.2 * (i + 1), &s, 0);
     CHECK(limit_of(b) == 500);
-    bg_admit_on_sample(b, 0.4, &s, 500);
-    CHECK(limit_of(b) == 350);
+    s = sample(0.5, 10, 5, 0);
+    bg_admit_on_sample(b, 1.2, &s, 0);
+    bg_admit_on_sample(b, 1.4, &s, 0);
+    CHECK(limit_of(b) == 500); /* two samples: not yet */
+    s = sample(0.5, 10, 4, 0);
+    bg_admit_on_sample(b, 1.6, &s, 0);
+    CHECK(limit_of(b) == 500); /* third, but draining: no cut */
+    bg_admit_on_sample(b, 1.8, &s, 0);
+    CHECK(limit_of(b) == 350); /* stuck at 4: cut */
+    /* Within the allowance, growth goes on despite a few waiting. */
+    bg_admit *g = make(1000);
+    s = sample(0.5, 40, 4, 0);
+    bg_admit_on_sample(g, 0.2, &s, 500);
+    CHECK(limit_of(g) == 587);
+    bg_admit_free(g);
     /* 429/503 from the server. */
-    bg_admit_on_overload(b, 2.0);
+    bg_admit_on_overload(b, 3.0);
     CHECK(limit_of(b) == 244);
-    bg_admit_on_overload(b, 2.1); /* holdoff */
+    bg_admit_on_overload(b, 3.1); /* holdoff */
     CHECK(limit_of(b) == 244);
     /* Never below the minimum (2% of N). */
     for (int i = 0; i < 40; i++)
-        bg_admit_on_overload(b, 3.0 + i * 2);
+        bg_admit_on_overload(b, 5.0 + i * 2);
     CHECK(limit_of(b) == 20);
     bg_admit_get_stats(b, &st);
     CHECK(st.overloads == 42);
