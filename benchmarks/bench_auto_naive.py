@@ -48,7 +48,7 @@ async def one_run(base: str, kwargs: Dict[str, Any], work: List[str],
     ok = [r for r in rs if not isinstance(r, BaseException)]
     srv = debug(base, "stats")
     return {"s": dt, "req_s": len(ok) / dt,
-            "tok_s": sum(r.completion_tokens or 0 for r in ok) / dt,
+            "tok_s": sum((r.usage or {}).get("completion_tokens") or 0 for r in ok) / dt,
             "failed": len(rs) - len(ok), "oom": srv["num_oom_errors"],
             "peak_kv": srv["peak_kv_cache_usage"],
             "limit": (st.get("admission") or {}).get("limit_blocks")}
