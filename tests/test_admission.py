@@ -281,3 +281,14 @@ def test_auto_argument_errors(metrics_fake):
         assert d.admission is not None and d.admission["metrics_url"].endswith("/metrics")
     finally:
         d.close()
+
+
+def test_fallback_message_hides_url_credentials(metrics_fake, caplog):
+    srv = metrics_fake("missing")
+    caplog.set_level(logging.INFO, logger="batchgate")
+    url = srv.base_url.replace("http://", "http://user:s3cret@")
+    d = Dispatcher(url, max_inflight_tokens="auto", api_key="sk-hidden")
+    d.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "falling back" in text and "***@127.0.0.1" in text
+    assert "s3cret" not in text and "sk-hidden" not in text

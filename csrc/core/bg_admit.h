@@ -30,10 +30,11 @@
  *            (its queue limits). At most one cut per holdoff_s: a cut shows only
  *            once requests in flight finish, so cutting on every sample of
  *            the same episode would collapse the limit.
- *   grow     L <- min(high_usage * N, L + max(1, gain * H), held + H), H = (target_usage
- *            - usage) * N the headroom to the target, held = blocks charged
- *            in flight, when usage < target_usage, nothing waits, no cut in
- *            the last holdoff_s, and held >= L / 2 (a limit nobody fills
+ *   grow     L <- min(high_usage * N, L + max(1, gain * H), held + H)
+ *            with H = (target_usage - usage) * N, the headroom to the
+ *            target, and held = blocks charged in flight; only when usage <
+ *            target_usage, the waiting queue is within its allowance, no cut
+ *            in the last holdoff_s, and held >= L / 2 (a limit nobody fills
  *            says nothing about the server). The held + H bound keeps the
  *            limit from running ahead of the memory actually seen free: a
  *            sample right after a wave of completions shows low usage, but
@@ -41,7 +42,9 @@
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
  * Starting point L0 = init_fraction * N: the first answers calibrate the
- * prompt ratio and output lengths before the limit can reach N.
+ * prompt ratio and output lengths before the limit can reach its ceiling.
+ * The engine charges a request when it reaches the head of its admission
+ * queue, not when it was submitted, so what was learned meanwhile counts.
  *
  * Output lengths: until `warmup` sequences have finished, a request reserves
  * its max_tokens (or max_model_len - prompt when it has none). Then it

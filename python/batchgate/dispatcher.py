@@ -52,6 +52,15 @@ def _header_lines(headers: Optional[Mapping[str, str]]) -> List[str]:
     return lines
 
 
+def _redact(url: str) -> str:
+    """The URL without user:password (for messages)."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rpartition("@")[2]
+    return scheme + sep + host + slash + path
+
+
 def _server_root(base_url: str) -> str:
     root = base_url.rstrip("/")
     return root[:-3] if root.endswith("/v1") else root
@@ -84,14 +93,15 @@ def _probe_admission(base_url: str, api_key: Optional[str], model: Optional[str]
                                          api_key, hdr_lines, verify, timeout, model)
     except BatchgateError as e:
         log.warning("max_inflight_tokens='auto': %s; falling back to the static caps "
-                    "(max_concurrent, no KV budget)", e)
+                    "(max_concurrent, no KV budget)",
+                    str(e).replace(metrics_url, _redact(metrics_url)))
         return None
     info.update(metrics_url=metrics_url, model=model, interval=float(interval),
                 stale_after=float(stale_after), target=float(target), high=float(high))
     log.info("max_inflight_tokens='auto': KV cache of %d blocks x %d tokens, max_model_len %s; "
              "watching %s every %.0f ms", info["kv_blocks"], info["block_size"],
-             info["max_model_len"] if info["max_model_len"] > 0 else "unknown", metrics_url,
-             interval * 1000)
+             info["max_model_len"] if info["max_model_len"] > 0 else "unknown",
+             _redact(metrics_url), interval * 1000)
     return info
 
 
@@ -196,7 +206,9 @@ class Dispatcher:
         self.max_concurrent = max_concurrent
         self.max_inflight_tokens = max_inflight_tokens
         #: The closed-loop admission settings in use (None: static caps only).
-        self.admission: Optional[Dict[str, Any]] = admission
+        self.admission: Optional[Dict[str, Any]] = None
+        if admission is not None:
+            self.admission = dict(admission, metrics_url=_redact(admission["metrics_url"]))
         self._admission_timer: Optional[asyncio.TimerHandle] = None
         self._admission_logged = 0
         self.window = window
