@@ -105,6 +105,12 @@ def _probe_admission(base_url: str, api_key: Optional[str], model: Optional[str]
     return info
 
 
+def _admission_tick(ref: "weakref.ref[Dispatcher]") -> None:
+    d = ref()  # the timer must not keep a forgotten dispatcher alive
+    if d is not None:
+        d._log_admission()
+
+
 class Dispatcher:
     """Concurrency-capped client for ``/v1/completions`` and ``/v1/chat/completions``.
 
@@ -456,12 +462,6 @@ class Dispatcher:
                 self._core.close(True)
         except Exception:
             pass
-
-
-def _admission_tick(ref: "weakref.ref[Dispatcher]") -> None:
-    d = ref()  # the timer must not keep a forgotten dispatcher alive
-    if d is not None:
-        d._log_admission()
 
 
 def _messages_json(messages: Any, index: Optional[int]) -> str:
