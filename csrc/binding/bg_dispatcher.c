@@ -469,7 +469,7 @@ static PyObject *core_stats(Core *self, PyObject *Py_UNUSED(ignored))
     bg_engine_stats s = {0};
     if (self->engine && !CORE_FORKED(self))
         bg_engine_get_stats(self->engine, &s);
-    return Py_BuildValue(
+    PyObject *d = Py_BuildValue(
         "{sKsKsKsKsKsKsKsnsLsL}", "submitted", (unsigned long long)s.submitted, "completed",
         (unsigned long long)s.completed, "attempts", (unsigned long long)s.attempts, "retries",
         (unsigned long long)s.retries, "live", (unsigned long long)s.live, "in_flight",
@@ -477,6 +477,13 @@ static PyObject *core_stats(Core *self, PyObject *Py_UNUSED(ignored))
         "undelivered", self->live_items, "permits_free",
         (long long)(self->count ? bg_sem_value(self->count) : -1), "tokens_free",
         (long long)(self->tokens ? bg_sem_value(self->tokens) : -1));
+    if (d && self->admit) {
+        PyObject *a = bg_dsp_admit_stats(self);
+        if (!a || PyDict_SetItemString(d, "admission", a) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(a);
+    }
+    return d;
 }
 
 static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
@@ -506,11 +513,11 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
                              "max_inflight_tokens", "timeout", "connect_timeout", "max_retries",
                              "headers", "verify", "max_response_bytes", "backoff",
                              "max_backoff", "max_retry_after", "retry_timeouts",
-                             "max_connections", "default_max_tokens", NULL};
+                             "max_connections", "default_max_tokens", "admission", NULL};
     const char *base_url, *api_key = NULL;
     Py_ssize_t max_concurrent = 20, max_tokens_cap = 0, max_retries = 3, max_resp = 64 << 20;
     Py_ssize_t max_conn = 0, default_max_tokens = 16;
-    PyObject *semaphore = Py_None, *headers = Py_None;
+    PyObject *semaphore = Py_None, *headers = Py_None, *admission = Py_None;
     double timeout = 600, connect_timeout = 10, backoff = 0.5, max_backoff = 30,
            max_retry_after = 60;
     int verify = 1, retry_timeouts = 0;
@@ -518,11 +525,12 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|znOnddnOpndddpnn", kwlist, &base_url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|znOnddnOpndddpnnO", kwlist, &base_url,
                                      &api_key, &max_concurrent, &semaphore, &max_tokens_cap,
                                      &timeout, &connect_timeout, &max_retries, &headers, &verify,
                                      &max_resp, &backoff, &max_backoff, &max_retry_after,
-                                     &retry_timeouts, &max_conn, &default_max_tokens))
+                                     &retry_timeouts, &max_conn, &default_max_tokens,
+                                     &admission))
         return -1;
     bg_state *st = bg_state_from_type(Py_TYPE(self));
     if (!st)
@@ -608,6 +616,16 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     c.token_cap = self->token_cap;
     c.on_done = core_on_done;
     c.done_ctx = self->notify;
+    if (admission != Py_None) {
+        /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
+        if (self->tokens) {
+            PyErr_SetString(PyExc_ValueError,
+                            "admission and max_inflight_tokens exclude each other");
+            goto fail;
+        }
+        if (bg_dsp_admit_setup(self, admission, &c) < 0)
+            goto fail;
+    }
     if (max_retries < 0 || max_retries > 1000) {
         PyErr_Format(PyExc_ValueError, "max_retries must be in 0..1000, got %zd", max_retries);
         goto fail;
@@ -702,6 +720,12 @@ static PyMethodDef core_methods[] = {
     {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL,
      "close($self, drop=False, /)\n--\n\n"},
     {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats($self, /)\n--\n\n"},
+    {"probe", (PyCFunction)bg_dsp_probe, METH_VARARGS | METH_CLASS,
+     "probe($type, metrics_url, models_url, api_key, headers, verify, timeout, model, /)\n--\n\n"
+     "What the server says about itself (blocking, GIL released) -> dict."},
+    {"admission_events", (PyCFunction)bg_dsp_admit_events, METH_NOARGS,
+     "admission_events($self, /)\n--\n\n"
+     "Limit moves recorded since the last call: [(t, from, to, reason)]."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -62,6 +62,7 @@ struct Core {
     PyObject *model_cache;    /* last Result.model str (shared by the results) */
     PyObject *weakreflist;
     Job *jobs;                /* every live job (borrowed): close() ends them all */
+    int admit;                /* closed-loop admission: tokens counts KV blocks */
 };
 
 /* At most this many completions per loop callback, so one callback never
@@ -135,6 +136,12 @@ extern PyType_Spec bg_result_spec;
  * model_cache: the last model str built, reused while the name repeats. */
 PyObject *bg_result_new(bg_state *st, const bg_request *r, int keep_id, PyObject **model_cache);
 PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, int with_index);
+
+/* bg_dispatcher_admit.c */
+PyObject *bg_dsp_probe(PyObject *cls, PyObject *args);
+int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c);
+PyObject *bg_dsp_admit_stats(Core *self);
+PyObject *bg_dsp_admit_events(Core *self, PyObject *ignored);
 
 /* bg_dispatcher_job.c (loop thread, GIL held) */
 extern PyType_Spec bg_job_spec;

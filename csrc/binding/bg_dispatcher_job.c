@@ -304,6 +304,11 @@ filled:
     } else {
         it->r.token_weight = 1;
     }
+    /* For closed-loop admission, which charges in KV blocks on the engine. */
+    it->r.prompt_est = est;
+    it->r.max_tokens = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens
+                       : j->endpoint == BG_EP_CHAT ? -1
+                                                   : c->default_max_tokens;
     it->r.id = ++c->next_id;
     it->r.group = j->group;
     it->r.count_preheld = j->count_preheld != 0;

@@ -238,6 +238,8 @@ void bgh_finish(bg_engine *e, bg_request *r, int kind)
 {
     bgh_release_permits(e, r);
     hash_remove(e, r);
+    if (e->admit_waiting == r)
+        e->admit_waiting = NULL;
     if (kind != BG_RES_OK)
         bg_resp_free(&r->resp);
     r->kind = kind;
@@ -246,12 +248,13 @@ void bgh_finish(bg_engine *e, bg_request *r, int kind)
     r->body = NULL;
     r->t_done_ns = bgh_now_ns();
     STAT_ADD(e, st_completed, 1);
+    bgh_admit_finished(e, r, kind); /* learns from usage; no-op without admission */
     e->cfg.on_done(r, e->cfg.done_ctx);
 }
 
 /* Take the permits the request still lacks; start it once it has all. Tokens
  * first: the shared count cap is not held while waiting for the budget. */
-static void advance(bg_engine *e, bg_request *r)
+void bgh_advance(bg_engine *e, bg_request *r)
 {
     if (r->cancel_req) {
         bgh_finish(e, r, r->cancel_kind);
@@ -269,6 +272,8 @@ static void advance(bg_engine *e, bg_request *r)
             return;
         }
         r->held_tokens = true;
+        if (e->admit_waiting == r)
+            e->admit_waiting = NULL; /* granted at once: the admission queue moves on */
     }
     if (!r->held_count && !r->count_preheld) {
         bg_sem_waiter_init(&r->w_count, 1, on_grant, r);
@@ -293,7 +298,9 @@ static void on_ready(bg_engine *e, bg_request *r)
         r->held_tokens = true;
     else if (r->state == ST_WAIT_COUNT)
         r->held_count = true;
-    advance(e, r);
+    if (e->admit_waiting == r)
+        e->admit_waiting = NULL; /* the admission queue moves on */
+    bgh_advance(e, r);
 }
 
 static void cancel_request(bg_engine *e, bg_request *r, int kind)
@@ -325,6 +332,10 @@ static void cancel_request(bg_engine *e, bg_request *r, int kind)
         list_unlink(&e->backoff, r);
         bgh_finish(e, r, kind);
         break;
+    case ST_WAIT_ADMIT:
+        bgh_admit_unqueue(e, r);
+        bgh_finish(e, r, kind);
+        break;
     default:
         break;
     }
@@ -343,7 +354,10 @@ static void intake(bg_engine *e, bg_request *r)
     if (cap > 0 && w > cap)
         w = cap; /* bigger than the budget: runs alone instead of never */
     r->weight_taken = w;
-    advance(e, r);
+    if (e->cfg.admit)
+        bgh_admit_enqueue(e, r); /* charged when it reaches the head */
+    else
+        bgh_advance(e, r);
 }
 
 /* Cancel everything live (close). Collect first: finishing edits the hash. */
@@ -448,9 +462,14 @@ static void *engine_main(void *arg)
         while (e->backoff.head && e->backoff.head->due_ns <= t) {
             bg_request *r = e->backoff.head;
             list_unlink(&e->backoff, r);
-            advance(e, r);
+            if (e->cfg.admit && !r->cancel_req)
+                bgh_admit_enqueue(e, r); /* a retry is charged again, at the head */
+            else
+                bgh_advance(e, r);
         }
 
+        int admit_wait_ms = bgh_admit_tick(e); /* scrape when due, apply the limit */
+        bgh_admit_pump(e);                     /* charge and queue the next requests */
         int running = 0;
         CURLMcode mc = curl_multi_perform(e->multi, &running);
 #ifdef BG_TESTING
@@ -466,11 +485,15 @@ static void *engine_main(void *arg)
         CURLMsg *msg;
         int left;
         while ((msg = curl_multi_info_read(e->multi, &left))) {
-            if (msg->msg == CURLMSG_DONE)
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            if (bgh_admit_owns(e, msg->easy_handle))
+                bgh_admit_scrape_done(e, msg->data.result);
+            else
                 bgh_transfer_done(e, msg->easy_handle, msg->data.result);
         }
 
-        int timeout_ms = 1000;
+        int timeout_ms = admit_wait_ms < 1000 ? admit_wait_ms : 1000;
         if (e->backoff.head) {
             int64_t d = (e->backoff.head->due_ns - bgh_now_ns() + 999999) / 1000000;
             if (d < timeout_ms)
@@ -508,6 +531,7 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto fail; } while (0)
     bg_engine *e = calloc(1, sizeof(*e));
     if (!e) {
+        bg_admit_free(cfg->admit); /* ours from here on, as documented */
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
@@ -584,6 +608,8 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     if (pthread_mutex_init(&e->close_mu, NULL) != 0)
         FAIL("pthread_mutex_init failed");
     close_mu_init = true;
+    if (cfg->admit && bgh_admit_init(e, err, errlen) < 0)
+        goto fail;
     e->rng = (uint64_t)bgh_now_ns() ^ ((uint64_t)(uintptr_t)e << 16) ^ 0x2545F4914F6CDD1Dull;
     if (!e->rng)
         e->rng = 1;
@@ -607,6 +633,7 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     return e;
 
 fail:
+    bgh_admit_cleanup(e); /* frees cfg->admit too */
     if (e->multi)
         curl_multi_cleanup(e->multi);
     curl_slist_free_all(e->headers);
@@ -722,6 +749,7 @@ void bg_engine_destroy(bg_engine *e)
         free(x->buf);
         free(x);
     }
+    bgh_admit_cleanup(e);
     curl_multi_cleanup(e->multi);
     curl_slist_free_all(e->headers);
     bg_sem_decref(e->cfg.count_sem);

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bg_admit.h"
 #include "bg_json.h"
 #include "bg_sem.h"
 
@@ -55,6 +56,10 @@ struct bg_request {
                              (a task inside `async with sem`): never take or release one */
     void *user;           /* caller's data, untouched */
     const bg_req_opts *opts; /* borrowed per-call options, NULL = the engine's */
+    /* Closed-loop admission only (engine config `admit`): the engine charges
+     * the request in KV blocks from these instead of token_weight. */
+    int64_t prompt_est;   /* estimated prompt tokens, summed over the prompts */
+    int64_t max_tokens;   /* per sequence; < 0: none given */
 
     /* ---- output, valid in on_done ---- */
     int kind;             /* enum bg_result_kind */
@@ -113,6 +118,16 @@ typedef struct {
     int64_t token_cap;       /* token_sem's capacity; weights are clamped to it */
     bg_done_fn on_done;
     void *done_ctx;
+    /* Closed-loop admission (bg_http_admit.c). With `admit`, the engine
+     * scrapes metrics_url every metrics_interval_ms from its own thread,
+     * feeds the controller, charges requests in KV blocks and sets
+     * token_sem's capacity (max_value = the KV size in blocks) to the
+     * controller's limit. The engine owns `admit` from bg_engine_create on
+     * (also when that fails). */
+    bg_admit *admit;
+    const char *metrics_url;
+    const char *metrics_model; /* model_name label filter, NULL: every series */
+    long metrics_interval_ms;  /* <= 0: 200 */
 } bg_engine_config;
 
 void bg_engine_config_defaults(bg_engine_config *c);
@@ -172,6 +187,36 @@ void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
  * report CURLM_INTERNAL_ERROR. */
 void bg_engine_test_fail_multi(bg_engine *e, int n);
 #endif
+
+/* ---- closed-loop admission (bg_http_admit.c) ---- */
+
+typedef struct {
+    bg_admit_stats ctl;      /* the controller's view */
+    uint64_t scrapes_ok, scrapes_failed;
+    int64_t held_blocks;     /* charged to requests in flight now */
+    char last_error[160];    /* last scrape failure, "" if none */
+} bg_engine_admit_info;
+
+/* false if the engine runs without admission. Any thread. */
+bool bg_engine_admit_info_get(bg_engine *e, bg_engine_admit_info *out);
+/* Pop the controller's recorded limit moves (any thread). */
+size_t bg_engine_admit_events(bg_engine *e, bg_admit_event *out, size_t n);
+
+/* What a server says about itself, read once before a run (blocking; call
+ * without the GIL). */
+typedef struct {
+    bg_prom_sample metrics;  /* from metrics_url */
+    int64_t max_model_len;   /* from models_url, -1 if unknown */
+    char model_id[256];      /* the /v1/models entry used, "" if none */
+} bg_server_probe;
+
+/* 0 if metrics_url answered with vLLM metrics including the KV gauge and
+ * cache_config_info; -1 with a reason in err otherwise (out is still
+ * filled with what was found). models_url may be NULL. */
+int bg_probe_server(const char *metrics_url, const char *models_url, const char *api_key,
+                    const char *const *headers, size_t n_headers, bool verify_tls,
+                    long timeout_ms, const char *model, bg_server_probe *out, char *err,
+                    size_t errlen);
 
 #ifdef __cplusplus
 }

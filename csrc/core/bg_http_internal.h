@@ -17,6 +17,7 @@ enum req_state {
     ST_WAIT_COUNT, /* queued on the count semaphore */
     ST_FLIGHT,     /* transfer running */
     ST_BACKOFF,    /* waiting to retry, no permits held */
+    ST_WAIT_ADMIT, /* in the admission queue, not yet charged (bg_http_admit.c) */
     ST_DONE,
 };
 
@@ -45,6 +46,13 @@ struct bg_req_opts {
     char *url_completions, *url_chat; /* with the query, or NULL */
 };
 
+/* A response body with a size bound (bg_http_admit.c). */
+typedef struct {
+    char *data;
+    size_t len, cap;
+    bool oversize;
+} bgh_buf;
+
 struct bg_engine {
     bg_engine_config cfg; /* string fields point into owned copies below */
     char *base_url, *api_key;
@@ -71,6 +79,22 @@ struct bg_engine {
     bg_easy *easy_pool;
     uint64_t rng;
 
+    /* Closed-loop admission (bg_http_admit.c), unused without cfg.admit.
+     * admit_mu guards the controller and the counters for other threads;
+     * never held while calling into a semaphore. */
+    pthread_mutex_t admit_mu;
+    bool admit_mu_init;
+    req_list admit_queue;       /* engine thread: FIFO of ST_WAIT_ADMIT requests */
+    bg_request *admit_waiting;  /* engine thread: the one queued on token_sem */
+    char *metrics_url, *metrics_model;
+    CURL *scrape;
+    char scrape_errbuf[CURL_ERROR_SIZE];
+    bgh_buf scrape_body;
+    bool scrape_busy;
+    int64_t next_scrape_ns, applied_cap;
+    uint64_t scrapes_ok, scrapes_failed;
+    char scrape_last_error[160];
+
     /* Statistics (atomic). */
     uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
     uint64_t st_max_in_flight; /* written by the engine thread only */
@@ -89,11 +113,28 @@ static inline int64_t bgh_now_ns(void)
 }
 
 /* bg_http.c */
+/* Take the next permit the request needs, or start it. */
+void bgh_advance(bg_engine *e, bg_request *r);
 void bgh_backoff_insert(req_list *l, bg_request *r);
 void bgh_release_permits(bg_engine *e, bg_request *r);
 void bgh_set_message(bg_request *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Hand the request back (on_done). It may be freed there: touch nothing after. */
 void bgh_finish(bg_engine *e, bg_request *r, int kind);
+
+/* bg_http_admit.c (engine thread unless noted) */
+int bgh_admit_init(bg_engine *e, char *err, size_t errlen); /* creating thread */
+void bgh_admit_cleanup(bg_engine *e);                       /* after the thread ended */
+/* Requests enter the token semaphore one at a time, charged when they reach
+ * the head, so the charge uses what was learned while they waited. */
+void bgh_admit_enqueue(bg_engine *e, bg_request *r);
+void bgh_admit_unqueue(bg_engine *e, bg_request *r);
+void bgh_admit_pump(bg_engine *e);
+/* Start a scrape when due, apply the limit; returns ms until the next scrape. */
+int bgh_admit_tick(bg_engine *e);
+bool bgh_admit_owns(const bg_engine *e, CURL *h);
+void bgh_admit_scrape_done(bg_engine *e, CURLcode code);
+void bgh_admit_finished(bg_engine *e, const bg_request *r, int kind);
+void bgh_admit_overload(bg_engine *e);
 
 /* bg_http_transfer.c */
 /* Options of a request: its own, else the engine's. */

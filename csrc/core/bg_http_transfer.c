@@ -312,6 +312,8 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
         }
         return;
     }
+    if (status == 429 || status == 503)
+        bgh_admit_overload(e); /* the server's queue limits: admission backs off */
     if (retryable_status(status) && can_retry) {
         bgh_easy_put(e, x);
         schedule_retry(e, r);

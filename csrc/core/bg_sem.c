@@ -21,6 +21,8 @@ struct bg_sem {
     atomic_long refcnt;
     int64_t value;     /* free permits */
     int64_t max_value; /* < 0: unbounded */
+    int64_t capacity;  /* adjustable bound (bg_sem_set_capacity), <= max_value;
+                          == max_value unless changed; value may go negative */
     bg_sem_waiter *head, *tail;
     size_t nqueued;
 };
@@ -71,6 +73,8 @@ static void fork_register(void)
     (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
+static bool fits_locked(const bg_sem *s, int64_t n);
+
 bg_sem *bg_sem_create(int64_t value, int64_t max_value)
 {
     if (value < 0 || (max_value >= 0 && value > max_value)) {
@@ -89,6 +93,7 @@ bg_sem *bg_sem_create(int64_t value, int64_t max_value)
     atomic_init(&s->refcnt, 1);
     s->value = value;
     s->max_value = max_value;
+    s->capacity = max_value;
     pthread_once(&fork_once, fork_register);
     pthread_mutex_lock(&all_mu);
     s->all_next = all_head;
@@ -148,7 +153,7 @@ int64_t bg_sem_max_value(bg_sem *s)
 bool bg_sem_would_block(bg_sem *s, int64_t n)
 {
     pthread_mutex_lock(&s->mu);
-    bool b = s->head != NULL || s->value < n;
+    bool b = s->head != NULL || !fits_locked(s, n);
     pthread_mutex_unlock(&s->mu);
     return b;
 }
@@ -158,12 +163,22 @@ static bool valid_n(const bg_sem *s, int64_t n)
     return n >= 1 && (s->max_value < 0 || n <= s->max_value);
 }
 
+/* Enough free permits for n. A request larger than a lowered capacity (but
+ * within max_value) runs alone once nothing is held, instead of never; a
+ * capacity of 0 grants nothing at all. Lock held. */
+static bool fits_locked(const bg_sem *s, int64_t n)
+{
+    if (s->value >= n)
+        return true;
+    return s->capacity > 0 && n > s->capacity && s->value == s->capacity;
+}
+
 bool bg_sem_try_acquire(bg_sem *s, int64_t n)
 {
     if (!valid_n(s, n))
         return false;
     pthread_mutex_lock(&s->mu);
-    bool ok = s->head == NULL && s->value >= n;
+    bool ok = s->head == NULL && fits_locked(s, n);
     if (ok)
         s->value -= n;
     pthread_mutex_unlock(&s->mu);
@@ -202,7 +217,7 @@ static void enqueue_waiter(bg_sem *s, bg_sem_waiter *w)
 static void grant_locked(bg_sem *s)
 {
     bg_sem_waiter *w;
-    while ((w = s->head) != NULL && s->value >= w->n) {
+    while ((w = s->head) != NULL && fits_locked(s, w->n)) {
         s->value -= w->n;
         unlink_waiter(s, w);
         w->state = BG_SEM_W_GRANTED;
@@ -217,7 +232,7 @@ int bg_sem_acquire_async(bg_sem *s, bg_sem_waiter *w)
     if (!valid_n(s, w->n))
         return -1;
     pthread_mutex_lock(&s->mu);
-    if (s->head == NULL && s->value >= w->n) {
+    if (s->head == NULL && fits_locked(s, w->n)) {
         s->value -= w->n;
         w->state = BG_SEM_W_IDLE;
         pthread_mutex_unlock(&s->mu);
@@ -259,7 +274,7 @@ int bg_sem_release(bg_sem *s, int64_t n)
     if (n < 1)
         return -1;
     pthread_mutex_lock(&s->mu);
-    if ((s->max_value >= 0 && s->value > s->max_value - n) || s->value > INT64_MAX - n) {
+    if ((s->capacity >= 0 && s->value > s->capacity - n) || s->value > INT64_MAX - n) {
         pthread_mutex_unlock(&s->mu);
         return -1;
     }
@@ -267,6 +282,30 @@ int bg_sem_release(bg_sem *s, int64_t n)
     grant_locked(s);
     pthread_mutex_unlock(&s->mu);
     return 0;
+}
+
+/* ---- adjustable capacity (closed-loop admission) ---- */
+
+int bg_sem_set_capacity(bg_sem *s, int64_t capacity)
+{
+    if (s->max_value < 0 || capacity < 0 || capacity > s->max_value)
+        return -1;
+    pthread_mutex_lock(&s->mu);
+    /* Held permits stay held: shrinking below them makes value negative, and
+     * releases pay that debt back before anyone is granted again. */
+    s->value += capacity - s->capacity;
+    s->capacity = capacity;
+    grant_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+int64_t bg_sem_capacity(bg_sem *s)
+{
+    pthread_mutex_lock(&s->mu);
+    int64_t c = s->capacity;
+    pthread_mutex_unlock(&s->mu);
+    return c;
 }
 
 /* ---- blocking waiters ---- */
@@ -301,7 +340,7 @@ int bg_sem_acquire_blocking(bg_sem *s, int64_t n, int64_t timeout_ns)
     if (!valid_n(s, n))
         return -1;
     pthread_mutex_lock(&s->mu);
-    if (s->head == NULL && s->value >= n) {
+    if (s->head == NULL && fits_locked(s, n)) {
         s->value -= n;
         pthread_mutex_unlock(&s->mu);
         return 1;

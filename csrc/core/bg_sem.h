@@ -95,9 +95,21 @@ int bg_sem_cancel(bg_sem *s, bg_sem_waiter *w);
 int bg_sem_acquire_blocking(bg_sem *s, int64_t n, int64_t timeout_ns);
 
 /* Give back n permits and grant queued waiters in FIFO order.
- * Returns 0, or -1 if the release would pass max_value, or INT64_MAX on an
+ * Returns 0, or -1 if the release would pass the capacity (max_value unless
+ * changed with bg_sem_set_capacity; nothing changed), or INT64_MAX on an
  * unbounded semaphore (nothing changed). */
 int bg_sem_release(bg_sem *s, int64_t n);
+
+/* Adjustable capacity, for limits that move at run time (closed-loop
+ * admission). Bounded semaphores only; 0 <= capacity <= max_value, which
+ * stays the validity bound for requests. Raising it grants queued waiters at
+ * once (FIFO); lowering it below what is held makes the value negative, and
+ * nobody is granted until releases bring it back. While capacity is lowered,
+ * a request above it (but within max_value) is granted alone once nothing is
+ * held, so it is delayed, never stuck; capacity 0 grants nothing.
+ * Returns 0, or -1 if the semaphore is unbounded or capacity out of range. */
+int bg_sem_set_capacity(bg_sem *s, int64_t capacity);
+int64_t bg_sem_capacity(bg_sem *s);
 
 #ifdef __cplusplus
 }

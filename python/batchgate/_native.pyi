@@ -169,7 +169,13 @@ class _Dispatcher:
         retry_timeouts: bool = False,
         max_connections: int = 0,
         default_max_tokens: int = 16,
+        admission: Optional[Dict[str, Any]] = None,
     ) -> None: ...
+    @classmethod
+    def probe(cls, metrics_url: str, models_url: Optional[str], api_key: Optional[str],
+              headers: Sequence[str], verify: bool, timeout: float,
+              model: Optional[str]) -> Dict[str, Any]: ...
+    def admission_events(self) -> List[Tuple[float, int, int, str]]: ...
     @property
     def live(self) -> int: ...
     @property

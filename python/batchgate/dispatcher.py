@@ -22,7 +22,7 @@ from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
 from . import _native, _options, _progress
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
-from ._redact import check_header_value, redact_url
+from ._redact import check_header_value, redact, redact_url, secrets_of
 from .config import Config
 
 __all__ = [
@@ -37,6 +37,61 @@ Prompt = Union[str, Sequence[str]]
 _live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 
 
+#: max_concurrent under max_inflight_tokens="auto" when none is given: the KV
+#: limit and the server's waiting queue decide; this only bounds connections.
+AUTO_MAX_CONCURRENT = 512
+
+
+def _server_root(base_url: str) -> str:
+    root = base_url.rstrip("/")
+    return root[:-3] if root.endswith("/v1") else root
+
+
+def _probe_admission(base_url: str, api_key: Optional[str], model: Optional[str],
+                     hdr_lines: List[str], verify: bool, connect_timeout: Optional[float],
+                     metrics_url: Optional[str], interval: float, stale_after: float,
+                     target: float, high: float) -> Optional[Dict[str, Any]]:
+    """Ask the server for its KV cache (/metrics) and max_model_len
+    (/v1/models). None, with a logged warning, when it does not say."""
+    for name, v in (("metrics_interval", interval), ("metrics_stale_after", stale_after),
+                    ("kv_target", target), ("kv_high", high)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a number, not {type(v).__name__}")
+    if not 0.01 <= interval <= 60:
+        raise ValueError(f"metrics_interval must be in 0.01..60 seconds, got {interval!r}")
+    if not stale_after > interval:
+        raise ValueError(f"metrics_stale_after ({stale_after!r}) must be longer than "
+                         f"metrics_interval ({interval!r})")
+    if not 0 < target <= high <= 1:
+        raise ValueError(f"need 0 < kv_target <= kv_high <= 1, got {target!r}, {high!r}")
+    if metrics_url is None:
+        metrics_url = _server_root(base_url) + "/metrics"
+    elif not isinstance(metrics_url, str) or not metrics_url.startswith(("http://", "https://")):
+        raise ValueError(f"metrics_url must be an http:// or https:// URL, got {metrics_url!r}")
+    timeout = min(10.0, connect_timeout or 5.0)
+    try:
+        info = _native._Dispatcher.probe(metrics_url, base_url.rstrip("/") + "/models",
+                                         api_key, hdr_lines, verify, timeout, model)
+    except BatchgateError as e:
+        log.warning("max_inflight_tokens='auto': %s; falling back to the static caps "
+                    "(max_concurrent, no KV budget)",
+                    str(e).replace(metrics_url, redact_url(metrics_url)))
+        return None
+    info.update(metrics_url=metrics_url, model=model, interval=float(interval),
+                stale_after=float(stale_after), target=float(target), high=float(high))
+    log.info("max_inflight_tokens='auto': KV cache of %d blocks x %d tokens, max_model_len %s; "
+             "watching %s every %.0f ms", info["kv_blocks"], info["block_size"],
+             info["max_model_len"] if info["max_model_len"] > 0 else "unknown",
+             redact_url(metrics_url), interval * 1000)
+    return info
+
+
+def _admission_tick(ref: "weakref.ref[Dispatcher]") -> None:
+    d = ref()  # the timer must not keep a forgotten dispatcher alive
+    if d is not None:
+        d._log_admission()
+
+
 class Dispatcher:
     """Concurrency-capped client for ``/v1/completions`` and ``/v1/chat/completions``.
 
@@ -44,14 +99,21 @@ class Dispatcher:
     In-flight requests never exceed ``max_concurrent`` (or the permits of a
     ``batchgate.Semaphore`` passed as ``semaphore``, shared with other code);
     with ``max_inflight_tokens`` the estimated prompt tokens + ``max_tokens`` of
-    the requests in flight stay under that budget too. Use it from one event
+    the requests in flight stay under that budget too. ``max_inflight_tokens=
+    "auto"`` closes the loop on the server's own numbers: the KV cache size
+    from vLLM's ``/metrics`` (``vllm:cache_config_info``), a limit on the KV
+    blocks in flight that follows ``vllm:kv_cache_usage_perc``, the waiting
+    queue and preemptions (scraped every ``metrics_interval`` seconds by the
+    native engine), and output lengths learned from answers (see
+    ``stats()["admission"]``). Without usable metrics it falls back to the
+    static caps, with a logged warning. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
-                 max_inflight_tokens: Optional[int] = None,
+                 max_inflight_tokens: Union[int, str, None] = None,
                  timeout: Optional[float] = 600.0, connect_timeout: Optional[float] = 10.0,
                  max_retries: Optional[int] = None,
                  headers: Optional[Mapping[str, str]] = None, verify: bool = True,
@@ -59,7 +121,9 @@ class Dispatcher:
                  semaphore: Any = None, window: Optional[int] = None, backoff: float = 0.5,
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
-                 default_max_tokens: int = 16) -> None:
+                 default_max_tokens: int = 16, metrics_url: Optional[str] = None,
+                 metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
+                 kv_target: float = 0.85, kv_high: float = 0.92) -> None:
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
         if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env
@@ -76,6 +140,29 @@ class Dispatcher:
             raise TypeError(f"model must be a str or None, not {type(model).__name__}")
         if model is not None:
             check_header_value("model", model)
+        hdr_lines: List[str] = []
+        for k, hv in (headers or {}).items():
+            if not isinstance(k, str) or not isinstance(hv, str):
+                raise TypeError(f"header {k!r} must map str to str")
+            if any(c in k for c in "\r\n\0") or ":" in k or not k.strip():
+                raise ValueError(f"invalid header name {k!r}")
+            check_header_value(f"header {k!r}", hv)
+            hdr_lines.append(f"{k}: {hv}")
+        if not any(k.lower() == "user-agent" for k in (headers or {})):
+            hdr_lines.append(f"User-Agent: {user_agent()}")
+        admission = None
+        if isinstance(max_inflight_tokens, str):
+            if max_inflight_tokens != "auto":
+                raise ValueError(f"max_inflight_tokens must be an int, None or 'auto', "
+                                 f"got {max_inflight_tokens!r}")
+            admission = _probe_admission(
+                base_url, api_key, model, hdr_lines, bool(verify), connect_timeout,
+                metrics_url, metrics_interval, metrics_stale_after, kv_target, kv_high)
+            max_inflight_tokens = None
+            if admission is not None and max_concurrent is None:
+                # The KV limit and the server's queue govern; the count cap
+                # only bounds open connections.
+                max_concurrent = AUTO_MAX_CONCURRENT
         if max_concurrent is None:
             max_concurrent = Config.VLLM_MAX_CONCURRENT_BATCHES
         if max_retries is None:
@@ -103,7 +190,7 @@ class Dispatcher:
             raise ValueError(f"max_response_bytes must be >= 0, got {max_response_bytes}")
         if max_inflight_tokens is not None:
             if not isinstance(max_inflight_tokens, int) or isinstance(max_inflight_tokens, bool):
-                raise TypeError("max_inflight_tokens must be an int or None")
+                raise TypeError("max_inflight_tokens must be an int, 'auto' or None")
             if max_inflight_tokens < 1:
                 raise ValueError(f"max_inflight_tokens must be >= 1, got {max_inflight_tokens}")
         if semaphore is not None and not isinstance(semaphore, _native.Semaphore):
@@ -116,26 +203,24 @@ class Dispatcher:
             semaphore = _native.Semaphore(max_concurrent)
         # Tasks holding its permits get requests that ride on them (see _ride).
         semaphore._track_holders()
-        hdr_lines: List[str] = []
-        for k, hv in (headers or {}).items():
-            if not isinstance(k, str) or not isinstance(hv, str):
-                raise TypeError(f"header {k!r} must map str to str")
-            if any(c in k for c in "\r\n\0") or ":" in k or not k.strip():
-                raise ValueError(f"invalid header name {k!r}")
-            check_header_value(f"header {k!r}", hv)
-            hdr_lines.append(f"{k}: {hv}")
-        if not any(k.lower() == "user-agent" for k in (headers or {})):
-            hdr_lines.append(f"User-Agent: {user_agent()}")
         self._core = _native._Dispatcher(
             base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
             float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
             bool(verify), int(max_response_bytes or 0), float(backoff), float(max_backoff),
-            float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens)
+            float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens,
+            admission)
         self.base_url = redact_url(base_url)  # shown in repr/logs; the engine has the real one
+        self._url = base_url  # the real one, for the model lookup only
         self.model = model
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
         self.max_inflight_tokens = max_inflight_tokens
+        #: The closed-loop admission settings in use (None: static caps only).
+        self.admission: Optional[Dict[str, Any]] = None
+        if admission is not None:
+            self.admission = dict(admission, metrics_url=redact_url(admission["metrics_url"]))
+        self._admission_timer: Optional[asyncio.TimerHandle] = None
+        self._admission_logged = 0
         self.window = window
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watcher: Optional[threading.Thread] = None
@@ -189,7 +274,28 @@ class Dispatcher:
             self._loop = None
             self._core.bind(None)
             raise
+        if self.admission is not None:
+            self._admission_timer = loop.call_later(0.5, _admission_tick, weakref.ref(self))
         return loop
+
+    def _log_admission(self) -> None:
+        """Log the admission limit's big moves (recorded natively) at INFO."""
+        self._admission_timer = None
+        if self._closed or self._loop is None:
+            return
+        for t, old, new, reason in self._core.admission_events():
+            bs = self.admission["block_size"] if self.admission else 1
+            if reason == "stale":
+                log.warning("admission: no metrics from %s for %.1f s; admitting nothing new "
+                            "until they return", self.admission["metrics_url"],
+                            self.admission["stale_after"])
+            elif reason == "fresh":
+                log.info("admission: metrics are back; limit %d KV blocks (%d tokens)", new,
+                         new * bs)
+            else:
+                log.info("admission: KV limit %d -> %d blocks (%d tokens): %s", old, new,
+                         new * bs, reason)
+        self._admission_timer = self._loop.call_later(0.5, _admission_tick, weakref.ref(self))
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         core = self._core
@@ -221,6 +327,9 @@ class Dispatcher:
         self._watcher.start()
 
     def _unbind(self) -> None:
+        if self._admission_timer is not None:
+            self._admission_timer.cancel()
+            self._admission_timer = None
         loop, self._loop = self._loop, None
         self._core.bind(None)
         if loop is not None and self._watcher is None and not loop.is_closed():
@@ -523,12 +632,12 @@ class Dispatcher:
             if self._model_checked:
                 return
             try:
-                ids = _fetch_model_ids(self.base_url, self._api_key, self._headers,
+                ids = _fetch_model_ids(self._url, self._api_key, self._headers,
                                        self._verify)
             except Exception as e:  # the server may not list models: let it choose
                 log.warning("could not list the server's models (%s: %s); sending requests "
                             "without a model (the server's default)", type(e).__name__,
-                            _redact(str(e), self.base_url))
+                            redact(str(e), secrets_of(self._url)))
                 ids = []
             if len(ids) == 1:
                 self._resolved_model = ids[0]
@@ -540,9 +649,13 @@ class Dispatcher:
             self._model_checked = True
 
     # ---- lifecycle ------------------------------------------------------
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Any]:
         """Engine counters: submitted, completed, attempts, retries, in_flight,
-        max_in_flight, permits_free, ..."""
+        max_in_flight, permits_free, ...; with ``max_inflight_tokens="auto"``
+        also ``admission``: limit_blocks / limit_tokens (the current KV limit),
+        kv_usage, peak_kv_usage, running, waiting, preemptions_seen,
+        reserved_output_tokens and output_tokens_p50 (learned), prompt_ratio,
+        cuts, stale, scrapes, scrape_errors, ..."""
         return self._core.stats()
 
     async def aclose(self, *, wait: bool = False) -> None:
@@ -635,16 +748,6 @@ class _OptionsView(Dispatcher):
 
     def __del__(self) -> None:
         pass
-
-
-def _redact(text: str, url: str) -> str:
-    """text with the URL's password (if any) replaced."""
-    import urllib.parse
-    try:
-        pw = urllib.parse.urlsplit(url).password
-    except ValueError:
-        return "(unprintable)"
-    return text.replace(pw, "***") if pw else text
 
 
 def user_agent() -> str:
