@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -230,9 +231,13 @@ def main() -> int:
     ap.add_argument("--scenarios", default="clean,faults")
     args = ap.parse_args()
 
+    # Loopback only (see tests/test_ray.py): GCS on 127.0.0.1, and no cloud-metadata
+    # probe from Ray's usage-stats module (it skips it when this file exists).
+    home = tempfile.mkdtemp(prefix="bench-ray-home-")
+    open(os.path.join(home, "ray_bootstrap_config.yaml"), "w").close()
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                      RAY_DATA_DISABLE_PROGRESS_BARS="1", HOME=home)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import ray

@@ -16,6 +16,17 @@ import batchgate.ray as bgr
 from batchgate import Dispatcher
 from batchgate.simserver import SimServerThread
 
+# Ray on one machine, kept on loopback: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# (read when ray is imported) Ray binds the GCS to the host's first interface address
+# (found with a UDP "connect" to 8.8.8.8), and its usage-stats module, loaded even with
+# include_dashboard=False and usage stats off, probes cloud metadata (169.254.169.254,
+# metadata.google.internal) unless ~/ray_bootstrap_config.yaml exists (see local_ray).
+# strace -f -e connect then shows only 127.0.0.1.
+RAY_LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+for _k, _v in RAY_LOCAL_ENV.items():
+    os.environ.setdefault(_k, _v)
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     try:
@@ -28,24 +39,27 @@ needs_ray = pytest.mark.skipif(ray is None, reason="ray[data] is not installed "
                                "(pip install 'batchgate[ray]')")
 
 
-def _ray_env() -> None:
-    # A laptop-local cluster: no usage-stats upload, no dashboard, loopback address.
-    os.environ.pop("RAY_ADDRESS", None)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-
-
 @pytest.fixture(scope="module")
-def local_ray():
-    _ray_env()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+def local_ray(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray-home")
+    (home / "ray_bootstrap_config.yaml").write_text("")
+    saved = {k: os.environ.get(k) for k in (*RAY_LOCAL_ENV, "HOME", "RAY_ADDRESS")}
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(RAY_LOCAL_ENV, HOME=str(home))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, configure_logging=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        yield ray
+        ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _take_all(ds):
@@ -99,7 +113,7 @@ def test_bad_rows_fail_alone_without_ray():
     with FakeVLLM() as srv:
         g = bgr.Generate(srv.base_url, concurrency=1, max_tokens=4)
         try:
-            out = asyncio.run(g({"prompt": ["a", None, 3, "b"]}))
+            out = asyncio.run(g.process({"prompt": ["a", None, 3, "b"]}))
         finally:
             g.close()
     assert list(out["status"]) == ["ok", "error", "error", "ok"]
@@ -212,10 +226,9 @@ def test_chat_rows_and_pandas_batches(local_ray):
 def test_cluster_wide_cap_holds_across_actors(local_ray):
     with FakeVLLM(latency=0.05) as srv:
         ds = ray.data.from_items([{"prompt": f"p{i}"} for i in range(160)])
-        out = _take_all(ds.map_batches(
-            bgr.Generate, concurrency=2, batch_size=40, num_cpus=0.25,
-            fn_constructor_kwargs=dict(base_url=srv.base_url, concurrency=2,
-                                       max_concurrent=4, max_tokens=4)))
+        # generate() hands the same concurrency to the pool and to each actor.
+        out = _take_all(bgr.generate(ds, base_url=srv.base_url, concurrency=2,
+                                     batch_size=40, max_concurrent=4, max_tokens=4))
         seen = srv.stats()["max_in_flight"]
     assert len(out) == 160 and {r["status"] for r in out} == {"ok"}
     assert 2 <= seen <= 4, f"{seen} requests in flight against a cluster cap of 4"

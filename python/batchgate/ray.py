@@ -43,7 +43,7 @@ import inspect
 import json
 import logging
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .config import Config
 from .dispatcher import Dispatcher, HTTPStatusError, Result, TimeoutError, TransportError
@@ -259,7 +259,14 @@ class Generate:
                 f"max_concurrent={self.max_concurrent}/server>")
 
     # ---- Ray Data entry point --------------------------------------------------
-    async def __call__(self, batch: Any) -> Any:
+    async def __call__(self, batch: Any) -> AsyncIterator[Any]:
+        # An async generator: the form of async UDF every Ray 2.x with map_batches
+        # concurrency= accepts; Ray runs it on the actor's own event loop, up to 4
+        # batches at a time (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY).
+        yield await self.process(batch)
+
+    async def process(self, batch: Any) -> Any:
+        """The output batch for one input batch (numpy dict, pandas or pyarrow)."""
         columns, rebuild = _columns(batch)
         if self.input_column not in columns:
             raise KeyError(f"batchgate.ray.Generate: the batch has no column "
