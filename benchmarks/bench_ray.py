@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import statistics
@@ -151,7 +152,7 @@ def run_ray_http(ray, rows, servers, args, kill_after: Optional[int]):
     for j, s in enumerate(servers):
         cfg = HttpRequestProcessorConfig(
             url=s.url + "/v1/completions", batch_size=args.batch_size,
-            concurrency=max(1, args.actors // k) if args.actors >= k else 1,
+            concurrency=args.ray_actors_per_server or max(1, args.actors // k),
             max_retries=3, base_retry_wait_time_in_s=0.1,
             http_request_stage=dict(num_cpus=0.25))
         proc = build_processor(
@@ -188,7 +189,8 @@ def consume(it, servers, kill_after, ok):
                 servers[back.index(min(back))].kill()
         last = time.monotonic()
     except Exception as e:  # the whole job failed: what was not returned is lost
-        err = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0]  # no terminal colours
+        err = f"{type(e).__name__}: {msg[:160]}"
         last = time.monotonic()
     ids = [r["id"] for r in got]
     return dict(ok=sum(1 for r in got if ok(r)), failed=sum(1 for r in got if not ok(r)),
@@ -222,6 +224,9 @@ def main() -> int:
     ap.add_argument("--servers", type=int, default=3)
     ap.add_argument("--actors", type=int, default=3,
                     help="actors per pipeline (Ray's: split over its per-server processors)")
+    ap.add_argument("--ray-actors-per-server", type=int, default=0,
+                    help="actors of each Ray processor (default: --actors / --servers); Ray's "
+                    "HTTP stage has at most 4 requests in flight per actor")
     ap.add_argument("--batch-size", type=int, default=64, help="Ray's default is 64")
     ap.add_argument("--max-concurrent", type=int, default=24,
                     help="batchgate: requests in flight per server, whole pool")
@@ -279,6 +284,10 @@ def main() -> int:
                              "lost")}
             med["dupes"] = max(x["dupes"] for x in rs)
             med["job_error"] = next((x["job_error"] for x in rs if x["job_error"]), None)
+            med["raised"] = sum(1 for x in rs if x["job_error"])
+            med["runs"] = len(rs)
+            med["lost_each"] = [x["lost"] for x in rs]
+            med["failed_each"] = [x["failed"] for x in rs]
             table.append((scenario, name, med))
     print(f"\n{'scenario':8} {'way':26} {'wall s':>7} {'rows/s':>8} {'steady':>8} {'client CPU-s':>12} "
           f"{'server CPU-s':>12} {'ok':>5} {'failed':>6} {'lost':>5} {'dupes':>5}")
@@ -287,7 +296,9 @@ def main() -> int:
               f"{m['client_cpu']:12.2f} {m['server_cpu']:12.2f} {m['ok']:5.0f} "
               f"{m['failed']:6.0f} {m['lost']:5.0f} {m['dupes']:5d}")
         if m["job_error"]:
-            print(f"{'':8} {'':26} job raised: {m['job_error']}")
+            print(f"{'':8} {'':26} job raised in {m['raised']} of {m['runs']} runs "
+                  f"(lost per run {m['lost_each']}, failed per run {m['failed_each']}): "
+                  f"{m['job_error'][:100]}")
     by = {(s, n): m for s, n, m in table}
     for scenario in args.scenarios.split(","):
         a = by.get((scenario, ways[0][0]))

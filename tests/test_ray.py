@@ -92,6 +92,11 @@ def test_caps_are_split_over_the_pool():
         bgr.Generate("http://127.0.0.1:9/v1", concurrency=8, max_concurrent=4)
     with pytest.raises(ValueError, match="same server twice"):
         bgr.Generate(["http://127.0.0.1:9/v1"] * 2, concurrency=1)
+    g = bgr.Generate("http://user:s3cret@127.0.0.1:9/v1", concurrency=1)
+    try:
+        assert "s3cret" not in repr(g) and "s3cret" not in str(g.stats())
+    finally:
+        g.close()
 
 
 def test_auto_token_cap_is_passed_through_or_refused_clearly():

@@ -111,7 +111,7 @@ class _Endpoint:
     def mark_down(self, now: float) -> None:
         self.down_until = now + self.cooldown
         log.warning("batchgate.ray: %s refused connections; skipped for %.0f s",
-                    self.dispatcher.base_url, self.cooldown)
+                    _redact(self.url), self.cooldown)
         self.cooldown = min(_COOLDOWN_MAX_S, self.cooldown * 2)
 
     def mark_up(self) -> None:
@@ -144,6 +144,14 @@ class _Pull:
                 self.taken.append(row)
                 return row
         raise StopIteration
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    return scheme + sep + host + slash + path
 
 
 def _retry_elsewhere(e: BaseException) -> bool:
@@ -254,8 +262,8 @@ class Generate:
                                  "token budget as an int") from None
             raise
 
-    def __repr__(self) -> str:
-        return (f"<batchgate.ray.Generate {[e.url for e in self.endpoints]} "
+    def __repr__(self) -> str:  # no URL passwords
+        return (f"<batchgate.ray.Generate {[_redact(e.url) for e in self.endpoints]} "
                 f"max_concurrent={self.max_concurrent}/server>")
 
     # ---- Ray Data entry point --------------------------------------------------
@@ -361,7 +369,8 @@ class Generate:
         return v
 
     def stats(self) -> Dict[str, Dict[str, int]]:
-        return {e.url: e.dispatcher.stats() for e in self.endpoints}
+        """Each server's Dispatcher counters, keyed by its URL (password hidden)."""
+        return {_redact(e.url): e.dispatcher.stats() for e in self.endpoints}
 
     def close(self) -> None:
         for e in self.endpoints:
