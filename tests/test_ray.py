@@ -37,6 +37,8 @@ with warnings.catch_warnings():
 
 needs_ray = pytest.mark.skipif(ray is None, reason="ray[data] is not installed "
                                "(pip install 'batchgate[ray]')")
+# A Ray job that hangs should cost CI minutes, not the 300 s default.
+ray_timeout = pytest.mark.timeout(150)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,7 @@ def test_bad_rows_fail_alone_without_ray():
 # ---- on a local Ray -----------------------------------------------------------
 
 @needs_ray
+@ray_timeout
 def test_server_killed_mid_run_every_row_once(local_ray):
     servers = [SimServerThread(step_base_s=0.01, step_per_token_s=0.0) for _ in range(3)]
     for s in servers:
@@ -170,6 +173,7 @@ def test_server_killed_mid_run_every_row_once(local_ray):
 
 
 @needs_ray
+@ray_timeout
 def test_all_servers_down_rows_get_errors_not_a_failed_job(local_ray):
     dead = SimServerThread()
     dead.start()
@@ -185,6 +189,7 @@ def test_all_servers_down_rows_get_errors_not_a_failed_job(local_ray):
 
 
 @needs_ray
+@ray_timeout
 def test_429_retry_after_is_honoured_and_a_hopeless_row_fails_alone(local_ray):
     with FakeVLLM() as srv:
         items = ([{"k": i, "prompt": f"ok {i}"} for i in range(20)]
@@ -211,6 +216,7 @@ def test_429_retry_after_is_honoured_and_a_hopeless_row_fails_alone(local_ray):
 
 
 @needs_ray
+@ray_timeout
 def test_chat_rows_and_pandas_batches(local_ray):
     with FakeVLLM() as srv:
         items = [{"messages": [{"role": "system", "content": "be brief"},
@@ -228,6 +234,7 @@ def test_chat_rows_and_pandas_batches(local_ray):
 
 
 @needs_ray
+@ray_timeout
 def test_cluster_wide_cap_holds_across_actors(local_ray):
     with FakeVLLM(latency=0.05) as srv:
         ds = ray.data.from_items([{"prompt": f"p{i}"} for i in range(160)])

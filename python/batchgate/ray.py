@@ -268,9 +268,9 @@ class Generate:
 
     # ---- Ray Data entry point --------------------------------------------------
     async def __call__(self, batch: Any) -> AsyncIterator[Any]:
-        # An async generator: the form of async UDF every Ray 2.x with map_batches
-        # concurrency= accepts; Ray runs it on the actor's own event loop, up to 4
-        # batches at a time (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY).
+        # An async generator, the form of async UDF Ray Data has accepted longest
+        # (plain coroutines came later). Ray runs it on the actor's own event loop,
+        # up to 4 batches at a time (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY).
         yield await self.process(batch)
 
     async def process(self, batch: Any) -> Any:
