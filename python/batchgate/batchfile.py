@@ -602,7 +602,7 @@ def _say(msg: str) -> None:
 def batch_command(args: Any) -> int:
     import signal
 
-    from .runner import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
+    from .run import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
     from ._options import resolve_connection
     try:
         base_url, api_key = resolve_connection(args.base_url, None)

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 from . import dispatcher as _dispatcher
 from .config import Config
 from .corpus import generate_corpus
-from .runner import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
+from .run import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
                      dispatch_batches, make_dispatcher, server_kv_tokens)
 
 # A small GPU: the KV cache holds ~9 of the original's 100-review batches.
