@@ -328,8 +328,11 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
     return (PyObject *)obj;
 }
 
-/* submit(mode, chat, source, template, future, window, return_exceptions,
+/* submit(mode, kind, source, template, future, window, return_exceptions,
  *        count_preheld=False) -> _Job
+ * kind: 0 (or False) completions, 1 (True) chat, 2 (TOKENIZE) vLLM's /tokenize
+ * with one str per item; its results are the counts (int). Tokenize requests
+ * take count permits only: never token-budget or admission ones.
  * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator.
  * count_preheld: the caller holds one count permit per window slot already. */
 static PyObject *core_submit(Core *self, PyObject *args)
@@ -337,7 +340,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
     int mode, chat, return_exceptions, count_preheld = 0;
     PyObject *source, *tmpl, *fut;
     Py_ssize_t window;
-    if (!PyArg_ParseTuple(args, "ipOOOnp|p", &mode, &chat, &source, &tmpl, &fut, &window,
+    if (!PyArg_ParseTuple(args, "iiOOOnp|p", &mode, &chat, &source, &tmpl, &fut, &window,
                           &return_exceptions, &count_preheld))
         return NULL;
     if (core_check(self) < 0)
@@ -349,6 +352,10 @@ static PyObject *core_submit(Core *self, PyObject *args)
     }
     if (mode < JOB_ONE || mode > JOB_STREAM) {
         PyErr_SetString(PyExc_ValueError, "bad job mode");
+        return NULL;
+    }
+    if (chat < 0 || chat > 2) {
+        PyErr_SetString(PyExc_ValueError, "bad request kind");
         return NULL;
     }
     if (mode == JOB_ONE)
@@ -366,7 +373,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
     j->tmpl = ((Template *)tmpl)->tmpl;
     j->opts = ((Template *)tmpl)->opts;
     j->mode = mode;
-    j->endpoint = chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->endpoint = chat == 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
     j->group = ++self->next_id;
     j->window = window;
     j->return_exceptions = return_exceptions;
@@ -833,7 +840,8 @@ int bg_dispatcher_exec(PyObject *module, bg_state *st)
         return -1;
     if (PyModule_AddIntConstant(module, "JOB_ONE", JOB_ONE) < 0 ||
         PyModule_AddIntConstant(module, "JOB_MAP", JOB_MAP) < 0 ||
-        PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0)
+        PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0 ||
+        PyModule_AddIntConstant(module, "KIND_TOKENIZE", 2) < 0)
         return -1;
     return 0;
 }

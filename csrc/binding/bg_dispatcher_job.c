@@ -533,8 +533,12 @@ void bg_job_item_done(Job *j, DItem *it)
     int ok = r->kind == BG_RES_OK;
     if (r->attempts > 1)
         log_retries(r, j->mode == JOB_ONE ? -1 : it->index);
-    PyObject *obj = ok ? bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache)
-                       : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
+    PyObject *obj = !ok ? NULL
+                    : j->endpoint == BG_EP_TOKENIZE
+                        ? PyLong_FromLongLong((long long)r->tok_count) /* the server's count */
+                        : bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache);
+    if (!ok)
+        obj = bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;
     bg_job_item_release(j, it);
     if (!obj) {

@@ -19,7 +19,7 @@ import weakref
 from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
                     Optional, Sequence, Tuple, Union, overload)
 
-from . import _native, _options, _progress
+from . import _native, _options, _progress, _tokens
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from ._redact import check_header_value, redact, redact_url, secrets_of
@@ -109,6 +109,9 @@ class Dispatcher:
     static caps, with a logged warning. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
+
+    #: Counts kept by count_tokens() (an LRU; 0 keeps none). Set before the first call.
+    token_cache_size: int = _tokens.DEFAULT_CACHE_SIZE
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
                  model: Optional[str] = None,
@@ -238,6 +241,7 @@ class Dispatcher:
         self._headers = dict(headers or {})
         self._api_key = api_key
         self._verify = bool(verify)
+        self._token_cache: Optional[_tokens.TokenCountCache] = None  # count_tokens()
         _live.add(self)
 
     def __repr__(self) -> str:  # the API key is never shown
@@ -587,6 +591,67 @@ class Dispatcher:
         finally:
             job.cancel()
             _end_ride(ride, window)
+
+    # ---- exact prompt token counts (vLLM's /tokenize, see _tokens) -------
+    async def count_tokens(self, texts: Iterable[str], *,
+                           add_special_tokens: bool = True) -> List[int]:
+        """Each text's prompt tokens as the server's tokenizer counts them.
+
+        One POST ``/tokenize`` per distinct text not counted before, sent by
+        the native engine concurrently under the count cap (never charged
+        to ``max_inflight_tokens`` or the KV admission), at the server root
+        (``http://host:port/tokenize``). Counts are cached on the
+        Dispatcher (bounded LRU, ``token_cache_size``), so repeating texts
+        costs no request. Feed them to the planner with
+        ``plan_batches(texts, budget, counts=await d.count_tokens(texts))``.
+        A failure raises the engine's error re-said for the caller's index
+        (``texts[i]: ...``); a server without /tokenize (404) says so."""
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"add_special_tokens must be a bool, not "
+                            f"{type(add_special_tokens).__name__}")
+        items = _tokens.check_texts(texts)
+        root = self._root
+        cache = root._token_cache
+        if cache is None:
+            cache = root._token_cache = _tokens.TokenCountCache(root.token_cache_size)
+        model = self.model if self.model is not None else root._resolved_model
+        key0 = (model, add_special_tokens)
+        out, missing = _tokens.plan_missing(cache, key0, items)
+        if not missing:
+            return out  # type: ignore[return-value]
+        loop = self._bind()
+        uniq = list(missing)
+        params = json.dumps({"add_special_tokens": add_special_tokens})
+        opts = _options.call_options(self._defaults, {})
+        tmpl = root._templates.get(("/tokenize", params, model, opts.native))
+        if tmpl is None:
+            tmpl = root._core.template(model, params, opts.native)
+            root._templates[("/tokenize", params, model, opts.native)] = tmpl
+        fut = loop.create_future()
+        window, ride = self._ride_window(self.window)
+        job = self._core.submit(_native.JOB_MAP, _native.KIND_TOKENIZE, uniq, tmpl, fut,
+                                window, False, ride is not None)
+        try:
+            counts = await fut
+        except BatchgateError as e:
+            k = getattr(e, "index", None)
+            pos = missing[uniq[k]][0] if isinstance(k, int) and 0 <= k < len(uniq) else -1
+            raise _tokens.renamed_error(e, pos, self.tokenize_url) from None
+        except BaseException:
+            job.cancel()
+            raise
+        finally:
+            _end_ride(ride, window)
+        for t, c in zip(uniq, counts):
+            cache.put(key0 + (t,), c)
+            for i in missing[t]:
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    @property
+    def tokenize_url(self) -> str:
+        """Where count_tokens() asks (credentials redacted)."""
+        return _tokens.tokenize_url(self.base_url)
 
     # ---- openai-compat: per-call defaults and the server's model ----------
     def with_options(self, **options: Any) -> "Dispatcher":
