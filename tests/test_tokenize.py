@@ -199,3 +199,44 @@ def test_add_special_tokens_is_part_of_the_key(server):
             return n_tokenize(server)
 
     assert run(main()) == 2
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_prompt_tokens_charge_the_token_cap(exact):
+    # One "word" to the fake's tokenizer, ~1,000 tokens to the estimator: with
+    # a 1,200-token cap the estimate lets one request run at a time, the
+    # server's count lets the count cap (6) govern.
+    srv = FakeVLLM().start_in_thread()
+    prompts = [f"{i}" + "맛있어요" * 300 + " [[delay=0.05]]" for i in range(12)]
+    try:
+        async def main():
+            async with Dispatcher(srv.base_url, max_concurrent=6, max_inflight_tokens=1200,
+                                  exact_prompt_tokens=exact) as d:
+                res = await d.map(prompts, max_tokens=10)
+                one = await d.generate(prompts[0], max_tokens=10)
+                return res, one, d.stats()
+
+        res, one, stats = run(main())
+        st = srv.stats()
+    finally:
+        srv.stop()
+    assert [r.text for r in res] == ["echo:" + p for p in prompts]
+    assert one.text == "echo:" + prompts[0]
+    assert stats["tokens_free"] == 1200
+    assert st["by_path"].get("/tokenize", 0) == (12 if exact else 0)
+    if exact:
+        assert st["max_in_flight"] == 6
+    else:
+        assert st["max_in_flight"] == 1
+
+
+def test_exact_prompt_tokens_needs_a_token_cap(server):
+    async def main():
+        async with Dispatcher(server.base_url + "/v1", exact_prompt_tokens=True) as d:
+            assert d.exact_prompt_tokens is False  # nothing to charge: no counting
+            await d.map(["a", "b"], max_tokens=1)
+        with pytest.raises(TypeError, match="exact_prompt_tokens must be a bool"):
+            Dispatcher(server.base_url + "/v1", exact_prompt_tokens="yes")
+
+    run(main())
+    assert n_tokenize(server) == 0

@@ -329,7 +329,9 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
 }
 
 /* submit(mode, kind, source, template, future, window, return_exceptions,
- *        count_preheld=False) -> _Job
+ *        count_preheld=False, prompt_counts=None) -> _Job
+ * prompt_counts: a list of int, the exact prompt tokens of each input item
+ * (item i charged with prompt_counts[i] instead of the estimate).
  * kind: 0 (or False) completions, 1 (True) chat, 2 (TOKENIZE) vLLM's /tokenize
  * with one str per item; its results are the counts (int). Tokenize requests
  * take count permits only: never token-budget or admission ones.
@@ -338,11 +340,15 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
 static PyObject *core_submit(Core *self, PyObject *args)
 {
     int mode, chat, return_exceptions, count_preheld = 0;
-    PyObject *source, *tmpl, *fut;
+    PyObject *source, *tmpl, *fut, *counts = Py_None;
     Py_ssize_t window;
-    if (!PyArg_ParseTuple(args, "iiOOOnp|p", &mode, &chat, &source, &tmpl, &fut, &window,
-                          &return_exceptions, &count_preheld))
+    if (!PyArg_ParseTuple(args, "iiOOOnp|pO", &mode, &chat, &source, &tmpl, &fut, &window,
+                          &return_exceptions, &count_preheld, &counts))
         return NULL;
+    if (counts != Py_None && !PyList_Check(counts)) {
+        PyErr_SetString(PyExc_TypeError, "prompt_counts must be a list of int or None");
+        return NULL;
+    }
     if (core_check(self) < 0)
         return NULL;
     bg_state *st = self->st;
@@ -388,6 +394,30 @@ static PyObject *core_submit(Core *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < window; i++)
         j->free_slots[i] = &j->slots[window - 1 - i];
+    if (counts != Py_None) {
+        Py_ssize_t nc = PyList_GET_SIZE(counts);
+        j->prompt_counts = malloc((size_t)(nc ? nc : 1) * sizeof(int64_t));
+        if (!j->prompt_counts) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nc; i++) {
+            PyObject *o = PyList_GET_ITEM(counts, i);
+            if (!PyLong_Check(o)) { /* no __index__: nothing may run and edit the list */
+                PyErr_Format(PyExc_TypeError, "prompt_counts[%zd] must be an int", i);
+                goto fail;
+            }
+            long long v = PyLong_AsLongLong(o);
+            if (v == -1 && PyErr_Occurred())
+                goto fail;
+            if (v < 0) {
+                PyErr_Format(PyExc_ValueError, "prompt_counts[%zd] must be >= 0", i);
+                goto fail;
+            }
+            j->prompt_counts[i] = (int64_t)v;
+        }
+        j->n_prompt_counts = nc;
+    }
     j->nfree = window;
     if (mode == JOB_ONE) {
         j->source = Py_NewRef(source);

@@ -171,6 +171,7 @@ static void job_dealloc(Job *self)
     }
     free(self->slots);
     free(self->free_slots);
+    free(self->prompt_counts);
     job_clear(self);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -291,6 +292,8 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
         return -1;
     }
 filled:
+    if (j->prompt_counts && index < j->n_prompt_counts)
+        est = j->prompt_counts[index]; /* the server's own count replaces the estimate */
     if (c->tokens) {
         int64_t mt = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens : c->default_max_tokens;
         int64_t w;

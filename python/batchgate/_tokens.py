@@ -102,6 +102,30 @@ def plan_missing(cache: TokenCountCache, key0: Tuple[Any, ...], texts: List[str]
     return out, missing
 
 
+async def prompt_counts(d: Any, items: List[Any]) -> Optional[List[int]]:
+    """Exact prompt tokens per request item (a str, or a list of str sent as
+    one request: the sum), for the token cap; None when an item is neither
+    (the engine then raises its usual error for it)."""
+    flat: List[str] = []
+    spans: List[int] = []
+    for x in items:
+        if isinstance(x, str):
+            flat.append(x)
+            spans.append(1)
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
+            flat.extend(x)
+            spans.append(len(x))
+        else:
+            return None
+    counts = await d.count_tokens(flat)
+    out: List[int] = []
+    k = 0
+    for n in spans:
+        out.append(sum(counts[k:k + n]))
+        k += n
+    return out
+
+
 def renamed_error(exc: BaseException, position: int, url: str) -> BaseException:
     """The engine's error for a unique text, re-said for the caller's index;
     a 404/405 says the server has no /tokenize."""

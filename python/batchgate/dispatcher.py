@@ -126,7 +126,8 @@ class Dispatcher:
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16, metrics_url: Optional[str] = None,
                  metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
-                 kv_target: float = 0.85, kv_high: float = 0.92) -> None:
+                 kv_target: float = 0.85, kv_high: float = 0.92,
+                 exact_prompt_tokens: bool = False) -> None:
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
         if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env
@@ -242,6 +243,13 @@ class Dispatcher:
         self._api_key = api_key
         self._verify = bool(verify)
         self._token_cache: Optional[_tokens.TokenCountCache] = None  # count_tokens()
+        if not isinstance(exact_prompt_tokens, bool):
+            raise TypeError(f"exact_prompt_tokens must be a bool, not "
+                            f"{type(exact_prompt_tokens).__name__}")
+        #: generate()/map() charge the token cap with the server's /tokenize
+        #: counts instead of the estimator (only when a token cap is in use).
+        self.exact_prompt_tokens = exact_prompt_tokens and (
+            self.max_inflight_tokens is not None or self.admission is not None)
         _live.add(self)
 
     def __repr__(self) -> str:  # the API key is never shown
@@ -378,9 +386,12 @@ class Dispatcher:
         rec = self.semaphore._held()
         if rec is not None:
             return await self._ride(loop, rec, chat, payload, params)
+        counts = None
+        if self.exact_prompt_tokens and not chat:
+            counts = await _tokens.prompt_counts(self, [payload])
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
-                                False)
+                                False, False, counts)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -511,10 +522,14 @@ class Dispatcher:
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
         await self._ensure_model(params)
+        counts = None
+        if self.exact_prompt_tokens and not chat:
+            src = list(src)  # counted first, then sent
+            counts = await _tokens.prompt_counts(self, src)
         fut = loop.create_future()
         window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
-                                window, bool(return_exceptions), ride is not None)
+                                window, bool(return_exceptions), ride is not None, counts)
         try:
             return await fut
         except BaseException:
