@@ -251,3 +251,67 @@ def test_exact_prompt_tokens_needs_a_token_cap(server):
 
     run(main())
     assert n_tokenize(server) == 0
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hello world"}],
+    [{"role": "system", "content": "리뷰를 요약하세요."},
+     {"role": "user", "content": "음식이 정말 맛있어요 👍"}],
+    [{"role": "user", "content": "hello world"}],
+]
+
+
+def test_chat_counts_equal_the_servers_prompt_tokens(server):
+    async def main():
+        async with Dispatcher(server.base_url + "/v1") as d:
+            counts = await d.count_chat_tokens(CONVERSATIONS)
+            requests = n_tokenize(server)
+            no_gen = await d.count_chat_tokens(CONVERSATIONS[:1], add_generation_prompt=False)
+            charged = [(await d.chat(m, max_tokens=1)).usage["prompt_tokens"]
+                       for m in CONVERSATIONS]
+            return counts, requests, no_gen, charged
+
+    counts, requests, no_gen, charged = run(main())
+    assert counts == charged
+    assert requests == 2  # the repeated conversation is counted once
+    assert no_gen[0] < counts[0]  # the generation prompt is part of the key and the count
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([[{"role": "user", "content": "x"}], "not a list"],
+     r"conversations\[1\] must be a non-empty list"),
+    ([[{"content": "no role"}]], r"conversations\[0\]\[0\] must be a dict with a str 'role'"),
+    ("text", "iterable of message lists, not str"),
+])
+def test_chat_bad_input_names_the_item(server, bad, msg):
+    async def main():
+        async with Dispatcher(server.base_url + "/v1") as d:
+            with pytest.raises(TypeError, match=msg):
+                await d.count_chat_tokens(bad)
+
+    run(main())
+    assert n_tokenize(server) == 0
+
+
+def test_exact_prompt_tokens_for_chat_map():
+    # As for map(): ~1,000 estimated tokens, 2 counted by the fake's tokenizer.
+    srv = FakeVLLM().start_in_thread()
+    convs = [[{"role": "user", "content": f"{i}" + "맛있어요" * 300 + " [[delay=0.05]]"}]
+             for i in range(12)]
+    try:
+        async def main():
+            async with Dispatcher(srv.base_url, max_concurrent=6, max_inflight_tokens=1200,
+                                  exact_prompt_tokens=True) as d:
+                counts = await d.count_chat_tokens(convs)
+                srv.reset()
+                res = await d.chat_map(convs, max_tokens=10)
+                return counts, res
+
+        counts, res = run(main())
+        st = srv.stats()
+    finally:
+        srv.stop()
+    assert counts == [2] * 12
+    assert [r.text for r in res] == ["echo:" + c[0]["content"] for c in convs]
+    assert st["by_path"].get("/tokenize", 0) == 0  # counted once, before
+    assert st["max_in_flight"] == 6

@@ -333,7 +333,8 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
  * prompt_counts: a list of int, the exact prompt tokens of each input item
  * (item i charged with prompt_counts[i] instead of the estimate).
  * kind: 0 (or False) completions, 1 (True) chat, 2 (TOKENIZE) vLLM's /tokenize
- * with one str per item; its results are the counts (int). Tokenize requests
+ * with one str per item, 3 (TOKENIZE_CHAT) its chat form (messages JSON per
+ * item); their results are the counts (int). Tokenize requests
  * take count permits only: never token-budget or admission ones.
  * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator.
  * count_preheld: the caller holds one count permit per window slot already. */
@@ -360,7 +361,7 @@ static PyObject *core_submit(Core *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad job mode");
         return NULL;
     }
-    if (chat < 0 || chat > 2) {
+    if (chat < 0 || chat > 3) {
         PyErr_SetString(PyExc_ValueError, "bad request kind");
         return NULL;
     }
@@ -379,7 +380,8 @@ static PyObject *core_submit(Core *self, PyObject *args)
     j->tmpl = ((Template *)tmpl)->tmpl;
     j->opts = ((Template *)tmpl)->opts;
     j->mode = mode;
-    j->endpoint = chat == 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->endpoint = chat >= 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->tok_chat = chat == 3;
     j->group = ++self->next_id;
     j->window = window;
     j->return_exceptions = return_exceptions;
@@ -753,7 +755,7 @@ static PyMethodDef core_methods[] = {
     {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
      "template($self, model, params_json, options=None, /)\n--\n\n"},
     {"submit", (PyCFunction)core_submit, METH_VARARGS,
-     "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, /)\n--\n\n"},
+     "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, prompt_counts=None, /)\n--\n\n"},
     {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL,
      "close($self, drop=False, /)\n--\n\n"},
     {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats($self, /)\n--\n\n"},
@@ -871,7 +873,8 @@ int bg_dispatcher_exec(PyObject *module, bg_state *st)
     if (PyModule_AddIntConstant(module, "JOB_ONE", JOB_ONE) < 0 ||
         PyModule_AddIntConstant(module, "JOB_MAP", JOB_MAP) < 0 ||
         PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0 ||
-        PyModule_AddIntConstant(module, "KIND_TOKENIZE", 2) < 0)
+        PyModule_AddIntConstant(module, "KIND_TOKENIZE", 2) < 0 ||
+        PyModule_AddIntConstant(module, "KIND_TOKENIZE_CHAT", 3) < 0)
         return -1;
     return 0;
 }

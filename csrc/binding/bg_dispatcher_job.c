@@ -207,7 +207,7 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
         if (c->tokens)
             est = (int64_t)bg_estimate_ucs(PyUnicode_DATA(x), (size_t)PyUnicode_GET_LENGTH(x),
                                            PyUnicode_KIND(x), BG_EST_SCRIPT);
-        if (j->endpoint == BG_EP_CHAT) {
+        if (j->endpoint == BG_EP_CHAT || j->tok_chat) {
             it->r.messages_json = p;
             it->r.messages_len = (size_t)n;
             it->r.prompts = NULL;

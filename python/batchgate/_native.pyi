@@ -97,6 +97,7 @@ JOB_ONE: int
 JOB_MAP: int
 JOB_STREAM: int
 KIND_TOKENIZE: int
+KIND_TOKENIZE_CHAT: int
 
 @final
 class Result:

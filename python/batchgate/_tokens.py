@@ -102,10 +102,15 @@ def plan_missing(cache: TokenCountCache, key0: Tuple[Any, ...], texts: List[str]
     return out, missing
 
 
-async def prompt_counts(d: Any, items: List[Any]) -> Optional[List[int]]:
+async def prompt_counts(d: Any, items: List[Any], chat: bool) -> Optional[List[int]]:
     """Exact prompt tokens per request item (a str, or a list of str sent as
-    one request: the sum), for the token cap; None when an item is neither
-    (the engine then raises its usual error for it)."""
+    one request: the sum; chat: a messages JSON str), for the token cap; None
+    when an item is none of these (the engine then raises its usual error)."""
+    if chat:
+        if not all(isinstance(x, str) for x in items):
+            return None
+        return await d._count_exact(items, _native.KIND_TOKENIZE_CHAT,
+                                    {"add_generation_prompt": True}, "conversations")
     flat: List[str] = []
     spans: List[int] = []
     for x in items:
@@ -126,19 +131,19 @@ async def prompt_counts(d: Any, items: List[Any]) -> Optional[List[int]]:
     return out
 
 
-def renamed_error(exc: BaseException, position: int, url: str) -> BaseException:
+def renamed_error(exc: BaseException, where: str, url: str) -> BaseException:
     """The engine's error for a unique text, re-said for the caller's index;
     a 404/405 says the server has no /tokenize."""
     status = getattr(exc, "status", None)
     message = getattr(exc, "message", None) or str(exc)
     if isinstance(exc, _native.HTTPStatusError) and status in (404, 405):
-        text = (f"texts[{position}]: the server has no vLLM /tokenize endpoint (HTTP {status} "
+        text = (f"{where}: the server has no vLLM /tokenize endpoint (HTTP {status} "
                 f"from {url}): exact counts need a vLLM server; use "
                 f"batchgate.estimate_tokens/estimate_many for estimates instead")
     elif isinstance(exc, _native.HTTPStatusError):
-        text = f"texts[{position}]: /tokenize answered HTTP {status}: {message}"
+        text = f"{where}: /tokenize answered HTTP {status}: {message}"
     else:
-        text = f"texts[{position}]: counting tokens failed: {message}"
+        text = f"{where}: counting tokens failed: {message}"
     if not isinstance(exc, _native.BatchgateError):
         return exc
     new = type(exc)(text)
@@ -148,5 +153,5 @@ def renamed_error(exc: BaseException, position: int, url: str) -> BaseException:
         except AttributeError:  # pragma: no cover - every batchgate error has them
             pass
     new.message = message  # type: ignore[attr-defined]
-    new.index = position  # type: ignore[attr-defined]
+    new.index = int(where[where.index("[") + 1:-1])  # type: ignore[attr-defined]
     return new

@@ -106,7 +106,11 @@ class Dispatcher:
     queue and preemptions (scraped every ``metrics_interval`` seconds by the
     native engine), and output lengths learned from answers (see
     ``stats()["admission"]``). Without usable metrics it falls back to the
-    static caps, with a logged warning. Use it from one event
+    static caps, with a logged warning. With ``exact_prompt_tokens=True`` (and
+    a token cap, static or auto) ``generate``/``map``/``chat``/``chat_map``
+    first count their prompts with the server's own ``/tokenize``
+    (``count_tokens``, cached) and charge those counts instead of the
+    estimator's. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
 
@@ -387,8 +391,8 @@ class Dispatcher:
         if rec is not None:
             return await self._ride(loop, rec, chat, payload, params)
         counts = None
-        if self.exact_prompt_tokens and not chat:
-            counts = await _tokens.prompt_counts(self, [payload])
+        if self.exact_prompt_tokens:
+            counts = await _tokens.prompt_counts(self, [payload], chat)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
                                 False, False, counts)
@@ -523,9 +527,9 @@ class Dispatcher:
         loop = self._bind()
         await self._ensure_model(params)
         counts = None
-        if self.exact_prompt_tokens and not chat:
+        if self.exact_prompt_tokens:
             src = list(src)  # counted first, then sent
-            counts = await _tokens.prompt_counts(self, src)
+            counts = await _tokens.prompt_counts(self, src, chat)
         fut = loop.create_future()
         window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
@@ -624,34 +628,57 @@ class Dispatcher:
         if not isinstance(add_special_tokens, bool):
             raise TypeError(f"add_special_tokens must be a bool, not "
                             f"{type(add_special_tokens).__name__}")
-        items = _tokens.check_texts(texts)
+        return await self._count_exact(
+            _tokens.check_texts(texts), _native.KIND_TOKENIZE,
+            {"add_special_tokens": add_special_tokens}, "texts")
+
+    async def count_chat_tokens(self, conversations: Iterable[Sequence[Mapping[str, Any]]],
+                                *, add_generation_prompt: bool = True) -> List[int]:
+        """``count_tokens`` for chat: each messages list's prompt tokens with
+        the server's chat template (vLLM's /tokenize with ``messages``; with
+        ``add_generation_prompt`` as /v1/chat/completions counts them)."""
+        if not isinstance(add_generation_prompt, bool):
+            raise TypeError(f"add_generation_prompt must be a bool, not "
+                            f"{type(add_generation_prompt).__name__}")
+        if isinstance(conversations, (str, bytes)) or not hasattr(conversations, "__iter__"):
+            raise TypeError(f"conversations must be an iterable of message lists, not "
+                            f"{type(conversations).__name__}")
+        items = [_messages_json(m, i) for i, m in enumerate(conversations)]
+        return await self._count_exact(items, _native.KIND_TOKENIZE_CHAT,
+                                       {"add_generation_prompt": add_generation_prompt},
+                                       "conversations")
+
+    async def _count_exact(self, items: List[str], kind: int, fields: Dict[str, Any],
+                           what: str) -> List[int]:
         root = self._root
         cache = root._token_cache
         if cache is None:
             cache = root._token_cache = _tokens.TokenCountCache(root.token_cache_size)
         model = self.model if self.model is not None else root._resolved_model
-        key0 = (model, add_special_tokens)
+        params = json.dumps(fields, sort_keys=True)
+        key0 = (model, kind, params)
         out, missing = _tokens.plan_missing(cache, key0, items)
         if not missing:
             return out  # type: ignore[return-value]
         loop = self._bind()
         uniq = list(missing)
-        params = json.dumps({"add_special_tokens": add_special_tokens})
         opts = _options.call_options(self._defaults, {})
-        tmpl = root._templates.get(("/tokenize", params, model, opts.native))
+        tkey = ("/tokenize", params, model, opts.native)
+        tmpl = root._templates.get(tkey)
         if tmpl is None:
-            tmpl = root._core.template(model, params, opts.native)
-            root._templates[("/tokenize", params, model, opts.native)] = tmpl
+            tmpl = root._templates[tkey] = root._core.template(model, params, opts.native)
         fut = loop.create_future()
         window, ride = self._ride_window(self.window)
-        job = self._core.submit(_native.JOB_MAP, _native.KIND_TOKENIZE, uniq, tmpl, fut,
-                                window, False, ride is not None)
+        job = self._core.submit(_native.JOB_MAP, kind, uniq, tmpl, fut, window, False,
+                                ride is not None)
         try:
             counts = await fut
         except BatchgateError as e:
             k = getattr(e, "index", None)
-            pos = missing[uniq[k]][0] if isinstance(k, int) and 0 <= k < len(uniq) else -1
-            raise _tokens.renamed_error(e, pos, self.tokenize_url) from None
+            if not isinstance(k, int) or not 0 <= k < len(uniq):
+                raise  # not about one text (the Dispatcher was closed, ...)
+            raise _tokens.renamed_error(e, f"{what}[{missing[uniq[k]][0]}]",
+                                        self.tokenize_url) from None
         except BaseException:
             job.cancel()
             raise

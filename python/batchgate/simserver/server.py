@@ -460,7 +460,8 @@ class SimServer:
     # -- /tokenize ------------------------------------------------------------------
 
     def _tokenize(self, req: Request):
-        """vLLM's /tokenize: {prompt | messages, add_special_tokens?, model?} ->
+        """vLLM's /tokenize: {prompt | messages, add_special_tokens?,
+        add_generation_prompt? (messages, default true), model?} ->
         {count, max_model_len, tokens}, counted with the same model that
         charges prompts in /v1/completions and /v1/chat/completions."""
         self.num_tokenize_requests += 1
@@ -478,6 +479,9 @@ class SimServer:
                     norm.append({"role": m["role"],
                                  "content": _message_text(m.get("content"), i)})
                 count = answers.chat_prompt(norm)[1]
+                if "add_generation_prompt" in body and not _bool_field(
+                        body, "add_generation_prompt"):
+                    count -= answers.CHAT_REPLY_TOKENS
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
