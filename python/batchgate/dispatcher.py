@@ -654,6 +654,9 @@ class Dispatcher:
         cache = root._token_cache
         if cache is None:
             cache = root._token_cache = _tokens.TokenCountCache(root.token_cache_size)
+        # The model generation will name (GET /v1/models once, like generate),
+        # so counts made before the first generation are reused by it.
+        await self._ensure_model({})
         model = self.model if self.model is not None else root._resolved_model
         params = json.dumps(fields, sort_keys=True)
         key0 = (model, kind, params)
