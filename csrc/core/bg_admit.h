@@ -101,6 +101,8 @@ typedef struct {
     double out_quantile;  /* quantile of output lengths reserved (0.95) */
     double out_margin;    /* safety margin on it (0.10) */
     int warmup;           /* finished sequences before learning is trusted (8) */
+    double overbook_max;  /* charged blocks per usable block, at most (1.5) */
+    double turnover;      /* finished seqs per running one before overbooking (1) */
 } bg_admit_params;
 
 void bg_admit_params_defaults(bg_admit_params *p);
@@ -132,6 +134,11 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
                        int64_t max_model_len, double t0);
 void bg_admit_free(bg_admit *a);
 
+/* The probe's reading (KV usage 0..1, waiting requests): on a server that
+ * is not queueing, L starts at the room free up to target_usage instead of
+ * init_fraction * N. Call once, before any sample. */
+void bg_admit_start(bg_admit *a, double usage, double waiting);
+
 /* A successful scrape. held = blocks charged to requests in flight now. */
 void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_t held);
 /* The server refused for load (429, 503). */
@@ -157,6 +164,8 @@ typedef struct {
     int64_t limit;          /* L, blocks */
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
+    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
+    double used_share;      /* measured usage / charged blocks (-1 before turnover) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;
     double preemptions_seen; /* rise of the counter since the first sample */

@@ -122,7 +122,7 @@ class Dispatcher:
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16, metrics_url: Optional[str] = None,
-                 metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
+                 metrics_interval: float = 0.1, metrics_stale_after: float = 2.0,
                  kv_target: float = 0.85, kv_high: float = 0.92) -> None:
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
