@@ -190,14 +190,8 @@ static void cut(bg_admit *a, double now, int reason)
 
 static bool learned(const bg_admit *a);
 
-/* Charges are final sizes (prompt + whole output), but requests in flight are
- * part-way through their output and finish at different times, so the
- * server holds only a share of what is charged. Once the requests in flight
- * have turned over (the answers finished outnumber them), that share is
- * measured and the limit may overbook by its inverse, up to overbook_max:
- * with exact charges usage then stays near high_usage, and the usage
- * feedback (target, cuts) corrects the rest. Before that (a burst that
- * started together grows together) the ceiling stays high_usage * N. */
+/* The overbooking ceiling C (bg_admit.h): after turnover, high_usage * N
+ * times the inverse of the measured share of the charges the server holds. */
 static void update_ceiling(bg_admit *a, double u, int64_t held)
 {
     double running = a->st.running > 0 ? a->st.running : 0;

@@ -653,6 +653,8 @@ class Dispatcher:
         """Engine counters: submitted, completed, attempts, retries, in_flight,
         max_in_flight, permits_free, ...; with ``max_inflight_tokens="auto"``
         also ``admission``: limit_blocks / limit_tokens (the current KV limit),
+        ceiling_blocks (its current bound) and used_share (the measured share
+        of the charged blocks the server holds, -1 until measured),
         kv_usage, peak_kv_usage, running, waiting, preemptions_seen,
         reserved_output_tokens and output_tokens_p50 (learned), prompt_ratio,
         cuts, stale, scrapes, scrape_errors, ..."""
