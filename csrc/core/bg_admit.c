@@ -95,7 +95,8 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
         !(p->gain > 0 && p->gain <= 1) || !(p->holdoff_s >= 0) || !(p->stale_s > 0) ||
         !in01(p->init_fraction) || !(p->min_fraction >= 0 && p->min_fraction <= 1) ||
         !(p->wait_allow >= 0) || !in01(p->out_quantile) || !(p->out_margin >= 0) ||
-        p->warmup < 1 || !(p->overbook_max >= 1 && p->overbook_max <= 4) || !(p->turnover >= 0))
+        p->warmup < 1 || !(p->overbook_max >= 1 && p->overbook_max <= 4) ||
+        !(p->turnover >= 0))
         return NULL;
     bg_admit *a = calloc(1, sizeof(*a));
     if (!a)
