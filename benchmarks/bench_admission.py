@@ -63,7 +63,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import batchgate
 from batchgate.corpus import generate_corpus
 from batchgate.demo import AUTO_UNAVAILABLE, ServerProcess, auto_available
-from batchgate.runner import SENTIMENT_PROMPT, render_prompt
+from batchgate.run import SENTIMENT_PROMPT, render_prompt
 
 SUMMARY_PROMPT = ("다음은 한 음식점에 대한 고객 리뷰입니다. 손님들이 좋아한 점과 아쉬워한 점을 "
                   "항목별로 정리하고, 세 문단으로 요약해 주세요.\n\n{reviews}\n\n요약:")
