@@ -63,7 +63,7 @@ void bg_engine_config_defaults(bg_engine_config *c)
 
 /* ---- lists --------------------------------------------------------- */
 
-static void list_push(req_list *l, bg_request *r)
+void bgh_list_push(req_list *l, bg_request *r)
 {
     r->next = NULL;
     r->prev = l->tail;
@@ -74,7 +74,7 @@ static void list_push(req_list *l, bg_request *r)
     l->tail = r;
 }
 
-static void list_unlink(req_list *l, bg_request *r)
+void bgh_list_unlink(req_list *l, bg_request *r)
 {
     if (r->prev)
         r->prev->next = r->next;
@@ -198,7 +198,7 @@ static void on_grant(bg_sem_waiter *w)
     bg_request *r = w->ctx;
     bg_engine *e = r->engine;
     pthread_mutex_lock(&e->mu);
-    list_push(&e->ready, r);
+    bgh_list_push(&e->ready, r);
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
     /* Our own thread checks `pending` before it polls: no syscall needed. */
@@ -329,7 +329,7 @@ static void cancel_request(bg_engine *e, bg_request *r, int kind)
         break;
     }
     case ST_BACKOFF:
-        list_unlink(&e->backoff, r);
+        bgh_list_unlink(&e->backoff, r);
         bgh_finish(e, r, kind);
         break;
     case ST_WAIT_ADMIT:
@@ -461,7 +461,7 @@ static void *engine_main(void *arg)
         int64_t t = bgh_now_ns();
         while (e->backoff.head && e->backoff.head->due_ns <= t) {
             bg_request *r = e->backoff.head;
-            list_unlink(&e->backoff, r);
+            bgh_list_unlink(&e->backoff, r);
             if (e->cfg.admit && !r->cancel_req && r->endpoint != BG_EP_TOKENIZE)
                 bgh_admit_enqueue(e, r); /* a retry is charged again, at the head */
             else
@@ -699,7 +699,7 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
     }
     STAT_ADD(e, st_submitted, n); /* before the engine can complete any of them */
     for (size_t i = 0; i < n; i++)
-        list_push(&e->inbox, rs[i]);
+        bgh_list_push(&e->inbox, rs[i]);
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
     if (wake)

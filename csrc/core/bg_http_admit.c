@@ -141,39 +141,15 @@ static int64_t charge(bg_engine *e, const bg_request *r)
 }
 
 /* Local list ops (bg_http.c keeps its own static). */
-static void q_push(req_list *l, bg_request *r)
-{
-    r->next = NULL;
-    r->prev = l->tail;
-    if (l->tail)
-        l->tail->next = r;
-    else
-        l->head = r;
-    l->tail = r;
-}
-
-static void q_unlink(req_list *l, bg_request *r)
-{
-    if (r->prev)
-        r->prev->next = r->next;
-    else
-        l->head = r->next;
-    if (r->next)
-        r->next->prev = r->prev;
-    else
-        l->tail = r->prev;
-    r->next = r->prev = NULL;
-}
-
 void bgh_admit_enqueue(bg_engine *e, bg_request *r)
 {
     r->state = ST_WAIT_ADMIT;
-    q_push(&e->admit_queue, r);
+    bgh_list_push(&e->admit_queue, r);
 }
 
 void bgh_admit_unqueue(bg_engine *e, bg_request *r)
 {
-    q_unlink(&e->admit_queue, r);
+    bgh_list_unlink(&e->admit_queue, r);
 }
 
 void bgh_admit_pump(bg_engine *e)
@@ -184,7 +160,7 @@ void bgh_admit_pump(bg_engine *e)
      * granted at once go on, and the loop stops at the first that waits. */
     while (!e->admit_waiting && e->admit_queue.head) {
         bg_request *r = e->admit_queue.head;
-        q_unlink(&e->admit_queue, r);
+        bgh_list_unlink(&e->admit_queue, r);
         r->state = ST_NEW;
         r->weight_taken = charge(e, r);
         /* Cleared when it gets its blocks (at once in bgh_advance, or later in

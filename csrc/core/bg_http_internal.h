@@ -38,6 +38,10 @@ typedef struct {
     bg_request *head, *tail;
 } req_list;
 
+/* Doubly linked FIFO of requests (engine thread only); bg_http.c. */
+void bgh_list_push(req_list *l, bg_request *r);
+void bgh_list_unlink(req_list *l, bg_request *r);
+
 struct bg_req_opts {
     long timeout_ms;
     int max_retries;
