@@ -110,7 +110,15 @@ class Dispatcher:
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
     """
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> "Dispatcher":
+        # Several endpoints: batchgate.replicas routes over one Dispatcher each.
+        if cls is Dispatcher and isinstance(base_url, (list, tuple)) and len(base_url) != 1:
+            from .replicas import ReplicaDispatcher
+            return super().__new__(ReplicaDispatcher)
+        return super().__new__(cls)
+
+    def __init__(self, base_url: Union[str, Sequence[str], None] = None,
+                 api_key: Optional[str] = None,
                  model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
                  max_inflight_tokens: Union[int, str, None] = None,
@@ -124,6 +132,8 @@ class Dispatcher:
                  default_max_tokens: int = 16, metrics_url: Optional[str] = None,
                  metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
                  kv_target: float = 0.85, kv_high: float = 0.92) -> None:
+        if isinstance(base_url, (list, tuple)) and len(base_url) == 1:
+            base_url = base_url[0]  # one endpoint: the plain engine
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
         if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env
