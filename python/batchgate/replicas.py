@@ -38,7 +38,10 @@ at once; a streak of ``EJECT_STREAK`` failures (transport errors, timeouts or
 and its single calls and moves every one of their unanswered items to the
 other endpoints; an item that failed with such an error moves as well. An
 ejected endpoint is probed (``GET /health``, any answer below 500) after 1 s,
-then after doubling waits up to 30 s, and pulls work again once it answers.
+then after doubling waits up to 30 s, and pulls work again once it answers, on
+probation: one request at a time until one succeeds, and its first failure
+ejects it again (a server whose /health says 200 while it answers 500 costs
+one request per probe).
 Every item ends in exactly one result or one exception: it fails only when
 every healthy endpoint failed it, or none is left.
 """
@@ -108,6 +111,7 @@ class _Endpoint:
         self.down_until = 0.0
         self.backoff = PROBE_FIRST_S
         self.probing = False
+        self.probation = False  # probed back, not yet proven: one request at a time
         self.ejections = 0
         self.failed_over = 0  # items moved from here to another endpoint
         self.delivered = 0  # results and final errors handed to callers from here
@@ -119,6 +123,8 @@ class _Endpoint:
         self.singles: Set["asyncio.Task[Any]"] = set()
 
     def load(self) -> float:
+        if self.probation and self.d._core.live:
+            return float("inf")
         return max(self.d._core.live / self.cap, self.kv_frac, self.waiting / 5.0)
 
 
@@ -127,7 +133,7 @@ class _Feed:
     input (or moved from a failed endpoint), pulled when that job has room.
     ``pending`` maps the job's local indices to [global index, prompt, tried]."""
 
-    __slots__ = ("run", "ep", "pending", "pulled", "done", "job", "__weakref__")
+    __slots__ = ("run", "ep", "pending", "pulled", "done", "job", "window", "__weakref__")
 
     def __init__(self, run: "_Run", ep: _Endpoint) -> None:
         self.run = run
@@ -136,12 +142,17 @@ class _Feed:
         self.pulled = 0
         self.done = False
         self.job: Any = None
+        self.window = 0
 
     def __iter__(self) -> "_Feed":
         return self
 
     def __next__(self) -> Any:
         run = self.run
+        if self.window == 1 and self.pulled and self.ep.probation:
+            # One probation request only (the job refills before we see its answer).
+            self.done = True
+            raise StopIteration
         item = run.take_moved(self.ep.index)
         if item is None:
             if run.src_done or not self.ep.healthy:
@@ -192,7 +203,12 @@ class _Run:
         m = rs._members[ep.index]
         d = ep.d
         w = self.window or min(d.window, max(32, 2 * d.max_concurrent))
+        if ep.probation:
+            if any(not g.done for g in ep.feeds):
+                return  # it already has its one probation request (here or in another call)
+            w = 1  # one request until it answers; then a full window joins (rejoin)
         f = _Feed(self, ep)
+        f.window = w
         f.job = d._core.submit(_native.JOB_STREAM, self.chat, f, m._template(self.params),
                                None, w, True, False)
         self.feeds.append(f)
@@ -204,10 +220,15 @@ class _Run:
         if chunk is None:
             self.close_feed(f)
             return False
+        done = []
         for li, r in chunk:
             if li < 0:  # the job itself failed (bad input, a failing iterator, closed)
                 raise r
-            self.settle(f.ep, f.pending.pop(li), r)
+            done.append((f.pending.pop(li), r))
+        # Popped first: a settle below may eject f's endpoint, which moves
+        # only what is still pending.
+        for item, r in done:
+            self.settle(f.ep, item, r)
         return True
 
     def settle(self, ep: _Endpoint, item: List[Any], r: Any) -> None:
@@ -225,6 +246,10 @@ class _Run:
                 return
         elif not isinstance(r, BaseException):
             rs._success(ep)
+            if ep.probation:
+                ep.probation = False
+                for run in list(rs._runs):
+                    run.rejoin(ep)
         ep.delivered += 1
         self.out.append((item[0], r))
 
@@ -234,14 +259,14 @@ class _Run:
             return
         chunk = f.job.take()
         f.job.cancel()
-        for li, r in chunk or ():
-            if li >= 0 and li in f.pending:
-                self.settle(f.ep, f.pending.pop(li), r)
+        done = [(f.pending.pop(li), r) for li, r in chunk or () if li in f.pending]
         for li in sorted(f.pending):
             f.ep.failed_over += 1
             self.moved.append(f.pending[li])
         f.pending.clear()
         self.close_feed(f)
+        for item, r in done:
+            self.settle(f.ep, item, r)
 
     def close_feed(self, f: _Feed) -> None:
         if f in self.feeds:
@@ -272,7 +297,8 @@ class _Run:
 
     def rejoin(self, ep: _Endpoint) -> None:
         """ep was probed back: let it pull again."""
-        if not self.src_done and not any(f.ep is ep for f in self.feeds):
+        if not self.src_done and ep.healthy and \
+                not any(f.ep is ep and f.window > 1 and not f.done for f in self.feeds):
             self.start(ep)
 
 
@@ -389,10 +415,11 @@ class ReplicaDispatcher(Dispatcher):
         if not ep.healthy:
             return
         ep.healthy = False
+        ep.probation = False
         ep.ejections += 1
         ep.down_until = time.monotonic() + ep.backoff
         log.warning("replicas: %s ejected (%s); its work moves to the others; probed again "
-                    "in %.0f s", ep.d.base_url, why, ep.backoff)
+                    "in %.1f s", ep.d.base_url, why, ep.backoff)
         ep.backoff = min(PROBE_MAX_S, ep.backoff * 2)
         for f in list(ep.feeds):
             f.run.evict(f)
@@ -400,8 +427,12 @@ class ReplicaDispatcher(Dispatcher):
             t.cancel()
 
     def _readmit(self, ep: _Endpoint) -> None:
+        # On probation (a circuit breaker's half-open state): /health can say
+        # 200 while every request gets a 500, so one more failure ejects it
+        # again; a success clears the streak.
         ep.healthy = True
-        ep.streak = 0
+        ep.probation = True
+        ep.streak = EJECT_STREAK - 1
         log.warning("replicas: %s answers again; it takes work again", ep.d.base_url)
         for run in list(self._runs):
             run.rejoin(ep)
@@ -509,6 +540,7 @@ class ReplicaDispatcher(Dispatcher):
                 e = task.exception()
                 if e is None:
                     self._success(ep)
+                    ep.probation = False
                     ep.delivered += 1
                     return task.result()
                 if not _fails_over(e):
