@@ -300,3 +300,17 @@ def test_chat_map_views_and_redacted_stats(three):
     check_answer(99, one)
     assert "s3cret" not in json.dumps(stats, default=str) and "s3cret" not in text
     assert stats["completed"] == 31 and stats["healthy"] == 3
+
+
+def test_run_command_takes_several_base_urls(tmp_path, three):
+    from test_run import bg, check_results, write_corpus
+    servers, urls = three
+    corpus = str(tmp_path / "reviews.jsonl")
+    write_corpus(corpus, n_restaurants=6, reviews_per_restaurant=120, seed=7)
+    out = str(tmp_path / "r.jsonl")
+    p = bg("run", corpus, "--out", out, "--base-url", f"{urls[0]},{urls[1]}",
+           "--base-url", urls[2], "--max-concurrent", "2", "--max-tokens-per-batch", "600")
+    assert p.returncode == 0, p.stderr
+    check_results(out, corpus)
+    done = [s.stats()["finished"] for s in servers]
+    assert all(n > 0 for n in done), done  # all three replicas served

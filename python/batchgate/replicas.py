@@ -627,14 +627,16 @@ class ReplicaDispatcher(Dispatcher):
 
     def stats(self) -> Dict[str, Any]:
         """Totals over the endpoints (submitted, completed, attempts, retries,
-        live, in_flight, undelivered) and ``endpoints``: per endpoint its
+        live, in_flight, max_in_flight, undelivered), ``healthy`` and ``endpoints``: per endpoint its
         redacted url, healthy, in_flight, completed, failed_over, ejections,
         last_error and its engine's own stats (``admission`` with auto)."""
         root = self._root
         eps = []
+        # max_in_flight: the sum of each endpoint's peak (an upper bound of
+        # the total's peak).
         totals: Dict[str, Any] = dict.fromkeys(
             ("submitted", "completed", "attempts", "retries", "live", "in_flight",
-             "undelivered"), 0)
+             "max_in_flight", "undelivered"), 0)
         for ep in root._eps:
             s = ep.d.stats()
             for k in totals:
