@@ -108,6 +108,11 @@ class Dispatcher:
     ``stats()["admission"]``). Without usable metrics it falls back to the
     static caps, with a logged warning. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
+
+    ``base_url`` may be a list of several replicas' URLs: each gets its own
+    engine and caps, bulk calls are pulled by whichever has room, single calls
+    go to the least loaded, and a replica that refuses connections or answers
+    5xx is ejected and probed back (see ``batchgate.replicas``).
     """
 
     def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> "Dispatcher":
