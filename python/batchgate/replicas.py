@@ -149,13 +149,14 @@ class _Feed:
 
     def __next__(self) -> Any:
         run = self.run
-        if self.window == 1 and self.pulled and self.ep.probation:
-            # One probation request only (the job refills before we see its answer).
+        if not self.ep.healthy or (self.window == 1 and self.pulled and self.ep.probation):
+            # Ejected; or on probation, whose one request is out (the job
+            # refills before we see its answer).
             self.done = True
             raise StopIteration
         item = run.take_moved(self.ep.index)
         if item is None:
-            if run.src_done or not self.ep.healthy:
+            if run.src_done:
                 self.done = True
                 raise StopIteration
             try:
@@ -202,7 +203,10 @@ class _Run:
         rs = self.rs
         m = rs._members[ep.index]
         d = ep.d
-        w = self.window or min(d.window, max(32, 2 * d.max_concurrent))
+        # The cap plus a little queued, to send between two loop turns: what
+        # one endpoint holds unsent is what a faster one cannot take at the end.
+        cap = d.max_concurrent
+        w = self.window or min(d.window, cap + max(8, cap // 2))
         if ep.probation:
             if any(not g.done for g in ep.feeds):
                 return  # it already has its one probation request (here or in another call)
@@ -382,6 +386,7 @@ class ReplicaDispatcher(Dispatcher):
         self._active = 0
         self._monitor: Optional["asyncio.Task[None]"] = None
         self._runs: Set[_Run] = set()
+        self._tasks: Set["asyncio.Task[Any]"] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else \
@@ -465,7 +470,7 @@ class ReplicaDispatcher(Dispatcher):
                 continue
             if not ep.healthy:
                 if now >= ep.down_until:
-                    loop.create_task(self._probe(ep, True))
+                    self._spawn(loop, self._probe(ep, True))
                 continue
             s = ep.d._core.stats()
             a = s.get("admission")
@@ -476,14 +481,23 @@ class ReplicaDispatcher(Dispatcher):
             seen = (s["retries"], s["completed"])
             if seen[0] > ep.seen[0] and seen[1] == ep.seen[1] and s["live"] > 0:
                 # Retrying without finishing anything: is it still there?
-                loop.create_task(self._probe(ep, False))
+                self._spawn(loop, self._probe(ep, False))
             ep.seen = seen
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> None:
+        # The loop keeps only weak references to tasks: hold probes until done.
+        t = loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _watch(self) -> None:
         try:
             while self._active > 0 and not self._closed:
                 await asyncio.sleep(TICK_S)
-                self._tick()
+                try:
+                    self._tick()
+                except Exception:  # a closing engine: the next call sees ClosedError
+                    log.debug("replicas: health tick failed", exc_info=True)
         finally:
             self._monitor = None
 
