@@ -109,11 +109,17 @@ def test_auto_token_cap_is_passed_through_or_refused_clearly():
             bgr.Generate("http://127.0.0.1:9/v1", concurrency=2, max_inflight_tokens="auto")
         return
     d.close()
-    g = bgr.Generate("http://127.0.0.1:9/v1", concurrency=2, max_inflight_tokens="auto")
-    try:
-        assert g.endpoints[0].dispatcher.max_inflight_tokens == "auto"  # not split
-    finally:
-        g.close()
+    # Each actor's Dispatcher runs the closed loop on the whole server (its KV cache
+    # is not split over the actors) and gets no static token cap.
+    with SimServerThread(kv_cache_tokens=8192, max_model_len=2048) as srv:
+        g = bgr.Generate(srv.base_url + "/v1", concurrency=2, max_inflight_tokens="auto")
+        try:
+            assert g.max_inflight_tokens == "auto"
+            disp = g.endpoints[0].dispatcher
+            assert disp.admission is not None and disp.admission["kv_blocks"] == 512
+            assert disp.max_inflight_tokens is None
+        finally:
+            g.close()
 
 
 def test_bad_rows_fail_alone_without_ray():

@@ -30,7 +30,8 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple, Union)
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Optional, Set, TextIO, Tuple,
+                    Union)
 
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       TimeoutError, TransportError)
@@ -345,7 +346,7 @@ async def run_batch_file(input: str, output: str, *, base_url: Optional[str] = N
                          api_key: Optional[str] = None, model: Optional[str] = None,
                          dispatcher: Optional[Dispatcher] = None,
                          max_concurrent: Optional[int] = None,
-                         max_inflight_tokens: Optional[int] = None,
+                         max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
                          max_retries: Optional[int] = None, timeout: Optional[float] = 600.0,
                          overwrite: bool = False, progress: ProgressArg = False,
                          window: Optional[int] = None,
@@ -602,7 +603,7 @@ def _say(msg: str) -> None:
 def batch_command(args: Any) -> int:
     import signal
 
-    from .runner import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
+    from .run import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
     from ._options import resolve_connection
     try:
         base_url, api_key = resolve_connection(args.base_url, None)

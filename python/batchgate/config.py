@@ -6,7 +6,7 @@ not the other way round)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Type
 
 from . import _native
 
@@ -87,7 +87,7 @@ class Config:
         return _dynamic_batch_size(cls, reviews, max_tokens_per_batch)
 
 
-def _dynamic_batch_size(config: type, content_list: Sequence[str],
+def _dynamic_batch_size(config: Type[Config], content_list: Sequence[str],
                         max_tokens_per_batch: Optional[int]) -> int:
     if max_tokens_per_batch is None:
         max_tokens_per_batch = config.VLLM_MAX_TOKENS_PER_BATCH

@@ -24,12 +24,13 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from . import dispatcher as _dispatcher
 from .config import Config
 from .corpus import generate_corpus
-from .runner import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
+from .run.batches import Groups
+from .run import (AUTO_TOKEN_CAP_FRACTION, SENTIMENT_PROMPT, BatchLog, build_batches,
                      dispatch_batches, make_dispatcher, server_kv_tokens)
 
 # A small GPU: the KV cache holds ~9 of the original's 100-review batches.
@@ -123,14 +124,14 @@ class ServerProcess:
             self.proc.stdout.close()
 
 
-def _groups(n_restaurants: int, per_restaurant: int) -> Dict[str, List[Any]]:
-    groups: Dict[str, List[Any]] = {}
+def _groups(n_restaurants: int, per_restaurant: int) -> Groups:
+    groups: Groups = {}
     for line, rec in enumerate(generate_corpus(n_restaurants, per_restaurant), 1):
         groups.setdefault(rec["restaurant_id"], []).append((rec["text"], line))
     return groups
 
 
-def scenario_batches(groups: Dict[str, List[Any]], sc: Scenario) -> List[Any]:
+def scenario_batches(groups: Groups, sc: Scenario) -> List[Any]:
     return build_batches(groups, SENTIMENT_PROMPT, sizing=sc.sizing,
                          max_tokens_per_batch=Config.VLLM_MAX_TOKENS_PER_BATCH,
                          fixed_size=50).batches
@@ -139,8 +140,8 @@ def scenario_batches(groups: Dict[str, List[Any]], sc: Scenario) -> List[Any]:
 def run_scenario(srv: Any, base_url: str, batches: List[Any], sc: Scenario,
                  max_retries: int) -> Dict[str, Any]:
     unlimited = sc.max_concurrent is None
-    max_conc = len(batches) if unlimited else sc.max_concurrent
-    token_cap: Any = "auto" if sc.auto else None
+    max_conc = len(batches) if sc.max_concurrent is None else sc.max_concurrent
+    token_cap: Optional[Union[int, Literal["auto"]]] = "auto" if sc.auto else None
     if sc.token_cap:  # as `run --max-inflight-tokens auto`: from the server's /metrics
         kv = server_kv_tokens(base_url, None)
         if kv is None:

@@ -126,7 +126,7 @@ class Dispatcher:
                  api_key: Optional[str] = None,
                  model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
-                 max_inflight_tokens: Union[int, str, None] = None,
+                 max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
                  timeout: Optional[float] = 600.0, connect_timeout: Optional[float] = 10.0,
                  max_retries: Optional[int] = None,
                  headers: Optional[Mapping[str, str]] = None, verify: bool = True,
@@ -229,7 +229,7 @@ class Dispatcher:
         self.model = model
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
-        self.max_inflight_tokens = max_inflight_tokens
+        self.max_inflight_tokens: Optional[int] = max_inflight_tokens
         #: The closed-loop admission settings in use (None: static caps only).
         self.admission: Optional[Dict[str, Any]] = None
         if admission is not None:
@@ -298,12 +298,12 @@ class Dispatcher:
         self._admission_timer = None
         if self._closed or self._loop is None:
             return
+        adm = self.admission or {}  # events come only from an admission-enabled engine
         for t, old, new, reason in self._core.admission_events():
-            bs = self.admission["block_size"] if self.admission else 1
+            bs = adm["block_size"] if adm else 1
             if reason == "stale":
                 log.warning("admission: no metrics from %s for %.1f s; admitting nothing new "
-                            "until they return", self.admission["metrics_url"],
-                            self.admission["stale_after"])
+                            "until they return", adm["metrics_url"], adm["stale_after"])
             elif reason == "fresh":
                 log.info("admission: metrics are back; limit %d KV blocks (%d tokens)", new,
                          new * bs)

@@ -43,7 +43,8 @@ import inspect
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, AsyncIterator, Dict, List, Literal, Mapping, Optional, Sequence, Set,
+                    Tuple, Union, overload)
 
 from .config import Config
 from .dispatcher import Dispatcher, HTTPStatusError, Result, TimeoutError, TransportError
@@ -61,6 +62,12 @@ _COOLDOWN_START_S = 1.0
 _COOLDOWN_MAX_S = 30.0
 
 
+@overload
+def split_cap(total: int, actors: int, name: str) -> int: ...
+@overload
+def split_cap(total: None, actors: int, name: str) -> None: ...
+@overload
+def split_cap(total: Optional[int], actors: int, name: str) -> Optional[int]: ...
 def split_cap(total: Optional[int], actors: int, name: str) -> Optional[int]:
     """One actor's share of a cluster-wide cap (floor, so the shares never sum past it)."""
     if total is None:
@@ -203,7 +210,7 @@ class Generate:
                  usage_columns: bool = False,
                  concurrency: Any = None,
                  max_concurrent: Optional[int] = None,
-                 max_inflight_tokens: Union[int, str, None] = None,
+                 max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
                  **kwargs: Any) -> None:
         urls = _urls(base_url)
         if concurrency is None:
@@ -283,19 +290,21 @@ class Generate:
         results = await self.run(values)
         out = dict(columns)
         ok = [not isinstance(r, BaseException) for r in results]
-        out[self.output_column] = [r.text if k else None for r, k in zip(results, ok)]
+        out[self.output_column] = [None if isinstance(r, BaseException) else r.text
+                                   for r in results]
         if self.status_column:
             out[self.status_column] = ["ok" if k else "error" for k in ok]
         if self.error_column:
-            out[self.error_column] = [None if k else _error_text(r)
-                                      for r, k in zip(results, ok)]
+            out[self.error_column] = [_error_text(r) if isinstance(r, BaseException) else None
+                                      for r in results]
         if self.usage_columns:
-            usage = [(r.usage or {}) if k else {} for r, k in zip(results, ok)]
+            usage = [{} if isinstance(r, BaseException) else (r.usage or {}) for r in results]
             out["prompt_tokens"] = [u.get("prompt_tokens") for u in usage]
             out["completion_tokens"] = [u.get("completion_tokens") for u in usage]
-            out["latency_s"] = [r.latency if k else None for r, k in zip(results, ok)]
-            out["attempts"] = [r.attempts if k else getattr(r, "attempts", None)
-                               for r, k in zip(results, ok)]
+            out["latency_s"] = [None if isinstance(r, BaseException) else r.latency
+                                for r in results]
+            out["attempts"] = [getattr(r, "attempts", None) if isinstance(r, BaseException)
+                               else r.attempts for r in results]
         return rebuild(out)
 
     # ---- the work, usable without Ray too ---------------------------------------
@@ -309,8 +318,8 @@ class Generate:
             try:
                 payloads[i] = self._payload(v, i)
                 pending.append(i)
-            except (TypeError, ValueError) as e:  # this row only
-                out[i] = e
+            except (TypeError, ValueError) as err:  # this row only
+                out[i] = err
         tried: List[Set[str]] = [set() for _ in range(n)]
         while pending:
             now = time.monotonic()
@@ -401,11 +410,11 @@ def _columns(batch: Any) -> Tuple[Dict[str, Any], Any]:
         return dict(batch), to_numpy
     mod = type(batch).__module__
     if mod.startswith("pandas"):
-        import pandas as pd
+        import pandas as pd  # type: ignore[import-untyped, unused-ignore]
         return {c: batch[c] for c in batch.columns}, \
             lambda cols: pd.DataFrame(cols, index=batch.index)
     if mod.startswith("pyarrow"):
-        import pyarrow as pa
+        import pyarrow as pa  # type: ignore[import-not-found, import-untyped, unused-ignore]
         return batch.to_pydict(), pa.Table.from_pydict
     raise TypeError(f"batchgate.ray.Generate takes numpy-dict, pandas or pyarrow batches, "
                     f"not {type(batch).__name__}")

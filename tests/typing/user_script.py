@@ -60,6 +60,14 @@ async def pipeline(reviews: List[str]) -> None:
         async for pair in d.as_completed(reviews, return_exceptions=True):
             assert_type(pair, Tuple[int, Union[Result, BaseException]])
 
+    # The closed-loop admission mode is part of the signature; other strings are not.
+    async with Dispatcher("http://127.0.0.1:8000/v1", max_inflight_tokens="auto") as auto:
+        cap: Optional[int] = auto.max_inflight_tokens
+        print(cap, await auto.generate("hello"))
+    Dispatcher("http://127.0.0.1:8000/v1", max_inflight_tokens=8000).close()
+    Dispatcher("http://127.0.0.1:8000/v1",
+               max_inflight_tokens="lots").close()  # type: ignore[arg-type]
+
     summary = await batchgate.run_batch_file("in.jsonl", "out.jsonl",
                                              base_url="http://127.0.0.1:8000/v1")
     assert_type(summary, BatchSummary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import Config
 from ..dispatcher import Dispatcher
@@ -132,12 +132,33 @@ class LLMUtils:
 
     Both work on the class and on an instance."""
 
-    analyze_multiple_restaurants_vllm = staticmethod(analyze_restaurants)
+    if TYPE_CHECKING:
+        # What the aliases below are, spelled out: type checkers see a staticmethod
+        # object's type where callers get its function, and stubtest checks these
+        # signatures against the runtime ones (so they cannot drift).
+        @staticmethod
+        async def analyze_multiple_restaurants_vllm(
+                restaurants_data: Sequence[Dict[str, Any]], *,
+                dispatcher: Optional[Dispatcher] = None, base_url: Optional[str] = None,
+                api_key: Optional[str] = None, model: Optional[str] = None,
+                text_field: Optional[str] = None, id_field: str = "restaurant_id",
+                prompt_template: Optional[str] = None,
+                max_tokens_per_batch: Optional[int] = None,
+                max_batch_size: Optional[int] = None, max_concurrent: Optional[int] = None,
+                max_inflight_tokens: TokenCap = "auto", max_retries: Optional[int] = None,
+                max_tokens: int = ANSWER_MAX_TOKENS, chat: bool = False,
+                extra_body: Optional[Dict[str, Any]] = None,
+                priority: Optional[bool] = None) -> List[Dict[str, Any]]: ...
+
+        @staticmethod
+        def calculate_dynamic_batch_size(reviews: Sequence[str],
+                                         max_tokens_per_batch: Optional[int] = None) -> int: ...
+    else:
+        analyze_multiple_restaurants_vllm = staticmethod(analyze_restaurants)
+        calculate_dynamic_batch_size = staticmethod(Config.calculate_dynamic_batch_size)
 
     @staticmethod
     async def _generate_with_vllm(prompts: Any, temperature: float = 0.1,
                                   max_tokens: int = 100, **kw: Any) -> Tuple[List[str], Dict[str, Any]]:
         from ..compat import generate_with_vllm
         return await generate_with_vllm(prompts, temperature, max_tokens, **kw)
-
-    calculate_dynamic_batch_size = staticmethod(Config.calculate_dynamic_batch_size)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
-from .._native import BatchgateError
+from .._native import BatchgateError, Result
 from .._redact import redact
 from ..config import Config
 from ..dispatcher import Dispatcher, _messages_json
@@ -51,7 +51,8 @@ class DispatchStats:
 
 
 def make_dispatcher(base_url: str, *, api_key: Optional[str] = None, model: Optional[str] = None,
-                    max_concurrent: int, max_inflight_tokens: Optional[int] = None,
+                    max_concurrent: int,
+                    max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
                     max_retries: int, timeout: float = 600.0, backoff: float = 0.5) -> Dispatcher:
     return Dispatcher(base_url, api_key, model, max_concurrent=max_concurrent,
                       max_inflight_tokens=max_inflight_tokens, max_retries=max_retries,
@@ -180,6 +181,7 @@ async def dispatch_batches(dispatcher: Dispatcher, batches: Sequence[Batch], tem
         async def worker() -> None:
             for b in it:
                 prompt = next(prompts)
+                r: Union[Result, BatchgateError]
                 try:
                     if chat:
                         r = await dispatcher._one(True, prompt, dict(body, priority=b.priority))

@@ -26,8 +26,9 @@ def preflight(base_url: str, api_key: Optional[str], timeout: float = 5.0
     url, basic = split_userinfo(base_url)  # urllib takes no credentials from URLs
     shown = redact_url(base_url).rstrip("/")
     req = urllib.request.Request(url.rstrip("/") + "/models")
-    if api_key or basic:
-        req.add_header("Authorization", f"Bearer {api_key}" if api_key else basic)
+    auth = f"Bearer {api_key}" if api_key else basic
+    if auth:
+        req.add_header("Authorization", auth)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             data = json.loads(resp.read())
@@ -64,8 +65,9 @@ def server_kv_tokens(base_url: str, api_key: Optional[str], timeout: float = 5.0
     url, basic = split_userinfo(base_url)
     u = urlsplit(url)
     req = urllib.request.Request(f"{u.scheme}://{u.netloc}/metrics")
-    if api_key or basic:
-        req.add_header("Authorization", f"Bearer {api_key}" if api_key else basic)
+    auth = f"Bearer {api_key}" if api_key else basic
+    if auth:
+        req.add_header("Authorization", auth)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             text = resp.read().decode("utf-8", "replace")

@@ -234,7 +234,7 @@ class Engine:
     def kv_cache_usage(self) -> float:
         return (self.num_blocks - self.free_blocks) / self.num_blocks
 
-    def stats(self) -> Dict[str, float]:
+    def stats(self) -> Dict[str, Optional[float]]:
         return {
             "num_requests_running": len(self.running),
             "num_requests_waiting": len(self.waiting),
@@ -260,7 +260,7 @@ class Engine:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -282,6 +282,8 @@ class Engine:
         self.waiting.append(seq)
         if len(self.waiting) > self.peak_waiting:
             self.peak_waiting = len(self.waiting)
+        if self._wake is None:
+            raise RuntimeError("Engine.submit() before start()")
         self._wake.set()
 
     def abort(self, seq: Sequence) -> None:
@@ -420,9 +422,8 @@ class Engine:
         self.timeline.record(now, kv, nrun, nwait, self.num_preemptions,
                              self.num_oom_errors, force)
 
-    async def _run(self) -> None:
+    async def _run(self, wake: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        wake = self._wake
         sleep = asyncio.sleep
         clock = time.monotonic
         while True:
