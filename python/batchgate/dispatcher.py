@@ -139,6 +139,9 @@ class Dispatcher:
                  kv_target: float = 0.85, kv_high: float = 0.92) -> None:
         if isinstance(base_url, (list, tuple)) and len(base_url) == 1:
             base_url = base_url[0]  # one endpoint: the plain engine
+        if base_url is not None and not isinstance(base_url, str):
+            raise TypeError(f"base_url must be a str or a list of str, not "
+                            f"{type(base_url).__name__}")
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
         if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env

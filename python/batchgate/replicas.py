@@ -349,6 +349,8 @@ class ReplicaDispatcher(Dispatcher):
     """What ``Dispatcher(base_url=[...])`` returns: the Dispatcher API over
     several endpoints (see the module doc). Caps are per endpoint."""
 
+    _root: "ReplicaDispatcher"  # views made by with_options() share their root's state
+
     def __init__(self, base_url: Any = None, api_key: Optional[str] = None,  # noqa: no super
                  model: Optional[str] = None, **kwargs: Any) -> None:
         import os
@@ -472,7 +474,7 @@ class ReplicaDispatcher(Dispatcher):
                 if now >= ep.down_until:
                     self._spawn(loop, self._probe(ep, True))
                 continue
-            s = ep.d._core.stats()
+            s: Dict[str, Any] = ep.d._core.stats()
             a = s.get("admission")
             if a:
                 lim = a.get("limit_blocks") or 0
