@@ -9,7 +9,8 @@ Modes (same prompts, same per-replica cap ``--max-concurrent``):
   replicas  Dispatcher([url0, url1, url2]).map(prompts): each replica pulls prompts
             when its window has room
   by-hand   three Dispatchers, each map()s its third of the prompts (asyncio.gather)
-  single    one Dispatcher on replica 0 only (the one-server baseline)
+  single    one Dispatcher on the last replica only (a normal-speed one: the
+            one-server baseline)
 
 Scenarios: ``equal`` (three replicas with the same step time) and ``skewed``
 (replica 0 ``--slow-factor`` times slower per engine step, e.g. an older GPU or a
@@ -92,7 +93,7 @@ async def run_mode(mode: str, urls: List[str], prompts: List[str], cap: int,
         res = [r for o in outs for r in o]
         shares = [len(p) for p in parts]
     else:
-        async with Dispatcher(urls[0], **kw) as d:
+        async with Dispatcher(urls[-1], **kw) as d:  # a normal-speed one
             res = await d.map(prompts, max_tokens=max_tokens)
         shares = [len(prompts)]
     wall = time.perf_counter() - t0
