@@ -314,3 +314,17 @@ def test_run_command_takes_several_base_urls(tmp_path, three):
     check_results(out, corpus)
     done = [s.stats()["finished"] for s in servers]
     assert all(n > 0 for n in done), done  # all three replicas served
+
+
+def test_sync_dispatcher_over_replicas_leaves_no_task_behind(three, caplog):
+    import gc
+    _, urls = three
+    with caplog.at_level(logging.ERROR, "asyncio"):
+        with batchgate.SyncDispatcher(urls, max_concurrent=4, model=MODEL) as d:
+            res = d.map([prompt(i) for i in range(40)], max_tokens=64)
+            check_answer(99, d.generate(prompt(99), max_tokens=64))
+            assert sorted(e["delivered"] > 0 for e in d.stats()["endpoints"]) == [True] * 3
+        gc.collect()
+    for i, r in enumerate(res):
+        check_answer(i, r)
+    assert not [m for m in caplog.messages if "destroyed" in m], caplog.messages

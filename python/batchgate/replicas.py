@@ -486,11 +486,13 @@ class ReplicaDispatcher(Dispatcher):
                 self._spawn(loop, self._probe(ep, False))
             ep.seen = seen
 
-    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> None:
-        # The loop keeps only weak references to tasks: hold probes until done.
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> "asyncio.Task[Any]":
+        # The loop keeps only weak references to tasks: hold them until done
+        # (and aclose() waits for them).
         t = loop.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def _watch(self) -> None:
         try:
@@ -501,17 +503,22 @@ class ReplicaDispatcher(Dispatcher):
                 except Exception:  # a closing engine: the next call sees ClosedError
                     log.debug("replicas: health tick failed", exc_info=True)
         finally:
-            self._monitor = None
+            if self._monitor is asyncio.current_task():
+                self._monitor = None
 
     def _enter(self) -> None:
         root = self._root  # views share the root's monitor
         root._active += 1
         if root._monitor is None:
             root._tick()  # probe due endpoints now, before routing
-            root._monitor = asyncio.get_running_loop().create_task(root._watch())
+            root._monitor = root._spawn(asyncio.get_running_loop(), root._watch())
 
     def _leave(self) -> None:
-        self._root._active -= 1
+        root = self._root
+        root._active -= 1
+        if root._active == 0 and root._monitor is not None:
+            root._monitor.cancel()  # idle: nothing to watch (the next call starts one)
+            root._monitor = None
 
     def _pick(self, tried: Set[int]) -> Optional[_Endpoint]:
         eps = self._eps
@@ -664,17 +671,40 @@ class ReplicaDispatcher(Dispatcher):
         totals["endpoints"] = eps
         return totals
 
+    def _stop_tasks(self) -> List["asyncio.Task[Any]"]:
+        root = self._root
+        ts = list(root._tasks)  # probes and the monitor
+        root._monitor = None
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for t in ts:
+            lp = t.get_loop()
+            if lp is running:
+                t.cancel()
+            elif not lp.is_closed():
+                try:
+                    lp.call_soon_threadsafe(t.cancel)
+                except RuntimeError:  # closed meanwhile
+                    pass
+        return [t for t in ts if t.get_loop() is running]
+
     async def aclose(self, *, wait: bool = False) -> None:
         for ep in self._root._eps:
             await ep.d.aclose(wait=wait)
         self._root._closed = True
         self._closed = True
+        mine = self._stop_tasks()
+        if mine:  # let them finish here, not at the loop's end
+            await asyncio.gather(*mine, return_exceptions=True)
 
     def close(self) -> None:
         root = self._root
         root._closed = self._closed = True
         for ep in root._eps:
             ep.d.close()
+        self._stop_tasks()
 
     async def __aenter__(self) -> "ReplicaDispatcher":
         self._check()
