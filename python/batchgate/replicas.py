@@ -31,6 +31,14 @@ there. Prefix-cache-aware routing (SGLang's cache_aware) would need the
 prompts' shared prefixes; batch jobs rarely share long ones, so it is left
 out.
 
+Caps and options are per endpoint: ``max_concurrent``, ``max_inflight_tokens``
+(a number, or ``"auto"`` on each server's own metrics) and ``window`` (by
+default each endpoint's cap plus half of it, at least 8: what an endpoint
+holds unsent is what a faster one cannot take at the end of a job). A
+``semaphore`` passed in is shared by every endpoint's engine (a total cap);
+without one, ``d.semaphore`` is None (the per-endpoint semaphores are each
+endpoint's own).
+
 Health. A refused connection (seen in a result, or found by a TCP probe when
 an endpoint's requests keep retrying without finishing) ejects the endpoint
 at once; a streak of ``EJECT_STREAK`` failures (transport errors, timeouts or
