@@ -28,6 +28,11 @@ directive inside the prompt (or last message), e.g. "hello [[status=503,times=2]
                      choice_str finish_int usage_str error200 (message from msg=)
                      trailing (a valid answer followed by garbage)
 
+POST /tokenize (vLLM's, at the server root) answers {"count", "max_model_len",
+"tokens"} with one token per whitespace-separated word of "prompt" (or of the
+messages' contents), honouring delay= and status= directives; FakeVLLM(tokenize=
+False) (or --no-tokenize) answers 404 there, like an OpenAI server.
+
 Statistics (max concurrency seen, per-request attempt counts, ...) come from
 FakeVLLM.stats() in-process or GET /_stats; POST /_reset clears them.
 
@@ -111,13 +116,14 @@ class _Stats:
 
 class FakeVLLM:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, tokenize: bool = True) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fake server listens on loopback only")
         self.host = host
         self.port = port
         self.latency = latency
         self.api_key = api_key
+        self.tokenize = tokenize
         self._stats = _Stats()
         self._server: Optional[asyncio.AbstractServer] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -274,6 +280,8 @@ class FakeVLLM:
         if path == "/v1/models":
             await self._send(writer, 200, {"object": "list", "data": [{"id": "fake"}]})
             return True
+        if method == "POST" and path == "/tokenize" and self.tokenize:
+            return await self._tokenize(path, body, writer)
         if method != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
             await self._send(writer, 404, {"error": {"message": f"no route {method} {path}"}})
             return True
@@ -326,6 +334,44 @@ class FakeVLLM:
             with st.lock:
                 st.in_flight -= 1
                 st.in_flight_tokens -= weight
+
+    async def _tokenize(self, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        st = self._stats
+        try:
+            req = json.loads(body)
+        except ValueError:
+            await self._send(writer, 400, {"error": {"message": "request body is not JSON"}})
+            return True
+        if "messages" in req:
+            text = " ".join(str(m.get("content", "")) for m in req["messages"])
+        else:
+            text = req.get("prompt")
+        if not isinstance(text, str):
+            await self._send(writer, 400, {"error": {"message": "prompt must be a str"}})
+            return True
+        d = parse_directives(text)
+        with st.lock:
+            st.requests += 1
+            st.by_path[path] += 1
+            st.counts[text] += 1
+            st.in_flight += 1
+            st.max_in_flight = max(st.max_in_flight, st.in_flight)
+            st.last_body = req
+        try:
+            delay = float(d.get("delay", self.latency))
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if "status" in d:
+                await self._send(writer, int(d["status"]),
+                                 {"error": {"message": d.get("msg", "fake tokenize error")}})
+                return True
+            n = len(text.split())
+            await self._send(writer, 200, {"count": n, "max_model_len": 4096,
+                                           "tokens": list(range(n))})
+            return True
+        finally:
+            with st.lock:
+                st.in_flight -= 1
 
     async def _answer(self, writer, reader, chat, req, prompts, n, d, attempt) -> bool:
         delay = float(d.get("delay", self.latency))
@@ -475,8 +521,10 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--latency", type=float, default=0.0)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--no-tokenize", action="store_true")
     args = ap.parse_args(argv)
-    srv = FakeVLLM(port=args.port, latency=args.latency, api_key=args.api_key)
+    srv = FakeVLLM(port=args.port, latency=args.latency, api_key=args.api_key,
+                   tokenize=not args.no_tokenize)
 
     async def run() -> None:
         await srv.start()

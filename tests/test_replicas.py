@@ -328,3 +328,14 @@ def test_sync_dispatcher_over_replicas_leaves_no_task_behind(three, caplog):
     for i, r in enumerate(res):
         check_answer(i, r)
     assert not [m for m in caplog.messages if "destroyed" in m], caplog.messages
+
+
+def test_count_tokens_asks_a_replica(three):
+    _, urls = three
+
+    async def go():
+        texts = [prompt(i) for i in range(5)]
+        async with Dispatcher(urls, model=MODEL) as d, Dispatcher(urls[0], model=MODEL) as one:
+            return await d.count_tokens(texts), await one.count_tokens(texts)
+    many, one = asyncio.run(go())
+    assert many == one and all(n > 0 for n in many)

@@ -328,18 +328,28 @@ static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nar
     return (PyObject *)obj;
 }
 
-/* submit(mode, chat, source, template, future, window, return_exceptions,
- *        count_preheld=False) -> _Job
+/* submit(mode, kind, source, template, future, window, return_exceptions,
+ *        count_preheld=False, prompt_counts=None) -> _Job
+ * prompt_counts: a list of int, the exact prompt tokens of each input item
+ * (item i charged with prompt_counts[i] instead of the estimate).
+ * kind: 0 (or False) completions, 1 (True) chat, 2 (TOKENIZE) vLLM's /tokenize
+ * with one str per item, 3 (TOKENIZE_CHAT) its chat form (messages JSON per
+ * item); their results are the counts (int). Tokenize requests
+ * take count permits only: never token-budget or admission ones.
  * ONE: source is the prompt (or messages JSON); MAP/STREAM: an iterator.
  * count_preheld: the caller holds one count permit per window slot already. */
 static PyObject *core_submit(Core *self, PyObject *args)
 {
     int mode, chat, return_exceptions, count_preheld = 0;
-    PyObject *source, *tmpl, *fut;
+    PyObject *source, *tmpl, *fut, *counts = Py_None;
     Py_ssize_t window;
-    if (!PyArg_ParseTuple(args, "ipOOOnp|p", &mode, &chat, &source, &tmpl, &fut, &window,
-                          &return_exceptions, &count_preheld))
+    if (!PyArg_ParseTuple(args, "iiOOOnp|pO", &mode, &chat, &source, &tmpl, &fut, &window,
+                          &return_exceptions, &count_preheld, &counts))
         return NULL;
+    if (counts != Py_None && !PyList_Check(counts)) {
+        PyErr_SetString(PyExc_TypeError, "prompt_counts must be a list of int or None");
+        return NULL;
+    }
     if (core_check(self) < 0)
         return NULL;
     bg_state *st = self->st;
@@ -349,6 +359,10 @@ static PyObject *core_submit(Core *self, PyObject *args)
     }
     if (mode < JOB_ONE || mode > JOB_STREAM) {
         PyErr_SetString(PyExc_ValueError, "bad job mode");
+        return NULL;
+    }
+    if (chat < 0 || chat > 3) {
+        PyErr_SetString(PyExc_ValueError, "bad request kind");
         return NULL;
     }
     if (mode == JOB_ONE)
@@ -366,7 +380,8 @@ static PyObject *core_submit(Core *self, PyObject *args)
     j->tmpl = ((Template *)tmpl)->tmpl;
     j->opts = ((Template *)tmpl)->opts;
     j->mode = mode;
-    j->endpoint = chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->endpoint = chat >= 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->tok_chat = chat == 3;
     j->group = ++self->next_id;
     j->window = window;
     j->return_exceptions = return_exceptions;
@@ -381,6 +396,30 @@ static PyObject *core_submit(Core *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < window; i++)
         j->free_slots[i] = &j->slots[window - 1 - i];
+    if (counts != Py_None) {
+        Py_ssize_t nc = PyList_GET_SIZE(counts);
+        j->prompt_counts = malloc((size_t)(nc ? nc : 1) * sizeof(int64_t));
+        if (!j->prompt_counts) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nc; i++) {
+            PyObject *o = PyList_GET_ITEM(counts, i);
+            if (!PyLong_Check(o)) { /* no __index__: nothing may run and edit the list */
+                PyErr_Format(PyExc_TypeError, "prompt_counts[%zd] must be an int", i);
+                goto fail;
+            }
+            long long v = PyLong_AsLongLong(o);
+            if (v == -1 && PyErr_Occurred())
+                goto fail;
+            if (v < 0) {
+                PyErr_Format(PyExc_ValueError, "prompt_counts[%zd] must be >= 0", i);
+                goto fail;
+            }
+            j->prompt_counts[i] = (int64_t)v;
+        }
+        j->n_prompt_counts = nc;
+    }
     j->nfree = window;
     if (mode == JOB_ONE) {
         j->source = Py_NewRef(source);
@@ -716,7 +755,7 @@ static PyMethodDef core_methods[] = {
     {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
      "template($self, model, params_json, options=None, /)\n--\n\n"},
     {"submit", (PyCFunction)core_submit, METH_VARARGS,
-     "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, /)\n--\n\n"},
+     "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, prompt_counts=None, /)\n--\n\n"},
     {"close", (PyCFunction)(void (*)(void))core_close, METH_FASTCALL,
      "close($self, drop=False, /)\n--\n\n"},
     {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats($self, /)\n--\n\n"},
@@ -833,7 +872,9 @@ int bg_dispatcher_exec(PyObject *module, bg_state *st)
         return -1;
     if (PyModule_AddIntConstant(module, "JOB_ONE", JOB_ONE) < 0 ||
         PyModule_AddIntConstant(module, "JOB_MAP", JOB_MAP) < 0 ||
-        PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0)
+        PyModule_AddIntConstant(module, "JOB_STREAM", JOB_STREAM) < 0 ||
+        PyModule_AddIntConstant(module, "KIND_TOKENIZE", 2) < 0 ||
+        PyModule_AddIntConstant(module, "KIND_TOKENIZE_CHAT", 3) < 0)
         return -1;
     return 0;
 }

@@ -88,6 +88,10 @@ struct Job {
     PyObject *fut;        /* ONE/MAP: the caller's future; STREAM: armed waiter */
     int return_exceptions;
     int count_preheld;    /* requests ride on count permits the submitting task holds */
+    int tok_chat;         /* BG_EP_TOKENIZE of messages (items are messages JSON) */
+    int64_t *prompt_counts; /* exact prompt tokens per input item (the server's
+                               /tokenize), NULL: the estimator; malloc'd */
+    Py_ssize_t n_prompt_counts;
     int finished;         /* outcome delivered (ONE/MAP) or stream ended */
     int cancelled;
     int holding_self;     /* a self-reference while items are in the engine */

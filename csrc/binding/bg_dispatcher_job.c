@@ -171,6 +171,7 @@ static void job_dealloc(Job *self)
     }
     free(self->slots);
     free(self->free_slots);
+    free(self->prompt_counts);
     job_clear(self);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -206,7 +207,7 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
         if (c->tokens)
             est = (int64_t)bg_estimate_ucs(PyUnicode_DATA(x), (size_t)PyUnicode_GET_LENGTH(x),
                                            PyUnicode_KIND(x), BG_EST_SCRIPT);
-        if (j->endpoint == BG_EP_CHAT) {
+        if (j->endpoint == BG_EP_CHAT || j->tok_chat) {
             it->r.messages_json = p;
             it->r.messages_len = (size_t)n;
             it->r.prompts = NULL;
@@ -291,6 +292,8 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
         return -1;
     }
 filled:
+    if (j->prompt_counts && index < j->n_prompt_counts)
+        est = j->prompt_counts[index]; /* the server's own count replaces the estimate */
     if (c->tokens) {
         int64_t mt = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens : c->default_max_tokens;
         int64_t w;
@@ -533,8 +536,12 @@ void bg_job_item_done(Job *j, DItem *it)
     int ok = r->kind == BG_RES_OK;
     if (r->attempts > 1)
         log_retries(r, j->mode == JOB_ONE ? -1 : it->index);
-    PyObject *obj = ok ? bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache)
-                       : bg_result_error(st, r, it->index, j->mode != JOB_ONE);
+    PyObject *obj = !ok ? NULL
+                    : j->endpoint == BG_EP_TOKENIZE
+                        ? PyLong_FromLongLong((long long)r->tok_count) /* the server's count */
+                        : bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache);
+    if (!ok)
+        obj = bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;
     bg_job_item_release(j, it);
     if (!obj) {

@@ -260,7 +260,7 @@ void bgh_advance(bg_engine *e, bg_request *r)
         bgh_finish(e, r, r->cancel_kind);
         return;
     }
-    if (e->cfg.token_sem && !r->held_tokens) {
+    if (e->cfg.token_sem && !r->held_tokens && r->endpoint != BG_EP_TOKENIZE) {
         bg_sem_waiter_init(&r->w_tokens, r->weight_taken, on_grant, r);
         r->state = ST_WAIT_TOKENS;
         int rc = bg_sem_acquire_async(e->cfg.token_sem, &r->w_tokens);
@@ -354,7 +354,7 @@ static void intake(bg_engine *e, bg_request *r)
     if (cap > 0 && w > cap)
         w = cap; /* bigger than the budget: runs alone instead of never */
     r->weight_taken = w;
-    if (e->cfg.admit)
+    if (e->cfg.admit && r->endpoint != BG_EP_TOKENIZE)
         bgh_admit_enqueue(e, r); /* charged when it reaches the head */
     else
         bgh_advance(e, r);
@@ -462,7 +462,7 @@ static void *engine_main(void *arg)
         while (e->backoff.head && e->backoff.head->due_ns <= t) {
             bg_request *r = e->backoff.head;
             list_unlink(&e->backoff, r);
-            if (e->cfg.admit && !r->cancel_req)
+            if (e->cfg.admit && !r->cancel_req && r->endpoint != BG_EP_TOKENIZE)
                 bgh_admit_enqueue(e, r); /* a retry is charged again, at the head */
             else
                 bgh_advance(e, r);
@@ -526,6 +526,22 @@ static char *join_url(const char *base, const char *path)
     return u;
 }
 
+/* vLLM serves /tokenize at the server root, not under /v1. */
+static char *tokenize_url_of(const char *base)
+{
+    size_t bl = strlen(base);
+    while (bl && base[bl - 1] == '/')
+        bl--;
+    if (bl >= 3 && memcmp(base + bl - 3, "/v1", 3) == 0)
+        bl -= 3;
+    char *u = malloc(bl + sizeof("/tokenize"));
+    if (!u)
+        return NULL;
+    memcpy(u, base, bl);
+    memcpy(u + bl, "/tokenize", sizeof("/tokenize"));
+    return u;
+}
+
 bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen)
 {
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto fail; } while (0)
@@ -550,9 +566,12 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     e->base_url = strdup(cfg->base_url);
     e->url_completions = join_url(cfg->base_url, "/completions");
     e->url_chat = join_url(cfg->base_url, "/chat/completions");
-    if (!e->base_url || !e->url_completions || !e->url_chat)
+    e->url_tokenize = cfg->tokenize_url && cfg->tokenize_url[0] ? strdup(cfg->tokenize_url)
+                                                                 : tokenize_url_of(cfg->base_url);
+    if (!e->base_url || !e->url_completions || !e->url_chat || !e->url_tokenize)
         FAIL("out of memory");
     e->cfg.base_url = e->base_url;
+    e->cfg.tokenize_url = e->url_tokenize;
     e->cfg.api_key = NULL; /* only the header keeps it */
     e->cfg.headers = NULL;
     e->cfg.n_headers = 0;
@@ -644,6 +663,7 @@ fail:
     free(e->base_url);
     free(e->url_completions);
     free(e->url_chat);
+    free(e->url_tokenize);
     free(e);
     return NULL;
 #undef FAIL
@@ -668,6 +688,7 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
         r->t_first_send_ns = r->t_done_ns = 0;
         r->easy = NULL;
         r->body = NULL;
+        r->tok_count = r->tok_max_model_len = -1;
         r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
         r->hnext = NULL;
     }
@@ -763,6 +784,7 @@ void bg_engine_destroy(bg_engine *e)
     free(e->base_url);
     free(e->url_completions);
     free(e->url_chat);
+    free(e->url_tokenize);
     free(e);
 }
 

@@ -51,7 +51,8 @@ struct bg_request {
     bool prompt_as_list;  /* send "prompt": [..] even for one prompt */
     const char *messages_json; /* chat: borrowed serialized JSON array */
     size_t messages_len;
-    int64_t token_weight; /* permits taken from the token sem (clamped to its cap) */
+    int64_t token_weight; /* permits taken from the token sem (clamped to its cap);
+                             BG_EP_TOKENIZE takes none (nor admission): count only */
     bool count_preheld;   /* the submitter already holds a count permit for this request
                              (a task inside `async with sem`): never take or release one */
     void *user;           /* caller's data, untouched */
@@ -69,6 +70,8 @@ struct bg_request {
                              for BG_RES_HTTP the server's message only */
     int attempts;         /* transfers started */
     bg_resp resp;         /* BG_RES_OK: parsed choices and usage */
+    int64_t tok_count;    /* BG_EP_TOKENIZE, BG_RES_OK: the server's "count" */
+    int64_t tok_max_model_len; /* BG_EP_TOKENIZE: "max_model_len", -1 if absent */
     int64_t t_submit_ns, t_first_send_ns, t_done_ns; /* CLOCK_MONOTONIC */
     char *raw;            /* BG_RES_OK with opts->keep_raw: the answer's bytes, owned */
     size_t raw_len;
@@ -100,6 +103,8 @@ typedef void (*bg_done_fn)(bg_request *r, void *ctx);
 
 typedef struct {
     const char *base_url;   /* e.g. "http://127.0.0.1:8000/v1" */
+    const char *tokenize_url; /* NULL: the server root of base_url (a trailing /v1
+                                 dropped) + "/tokenize", where vLLM serves it */
     const char *api_key;    /* NULL: no Authorization header */
     const char *const *headers; /* "Name: value" lines */
     size_t n_headers;

@@ -43,7 +43,7 @@ struct bg_req_opts {
     int max_retries;
     bool keep_raw;
     struct curl_slist *headers;       /* engine's merged with the call's, or NULL */
-    char *url_completions, *url_chat; /* with the query, or NULL */
+    char *url_completions, *url_chat, *url_tokenize; /* with the query, or NULL */
 };
 
 /* A response body with a size bound (bg_http_admit.c). */
@@ -56,7 +56,7 @@ typedef struct {
 struct bg_engine {
     bg_engine_config cfg; /* string fields point into owned copies below */
     char *base_url, *api_key;
-    char *url_completions, *url_chat;
+    char *url_completions, *url_chat, *url_tokenize;
     struct curl_slist *headers;
     CURLM *multi;
     pthread_t thread;

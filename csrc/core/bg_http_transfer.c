@@ -133,7 +133,7 @@ void bgh_easy_put(bg_engine *e, bg_easy *x)
 void bgh_start_transfer(bg_engine *e, bg_request *r)
 {
     if (!r->body) {
-        if (r->endpoint == BG_EP_CHAT)
+        if (r->endpoint == BG_EP_CHAT || (r->endpoint == BG_EP_TOKENIZE && r->messages_json))
             r->body = bg_json_chat_body(r->tmpl, r->messages_json, r->messages_len, &r->body_len);
         else
             r->body = bg_json_completions_body(r->tmpl, r->prompts, r->n_prompts,
@@ -153,9 +153,13 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
     CURL *h = x->h;
     /* Handles are pooled across requests with different options: set them every time. */
     const bg_req_opts *o = r->opts;
-    const char *url = r->endpoint == BG_EP_CHAT ? e->url_chat : e->url_completions;
+    const char *url = r->endpoint == BG_EP_CHAT       ? e->url_chat
+                      : r->endpoint == BG_EP_TOKENIZE ? e->url_tokenize
+                                                      : e->url_completions;
     if (o && o->url_chat)
-        url = r->endpoint == BG_EP_CHAT ? o->url_chat : o->url_completions;
+        url = r->endpoint == BG_EP_CHAT       ? o->url_chat
+              : r->endpoint == BG_EP_TOKENIZE ? o->url_tokenize
+                                              : o->url_completions;
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, o && o->headers ? o->headers : e->headers);
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, bgh_timeout_ms(e, r));
@@ -289,6 +293,19 @@ void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
     if (status >= 200 && status < 300) {
         /* Permits go back before parsing so the next request starts meanwhile. */
         bgh_release_permits(e, r);
+        if (r->endpoint == BG_EP_TOKENIZE) {
+            char terr[256];
+            int trc = bg_json_parse_tokenize(x->buf ? x->buf : "", x->len, &r->tok_count,
+                                             &r->tok_max_model_len, terr, sizeof(terr));
+            bgh_easy_put(e, x);
+            if (trc < 0) {
+                bgh_set_message(r, "%s", terr);
+                bgh_finish(e, r, BG_RES_MALFORMED);
+            } else {
+                bgh_finish(e, r, BG_RES_OK);
+            }
+            return;
+        }
         size_t expected = 0;
         if (r->endpoint == BG_EP_COMPLETIONS)
             expected = r->n_prompts * (size_t)r->tmpl->n_per_prompt;
@@ -403,7 +420,8 @@ headers_done:
         }
         o->url_completions = url_with_query(e->url_completions, spec->query);
         o->url_chat = url_with_query(e->url_chat, spec->query);
-        if (!o->url_completions || !o->url_chat) {
+        o->url_tokenize = url_with_query(e->url_tokenize, spec->query);
+        if (!o->url_completions || !o->url_chat || !o->url_tokenize) {
             snprintf(err, errlen, "out of memory");
             goto fail;
         }
@@ -426,5 +444,6 @@ void bg_req_opts_free(bg_req_opts *o)
     }
     free(o->url_completions);
     free(o->url_chat);
+    free(o->url_tokenize);
     free(o);
 }

@@ -24,6 +24,7 @@ extern "C" {
 enum bg_endpoint {
     BG_EP_COMPLETIONS = 0, /* POST {base}/completions, "prompt" */
     BG_EP_CHAT = 1,        /* POST {base}/chat/completions, "messages" */
+    BG_EP_TOKENIZE = 2,    /* POST {server root}/tokenize, "prompt" or "messages" (vLLM) */
 };
 
 /* Shared, immutable body template: the caller's fields serialized once.
@@ -115,6 +116,13 @@ typedef struct {
 int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                            size_t expected, bg_resp *out, char *err, size_t errlen);
 void bg_resp_free(bg_resp *r);
+
+/* vLLM's /tokenize answer, {"count": n, "max_model_len": m, "tokens": [...],
+ * ...}: strict JSON, one object. *count gets "count" (or the length of
+ * "tokens" if the server sent no count); *max_model_len gets
+ * "max_model_len", -1 if absent. Returns 0, or -1 with a message in err. */
+int bg_json_parse_tokenize(const char *body, size_t len, int64_t *count,
+                           int64_t *max_model_len, char *err, size_t errlen);
 
 /* cJSON_ParseWithLengthOpts (no NUL required, trailing data allowed; *end,
  * if given, is where parsing stopped or failed) under a process-wide lock

@@ -408,6 +408,95 @@ fail:
     return -1;
 }
 
+/* ---- /tokenize -------------------------------------------------------- */
+
+/* A non-negative integer member (count, max_model_len). */
+static int tok_int(bg_js *js, const char *name, int64_t *out, char *err, size_t errlen)
+{
+    int t = bg_js_peek(js);
+    if (t != BG_JT_NUM) {
+        if (t != BG_JT_ERR && bg_js_skip(js) == 0)
+            bg_json_errf(err, errlen, "tokenize response: \"%s\" must be an integer, got %s",
+                         name, bg_jt_name(t));
+        return -1;
+    }
+    int rc = bg_js_int(js, out);
+    if (rc == 0 && *out >= 0)
+        return 0;
+    if (rc >= 0)
+        bg_json_errf(err, errlen, "tokenize response: \"%s\" must be a non-negative integer",
+                     name);
+    return -1;
+}
+
+int bg_json_parse_tokenize(const char *body, size_t len, int64_t *count,
+                           int64_t *max_model_len, char *err, size_t errlen)
+{
+    bg_js js;
+    bg_buf key = {0};
+    int64_t n_tokens = -1;
+    *count = -1;
+    *max_model_len = -1;
+    err[0] = '\0';
+    bg_js_init(&js, body, len);
+    int t = bg_js_peek(&js);
+    int m = -1;
+    if (t != BG_JT_OBJ) {
+        if (t != BG_JT_ERR && bg_js_skip(&js) == 0 && bg_js_finish(&js) == 0)
+            bg_json_errf(err, errlen, "tokenize response must be a JSON object, got %s",
+                         bg_jt_name(t));
+        goto fail;
+    }
+    for (m = bg_js_obj_first(&js, &key); m == 1; m = bg_js_obj_more(&js, &key)) {
+        int rc;
+        if (bg_js_key_is(&key, "count")) {
+            rc = tok_int(&js, "count", count, err, errlen);
+        } else if (bg_js_key_is(&key, "max_model_len")) {
+            rc = bg_js_peek(&js) == BG_JT_NULL ? bg_js_skip(&js)
+                                                : tok_int(&js, "max_model_len", max_model_len,
+                                                          err, errlen);
+        } else if (bg_js_key_is(&key, "tokens") && bg_js_peek(&js) == BG_JT_ARR) {
+            /* Only counted (the ids are not needed), still validated. */
+            n_tokens = 0;
+            int a;
+            for (a = bg_js_arr_first(&js); a == 1; a = bg_js_arr_more(&js)) {
+                if (bg_js_skip(&js) < 0)
+                    break;
+                n_tokens++;
+            }
+            rc = a < 0 || js.err ? -1 : 0;
+        } else {
+            rc = bg_js_skip(&js);
+        }
+        if (rc < 0)
+            goto fail;
+    }
+    if (m < 0 || bg_js_finish(&js) < 0)
+        goto fail;
+    if (*count < 0)
+        *count = n_tokens;
+    if (*count < 0) {
+        bg_json_errf(err, errlen, "tokenize response has no \"count\" (is this vLLM's /tokenize?)");
+        goto fail;
+    }
+    bg_buf_free(&key);
+    return 0;
+fail:
+    if (!err[0]) {
+        char snippet[41];
+        size_t k = 0;
+        for (; k < 40 && k < len; k++)
+            snippet[k] = (body[k] >= 0x20 && body[k] < 0x7f) ? body[k] : '?';
+        snippet[k] = '\0';
+        bg_json_errf(err, errlen,
+                     "tokenize response is not JSON (%s at byte %zu of %zu; starts with \"%s\")",
+                     js.err ? js.err : "bad value", bg_js_offset(&js), len, snippet);
+    }
+    bg_buf_free(&key);
+    *count = -1;
+    return -1;
+}
+
 /* ---- error bodies ----------------------------------------------------- */
 
 /* At most max_len bytes of s, control characters as spaces, never ending

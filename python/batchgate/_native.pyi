@@ -1,7 +1,7 @@
 from types import TracebackType
 from builtins import TimeoutError as builtins_TimeoutError
 from typing import (Any, Callable, Coroutine, Dict, List, Literal, Optional, Sequence, Tuple,
-                    Type, final)
+                    Type, Union, final)
 
 from typing_extensions import disjoint_base
 
@@ -96,6 +96,8 @@ class ClosedError(BatchgateError): ...
 JOB_ONE: int
 JOB_MAP: int
 JOB_STREAM: int
+KIND_TOKENIZE: int
+KIND_TOKENIZE_CHAT: int
 
 @final
 class Result:
@@ -189,8 +191,9 @@ class _Dispatcher:
         options: Optional[Tuple[int, int, Tuple[str, ...], Optional[str], bool]] = None, /,
     ) -> _Template: ...
     def submit(
-        self, mode: int, chat: bool, source: Any, template: _Template, future: Any,
-        window: int, return_exceptions: bool, count_preheld: bool = False, /,
+        self, mode: int, chat: Union[bool, int], source: Any, template: _Template, future: Any,
+        window: int, return_exceptions: bool, count_preheld: bool = False,
+        prompt_counts: Optional[List[int]] = None, /,
     ) -> _Job: ...
     def close(self, drop: bool = False, /) -> None: ...
     def stats(self, /) -> Dict[str, int]: ...

@@ -19,7 +19,7 @@ import weakref
 from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
                     Optional, Sequence, Tuple, Union, overload)
 
-from . import _native, _options, _progress
+from . import _native, _options, _progress, _tokens
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from ._redact import check_header_value, redact, redact_url, secrets_of
@@ -106,7 +106,11 @@ class Dispatcher:
     queue and preemptions (scraped every ``metrics_interval`` seconds by the
     native engine), and output lengths learned from answers (see
     ``stats()["admission"]``). Without usable metrics it falls back to the
-    static caps, with a logged warning. Use it from one event
+    static caps, with a logged warning. With ``exact_prompt_tokens=True`` (and
+    a token cap, static or auto) ``generate``/``map``/``chat``/``chat_map``
+    first count their prompts with the server's own ``/tokenize``
+    (``count_tokens``, cached) and charge those counts instead of the
+    estimator's. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
 
     ``base_url`` may be a list of several replicas' URLs: each gets its own
@@ -114,6 +118,9 @@ class Dispatcher:
     go to the least loaded, and a replica that refuses connections or answers
     5xx is ejected and probed back (see ``batchgate.replicas``).
     """
+
+    #: Counts kept by count_tokens() (an LRU; 0 keeps none). Set before the first call.
+    token_cache_size: int = _tokens.DEFAULT_CACHE_SIZE
 
     def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> "Dispatcher":
         # Several endpoints: batchgate.replicas routes over one Dispatcher each.
@@ -136,7 +143,8 @@ class Dispatcher:
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16, metrics_url: Optional[str] = None,
                  metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
-                 kv_target: float = 0.85, kv_high: float = 0.92) -> None:
+                 kv_target: float = 0.85, kv_high: float = 0.92,
+                 exact_prompt_tokens: bool = False) -> None:
         if isinstance(base_url, (list, tuple)) and len(base_url) == 1:
             base_url = base_url[0]  # one endpoint: the plain engine
         if base_url is not None and not isinstance(base_url, str):
@@ -256,6 +264,14 @@ class Dispatcher:
         self._headers = dict(headers or {})
         self._api_key = api_key
         self._verify = bool(verify)
+        self._token_cache: Optional[_tokens.TokenCountCache] = None  # count_tokens()
+        if not isinstance(exact_prompt_tokens, bool):
+            raise TypeError(f"exact_prompt_tokens must be a bool, not "
+                            f"{type(exact_prompt_tokens).__name__}")
+        #: generate()/map() charge the token cap with the server's /tokenize
+        #: counts instead of the estimator (only when a token cap is in use).
+        self.exact_prompt_tokens = exact_prompt_tokens and (
+            self.max_inflight_tokens is not None or self.admission is not None)
         _live.add(self)
 
     def __repr__(self) -> str:  # the API key is never shown
@@ -392,9 +408,12 @@ class Dispatcher:
         rec = self.semaphore._held()
         if rec is not None:
             return await self._ride(loop, rec, chat, payload, params)
+        counts = None
+        if self.exact_prompt_tokens:
+            counts = await _tokens.prompt_counts(self, [payload], chat)
         fut = loop.create_future()
         job = self._core.submit(_native.JOB_ONE, chat, payload, self._template(params), fut, 1,
-                                False)
+                                False, False, counts)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -525,10 +544,14 @@ class Dispatcher:
                    window: Optional[int], params: Dict[str, Any]) -> List[Any]:
         loop = self._bind()
         await self._ensure_model(params)
+        counts = None
+        if self.exact_prompt_tokens:
+            src = list(src)  # counted first, then sent
+            counts = await _tokens.prompt_counts(self, src, chat)
         fut = loop.create_future()
         window, ride = self._ride_window(window or self.window)
         job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
-                                window, bool(return_exceptions), ride is not None)
+                                window, bool(return_exceptions), ride is not None, counts)
         try:
             return await fut
         except BaseException:
@@ -605,6 +628,93 @@ class Dispatcher:
         finally:
             job.cancel()
             _end_ride(ride, window)
+
+    # ---- exact prompt token counts (vLLM's /tokenize, see _tokens) -------
+    async def count_tokens(self, texts: Iterable[str], *,
+                           add_special_tokens: bool = True) -> List[int]:
+        """Each text's prompt tokens as the server's tokenizer counts them.
+
+        One POST ``/tokenize`` per distinct text not counted before, sent by
+        the native engine concurrently under the count cap (never charged
+        to ``max_inflight_tokens`` or the KV admission), at the server root
+        (``http://host:port/tokenize``). Counts are cached on the
+        Dispatcher (bounded LRU, ``token_cache_size``), so repeating texts
+        costs no request. Feed them to the planner with
+        ``plan_batches(texts, budget, counts=await d.count_tokens(texts))``.
+        A failure raises the engine's error re-said for the caller's index
+        (``texts[i]: ...``); a server without /tokenize (404) says so."""
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"add_special_tokens must be a bool, not "
+                            f"{type(add_special_tokens).__name__}")
+        return await self._count_exact(
+            _tokens.check_texts(texts), _native.KIND_TOKENIZE,
+            {"add_special_tokens": add_special_tokens}, "texts")
+
+    async def count_chat_tokens(self, conversations: Iterable[Sequence[Mapping[str, Any]]],
+                                *, add_generation_prompt: bool = True) -> List[int]:
+        """``count_tokens`` for chat: each messages list's prompt tokens with
+        the server's chat template (vLLM's /tokenize with ``messages``; with
+        ``add_generation_prompt`` as /v1/chat/completions counts them)."""
+        if not isinstance(add_generation_prompt, bool):
+            raise TypeError(f"add_generation_prompt must be a bool, not "
+                            f"{type(add_generation_prompt).__name__}")
+        if isinstance(conversations, (str, bytes)) or not hasattr(conversations, "__iter__"):
+            raise TypeError(f"conversations must be an iterable of message lists, not "
+                            f"{type(conversations).__name__}")
+        items = [_messages_json(m, i) for i, m in enumerate(conversations)]
+        return await self._count_exact(items, _native.KIND_TOKENIZE_CHAT,
+                                       {"add_generation_prompt": add_generation_prompt},
+                                       "conversations")
+
+    async def _count_exact(self, items: List[str], kind: int, fields: Dict[str, Any],
+                           what: str) -> List[int]:
+        root = self._root
+        cache = root._token_cache
+        if cache is None:
+            cache = root._token_cache = _tokens.TokenCountCache(root.token_cache_size)
+        # The model generation will name (GET /v1/models once, like generate),
+        # so counts made before the first generation are reused by it.
+        await self._ensure_model({})
+        model = self.model if self.model is not None else root._resolved_model
+        params = json.dumps(fields, sort_keys=True)
+        key0 = (model, kind, params)
+        out, missing = _tokens.plan_missing(cache, key0, items)
+        if not missing:
+            return out  # type: ignore[return-value]
+        loop = self._bind()
+        uniq = list(missing)
+        opts = _options.call_options(self._defaults, {})
+        tkey = ("/tokenize", params, model, opts.native)
+        tmpl = root._templates.get(tkey)
+        if tmpl is None:
+            tmpl = root._templates[tkey] = root._core.template(model, params, opts.native)
+        fut = loop.create_future()
+        window, ride = self._ride_window(self.window)
+        job = self._core.submit(_native.JOB_MAP, kind, uniq, tmpl, fut, window, False,
+                                ride is not None)
+        try:
+            counts = await fut
+        except BatchgateError as e:
+            k = getattr(e, "index", None)
+            if not isinstance(k, int) or not 0 <= k < len(uniq):
+                raise  # not about one text (the Dispatcher was closed, ...)
+            raise _tokens.renamed_error(e, f"{what}[{missing[uniq[k]][0]}]",
+                                        self.tokenize_url) from None
+        except BaseException:
+            job.cancel()
+            raise
+        finally:
+            _end_ride(ride, window)
+        for t, c in zip(uniq, counts):
+            cache.put(key0 + (t,), c)
+            for i in missing[t]:
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    @property
+    def tokenize_url(self) -> str:
+        """Where count_tokens() asks (credentials redacted)."""
+        return _tokens.tokenize_url(self.base_url)
 
     # ---- openai-compat: per-call defaults and the server's model ----------
     def with_options(self, **options: Any) -> "Dispatcher":

@@ -392,6 +392,8 @@ class ReplicaDispatcher(Dispatcher):
         self.max_inflight_tokens = first.max_inflight_tokens
         self.admission = None
         self.window = first.window
+        self.exact_prompt_tokens = first.exact_prompt_tokens
+        self._exact_warned = False
         self._rr = 0
         self._active = 0
         self._monitor: Optional["asyncio.Task[None]"] = None
@@ -593,6 +595,10 @@ class ReplicaDispatcher(Dispatcher):
                       ) -> AsyncIterator[List[Any]]:
         loop = self._bind()
         await asyncio.gather(*(m._ensure_model(params) for m in self._members))
+        if self.exact_prompt_tokens and not self._root._exact_warned:
+            self._root._exact_warned = True
+            log.warning("exact_prompt_tokens: bulk calls over several replicas charge "
+                        "estimated prompt tokens (single calls use exact counts)")
         run = _Run(self, chat, src, window, params)
         self._enter()
         self._runs.add(run)
@@ -646,6 +652,24 @@ class ReplicaDispatcher(Dispatcher):
                     out.extend([None] * (i + 1 - len(out)))
                 out[i] = r
         return out
+
+    # ---- token counts: every replica serves the same model, ask the least loaded
+    def _counter(self) -> Dispatcher:
+        ep = self._pick(set())
+        return self._members[ep.index if ep is not None else 0]
+
+    async def count_tokens(self, texts: Iterable[str], *,
+                           add_special_tokens: bool = True) -> List[int]:
+        return await self._counter().count_tokens(texts, add_special_tokens=add_special_tokens)
+
+    async def count_chat_tokens(self, conversations: Iterable[Any], *,
+                                add_generation_prompt: bool = True) -> List[int]:
+        return await self._counter().count_chat_tokens(
+            conversations, add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenize_url(self) -> str:
+        return self._members[0].tokenize_url
 
     # ---- views, stats, lifecycle ---------------------------------------------
     def with_options(self, **options: Any) -> "Dispatcher":

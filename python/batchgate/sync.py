@@ -120,6 +120,19 @@ class SyncDispatcher:
                  **params: Any) -> List[Any]:
         return self._run(self._d.chat_map(conversations, **params))
 
+    def count_tokens(self, texts: Iterable[str], *, add_special_tokens: bool = True
+                     ) -> List[int]:
+        """Dispatcher.count_tokens: the server's /tokenize counts, cached."""
+        return self._run(self._d.count_tokens(texts, add_special_tokens=add_special_tokens))
+
+    def token_counter(self, *, add_special_tokens: bool = True) -> Callable[[str], int]:
+        """A ``counter(text) -> int`` for ``plan_batches(..., counter=...)``. It
+        asks one text at a time (cached); for many texts
+        ``counts=sd.count_tokens(texts)`` is far faster (concurrent)."""
+        def counter(text: str) -> int:
+            return self.count_tokens([text], add_special_tokens=add_special_tokens)[0]
+        return counter
+
     def as_completed(self, prompts: Iterable[Prompt], **params: Any
                      ) -> Iterator[Tuple[int, Any]]:
         """Iterator of ``(index, result)`` as requests finish. The loop side

@@ -45,6 +45,11 @@ static void fuzz_response(const char *p, size_t n, size_t expected)
             REQUIRE(strlen(err) < sizeof(err));
         }
     }
+    int64_t count, mml;
+    if (bg_json_parse_tokenize(p, n, &count, &mml, err, sizeof(err)) == 0)
+        REQUIRE(count >= 0 && mml >= -1);
+    else
+        REQUIRE(count == -1 && strlen(err) > 0 && strlen(err) < sizeof(err));
 }
 
 static void fuzz_error_message(const char *p, size_t n, size_t max_len)

@@ -666,6 +666,55 @@ static void test_token_budget(void)
     fx_close(&fx);
 }
 
+/* /tokenize at the server root: count permits only (the token budget is
+ * exhausted on purpose and must not matter), the count cap bounds the
+ * concurrency, errors keep the server's status. */
+static void test_tokenize(void)
+{
+    fixture fx;
+    fx_open(&fx, 4, NULL, "{\"add_special_tokens\":true}");
+    bg_engine_destroy(fx.e);
+    fx.tokens = bg_sem_create(10, 10);
+    CHECK(bg_sem_try_acquire(fx.tokens, 10)); /* no token permit left for anyone */
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = fx.count;
+    c.token_sem = fx.tokens;
+    c.on_done = on_done;
+    c.done_ctx = &coll;
+    char err[200];
+    fx.e = bg_engine_create(&c, err, sizeof(err));
+    CHECK(fx.e != NULL);
+    const size_t n = 40;
+    item *v = make_items(&fx, n, "count these %d words [[delay=0.02]]");
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.endpoint = BG_EP_TOKENIZE;
+        v[i].r.token_weight = 5;
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    }
+    item *bad = make_items(&fx, 1, "x [[status=400,msg=bad]]");
+    bad->r.id = 999;
+    bad->r.endpoint = BG_EP_TOKENIZE;
+    CHECK(bg_engine_submit(fx.e, &bad->r) == 0);
+    CHECK(wait_done(&coll, n + 1, 60));
+    for (size_t i = 0; i < n; i++) {
+        CHECK(v[i].r.kind == BG_RES_OK);
+        CHECK(v[i].r.tok_count == 5); /* the fake counts words: "count these N words [[..]]" */
+        CHECK(v[i].r.tok_max_model_len == 4096);
+    }
+    CHECK(bad->r.kind == BG_RES_HTTP && bad->r.status == 400);
+    CHECK_CONTAINS(bad->r.message, "bad");
+    long maxc = stat_int("max_in_flight");
+    printf("  %zu tokenize requests, count cap 4: server max_in_flight=%ld\n", n, maxc);
+    CHECK(maxc >= 2 && maxc <= 4);
+    CHECK(bg_sem_value(fx.tokens) == 0); /* never touched */
+    bg_sem_release(fx.tokens, 10);
+    free_items(v, n);
+    free_items(bad, 1);
+    fx_close(&fx);
+}
+
 static uint64_t rnd_state = 88172645463325252ull;
 static uint64_t rnd(void)
 {
@@ -934,6 +983,7 @@ int main(int argc, char **argv)
         {"headers_and_body_passthrough", test_headers_and_body_passthrough},
         {"per_request_options", test_per_request_options},
         {"token_budget", test_token_budget},
+        {"tokenize", test_tokenize},
         {"cancel_half", test_cancel_half},
         {"cancel_group", test_cancel_group},
         {"close_in_flight", test_close_in_flight},

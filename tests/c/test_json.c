@@ -306,6 +306,47 @@ static void test_hardening(void)
     CHECK(strcmp(cut, "ab\xea\xb0\x80") == 0);
 }
 
+static void test_parse_tokenize(void)
+{
+    char err[256];
+    int64_t count = 0, mml = 0;
+    /* vLLM's shape */
+    const char *ok = "{\"count\": 5, \"max_model_len\": 4096, \"tokens\": [1,2,3,4,5], "
+                     "\"token_strs\": null}";
+    CHECK(bg_json_parse_tokenize(ok, strlen(ok), &count, &mml, err, sizeof(err)) == 0);
+    CHECK(count == 5 && mml == 4096);
+    /* No count: the tokens list's length; no max_model_len: -1 */
+    const char *nocount = "{\"tokens\": [7, 8, 9]}";
+    CHECK(bg_json_parse_tokenize(nocount, strlen(nocount), &count, &mml, err, sizeof(err)) == 0);
+    CHECK(count == 3 && mml == -1);
+    const char *zero = " {\"count\":0,\"tokens\":[],\"max_model_len\":null} ";
+    CHECK(bg_json_parse_tokenize(zero, strlen(zero), &count, &mml, err, sizeof(err)) == 0);
+    CHECK(count == 0 && mml == -1);
+    /* Errors say what is wrong */
+    const char *none = "{\"detail\": \"Not Found\"}";
+    CHECK(bg_json_parse_tokenize(none, strlen(none), &count, &mml, err, sizeof(err)) < 0);
+    CHECK(count == -1);
+    CHECK_CONTAINS(err, "no \"count\"");
+    const char *neg = "{\"count\": -1}";
+    CHECK(bg_json_parse_tokenize(neg, strlen(neg), &count, &mml, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "non-negative");
+    const char *str = "{\"count\": \"5\"}";
+    CHECK(bg_json_parse_tokenize(str, strlen(str), &count, &mml, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "must be an integer, got string");
+    const char *arr = "[1, 2]";
+    CHECK(bg_json_parse_tokenize(arr, strlen(arr), &count, &mml, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "must be a JSON object, got list");
+    const char *trail = "{\"count\": 2} x";
+    CHECK(bg_json_parse_tokenize(trail, strlen(trail), &count, &mml, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "not JSON");
+    const char *html = "<html>502</html>";
+    CHECK(bg_json_parse_tokenize(html, strlen(html), &count, &mml, err, sizeof(err)) < 0);
+    CHECK_CONTAINS(err, "starts with \"<html>");
+    const char *badtok = "{\"count\": 2, \"tokens\": [1, }";
+    CHECK(bg_json_parse_tokenize(badtok, strlen(badtok), &count, &mml, err, sizeof(err)) < 0);
+    CHECK(count == -1);
+}
+
 int main(void)
 {
     test_hardening();
@@ -316,6 +357,7 @@ int main(void)
     test_parse_openai_fields();
     test_parse_errors();
     test_error_messages();
+    test_parse_tokenize();
     if (failures) {
         fprintf(stderr, "test_json: %d failure(s)\n", failures);
         return 1;

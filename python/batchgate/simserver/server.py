@@ -1,7 +1,7 @@
 """SimServer: the OpenAI-compatible routes of vLLM over the simulated engine.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, GET /version, GET /metrics (Prometheus text, vLLM's metric names),
+POST /tokenize (vLLM's, at the server root), GET /health, GET /version, GET /metrics (Prometheus text, vLLM's metric names),
 GET /debug/timeline[?since=SECONDS], GET /debug/stats, POST /debug/reset.
 Errors use vLLM's shape: {"error": {"message", "type", "param", "code"}}.
 """
@@ -148,7 +148,14 @@ class SimServer:
         self._next_id = 0
         self._faults_seen: Set[Tuple[str, str]] = set()  # "-once" markers already applied
         self.num_bad_requests = 0
+        # /tokenize: answered at once unless tests slow it down; counted so a
+        # client's cache can be checked from the server side.
+        self.tokenize_delay_s = 0.0
+        self.num_tokenize_requests = 0
+        self.tokenize_in_flight = 0
+        self.tokenize_peak = 0
         self._routes = {
+            ("POST", "/tokenize"): self._tokenize,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/chat/completions"): self._chat_completions,
             ("GET", "/v1/models"): self._models,
@@ -222,13 +229,17 @@ class SimServer:
         out.update(mode=self.mode, num_blocks=self.engine.num_blocks,
                    block_size=self.engine.block_size, max_model_len=self.max_model_len,
                    max_num_seqs=self.engine.max_num_seqs,
-                   num_bad_requests=self.num_bad_requests)
+                   num_bad_requests=self.num_bad_requests,
+                   num_tokenize_requests=self.num_tokenize_requests,
+                   tokenize_peak=self.tokenize_peak)
         return out
 
     def reset_stats(self) -> None:
         """Zero counters, peaks and the timeline (between demo scenarios)."""
         self.engine.reset_stats()
         self.num_bad_requests = 0
+        self.num_tokenize_requests = 0
+        self.tokenize_peak = 0
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -445,6 +456,54 @@ class SimServer:
             "id": self._new_id("chatcmpl"), "object": "chat.completion",
             "created": int(time.time()), "model": self.model, "choices": choices,
             "usage": self._usage(plan, n), "prompt_logprobs": None})
+
+    # -- /tokenize ------------------------------------------------------------------
+
+    def _tokenize(self, req: Request):
+        """vLLM's /tokenize: {prompt | messages, add_special_tokens?,
+        add_generation_prompt? (messages, default true), model?} ->
+        {count, max_model_len, tokens}, counted with the same model that
+        charges prompts in /v1/completions and /v1/chat/completions."""
+        self.num_tokenize_requests += 1
+        try:
+            body = self._json_body(req)
+            if "messages" in body:
+                messages = body["messages"]
+                if not isinstance(messages, list) or not messages:
+                    raise ApiError("messages must be a non-empty list", param="messages")
+                norm = []
+                for i, m in enumerate(messages):
+                    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                        raise ApiError(f"messages[{i}] must be an object with a string 'role'",
+                                       param="messages")
+                    norm.append({"role": m["role"],
+                                 "content": _message_text(m.get("content"), i)})
+                count = answers.chat_prompt(norm)[1]
+                if "add_generation_prompt" in body and not _bool_field(
+                        body, "add_generation_prompt"):
+                    count -= answers.CHAT_REPLY_TOKENS
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise ApiError("prompt must be a string", param="prompt")
+                count = answers.count_tokens(prompt) if prompt else 0
+            _bool_field(body, "add_special_tokens")
+        except ApiError as e:
+            return self._bad(e)
+        return self._finish_tokenize(count)
+
+    async def _finish_tokenize(self, count: int) -> Response:
+        self.tokenize_in_flight += 1
+        self.tokenize_peak = max(self.tokenize_peak, self.tokenize_in_flight)
+        try:
+            if self.tokenize_delay_s > 0:
+                await asyncio.sleep(self.tokenize_delay_s)
+        finally:
+            self.tokenize_in_flight -= 1
+        # Token ids are made up (the simulator has no vocabulary); the count is real.
+        return json_response(200, {"count": count, "max_model_len": self.max_model_len,
+                                   "tokens": [100 + i % 30000 for i in range(count)],
+                                   "token_strs": None})
 
     # -- other routes ---------------------------------------------------------------
 
