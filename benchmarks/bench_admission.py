@@ -354,6 +354,8 @@ def summarize(results: Dict[str, List[Tuple[Outcome, Optional[Outcome]]]],
           f"{'req/s':>7} {'original':>8} {'auto':>7} {'auto/best':>9} {'auto/best0':>10}")
     for wl, rows in results.items():
         static = [p for p, _ in rows if p.strategy.startswith(("conc-", "tok-"))]
+        if not static:
+            continue  # --strategies without a static cap: nothing to compare with
         best = max(static, key=lambda o: o.req_s)
         safe = [o for o in static if o.stats["num_preemptions"] == 0 and o.failed == 0]
         best0 = max(safe, key=lambda o: o.req_s) if safe else None
@@ -377,6 +379,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and caps (minutes)")
     ap.add_argument("--workloads", help="comma list: json,summary,mixed,shift,shared")
+    ap.add_argument("--strategies",
+                    help="comma list of strategy names to run (e.g. conc-32,tok-2xKV,auto); "
+                         "the summary compares auto with the best static cap among them")
     ap.add_argument("--naive", choices=("all", "key", "none"), default=None,
                     help="naive-mode (OOM) runs: every strategy, only the best static + "
                          "original + auto (default with --quick), or none")
@@ -397,6 +402,13 @@ def main() -> int:
     strategies = ([Strategy(f"conc-{c}", "conc", c) for c in conc]
                   + [Strategy(f"tok-{f:g}xKV", "tok", f) for f in tok]
                   + [Strategy("original", "original"), Strategy("auto", "auto")])
+    if args.strategies:
+        wanted = args.strategies.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in strategies})
+        if unknown:
+            ap.error(f"unknown strategies {', '.join(unknown)}; "
+                     f"known: {', '.join(s.name for s in strategies)}")
+        strategies = [s for s in strategies if s.name in wanted]
     only = args.workloads.split(",") if args.workloads else None
     workloads = {} if args.vllm_only else build_workloads(n_json, n_summary, only)
     load0 = os.getloadavg()
@@ -426,7 +438,7 @@ def main() -> int:
             pre_runs = [run_one(servers["preempt"], base["preempt"], kv, wl, items, sc,
                                 "preempt") for sc in strategies]
             static = [o for o in pre_runs if o.strategy.startswith(("conc-", "tok-"))]
-            best = max(static, key=lambda o: o.req_s).strategy
+            best = max(static, key=lambda o: o.req_s).strategy if static else None
             rows = []
             for sc, pre in zip(strategies, pre_runs):
                 nai = None

@@ -139,7 +139,13 @@ int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c)
                      interval);
         return -1;
     }
+    double usage0 = -1, waiting0 = -1; /* the probe's reading */
+    if (dict_double(cfg_dict, "kv_usage", &usage0) < 0 ||
+        dict_double(cfg_dict, "waiting", &waiting0) < 0)
+        return -1;
     bg_admit *a = bg_admit_new(&p, blocks, block_size, mml, monotonic_s());
+    if (a)
+        bg_admit_start(a, usage0, waiting0);
     if (!a) {
         PyErr_Format(PyExc_ValueError,
                      "invalid admission parameters (need 0 < kv_target <= kv_high <= 1, "
@@ -180,12 +186,13 @@ PyObject *bg_dsp_admit_stats(Core *self)
         Py_RETURN_NONE;
     const bg_admit_stats *s = &in.ctl;
     PyObject *d = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
+        "{sLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
         "kv_blocks", (long long)s->kv_blocks, "block_size", (long long)s->block_size,
         "kv_tokens", (long long)(s->kv_blocks * s->block_size), "max_model_len",
         (long long)s->max_model_len, "limit_blocks", (long long)s->effective,
         "limit_tokens", (long long)(s->effective * s->block_size), "peak_limit_blocks",
-        (long long)s->peak_limit, "held_blocks", (long long)in.held_blocks, "kv_usage",
+        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "used_share",
+        s->used_share, "held_blocks", (long long)in.held_blocks, "kv_usage",
         s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",
         s->waiting, "preemptions_seen", s->preemptions_seen, "cuts",
         (unsigned long long)s->cuts, "grows", (unsigned long long)s->grows, "overloads",

@@ -12,6 +12,7 @@
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
+#define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
 
 struct bg_admit {
     bg_admit_params p;
@@ -24,6 +25,10 @@ struct bg_admit {
     int waiting_over_n; /* consecutive samples with a queue over the allowance */
     double prev_waiting;
     double pre_base, pre_last;
+    /* Overbooking: the share of the charged blocks the server really uses
+     * (EWMA of usage * N / held); < 0 until measured. */
+    double use_ratio;
+    int64_t ceiling; /* current bound on L: high * N, times the overbooking */
 
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
@@ -53,7 +58,9 @@ void bg_admit_params_defaults(bg_admit_params *p)
     p->wait_allow = 2;
     p->out_quantile = 0.95;
     p->out_margin = 0.10;
-    p->warmup = 8;
+    p->warmup = 4;
+    p->overbook_max = 1.5;
+    p->turnover = 1.0;
 }
 
 const char *bg_admit_reason_name(int reason)
@@ -88,7 +95,8 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
         !(p->gain > 0 && p->gain <= 1) || !(p->holdoff_s >= 0) || !(p->stale_s > 0) ||
         !in01(p->init_fraction) || !(p->min_fraction >= 0 && p->min_fraction <= 1) ||
         !(p->wait_allow >= 0) || !in01(p->out_quantile) || !(p->out_margin >= 0) ||
-        p->warmup < 1)
+        p->warmup < 1 || !(p->overbook_max >= 1 && p->overbook_max <= 4) ||
+        !(p->turnover >= 0))
         return NULL;
     bg_admit *a = calloc(1, sizeof(*a));
     if (!a)
@@ -110,6 +118,8 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
         a->limit = (double)a->min_limit;
     if (a->limit > (double)a->max_limit)
         a->limit = (double)a->max_limit;
+    a->ceiling = a->max_limit;
+    a->use_ratio = -1;
     a->effective = (int64_t)a->limit;
     a->ev_last_to = a->effective;
     a->last_sample_t = t0;
@@ -118,6 +128,22 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
     a->prompt_ratio = 1.0;
     a->st.kv_usage = a->st.running = a->st.waiting = -1;
     return a;
+}
+
+void bg_admit_start(bg_admit *a, double usage, double waiting)
+{
+    if (!(usage >= 0 && usage <= 1) || !(waiting >= 0) || waiting > a->p.wait_allow)
+        return; /* unknown or already queueing: keep init_fraction */
+    /* Until answers come back every request reserves its max_tokens, an upper
+     * bound: filling the room free up to the target cannot overrun. */
+    double room = floor((a->p.target_usage - usage) * (double)a->n_blocks + 0.5);
+    if (room > (double)a->max_limit)
+        room = (double)a->max_limit;
+    if (room > a->limit) {
+        a->limit = room;
+        a->effective = (int64_t)room;
+        a->ev_last_to = a->effective;
+    }
 }
 
 void bg_admit_free(bg_admit *a)
@@ -161,6 +187,28 @@ static void cut(bg_admit *a, double now, int reason)
     a->last_cut_t = now;
     a->st.cuts++;
     push_event(a, now, from, (int64_t)a->limit, reason);
+}
+
+static bool learned(const bg_admit *a);
+
+/* The overbooking ceiling C (bg_admit.h): after turnover, high_usage * N
+ * times the inverse of the measured share of the charges the server holds. */
+static void update_ceiling(bg_admit *a, double u, int64_t held)
+{
+    double running = a->st.running > 0 ? a->st.running : 0;
+    if (!learned(a) || (double)a->st.finished_seqs < a->p.turnover * running ||
+        held < 1 || (double)held * 2 < a->limit)
+        return;
+    double r = u * (double)a->n_blocks / (double)held;
+    a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
+    double over = a->use_ratio > 0 ? 1 / a->use_ratio : a->p.overbook_max;
+    if (over < 1)
+        over = 1;
+    if (over > a->p.overbook_max)
+        over = a->p.overbook_max;
+    a->ceiling = (int64_t)(over * (double)a->max_limit);
+    if (a->limit > (double)a->ceiling)
+        a->limit = (double)a->ceiling; /* the share rose: overbook less */
 }
 
 void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_t held)
@@ -214,7 +262,10 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
             cut(a, now, reason);
         return;
     }
-    if (in_holdoff || u >= a->p.target_usage || waiting_over)
+    update_ceiling(a, u, held);
+    /* After a cut, growth waits until what is in flight fits the cut limit
+     * (the cut has taken effect) or holdoff_s has passed. */
+    if ((in_holdoff && (double)held > a->limit) || u >= a->p.target_usage || waiting_over)
         return;
     if ((double)held * 2 < a->limit)
         return; /* demand-limited: the limit is not what holds us back */
@@ -228,14 +279,14 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
      * completions shows low usage, but also little in flight. */
     if (next > (double)held + headroom)
         next = (double)held + headroom;
-    if (next > (double)a->max_limit)
-        next = (double)a->max_limit;
+    if (next > (double)a->ceiling)
+        next = (double)a->ceiling;
     if (next > a->limit)
         a->limit = next;
     if (a->limit > before) {
         a->st.grows++;
         if ((int64_t)a->limit >= (int64_t)((double)a->ev_last_to * GROW_EVENT_STEP) ||
-            ((int64_t)a->limit == a->max_limit && a->ev_last_to < a->max_limit))
+            ((int64_t)a->limit == a->ceiling && a->ev_last_to < a->ceiling))
             push_event(a, now, (int64_t)before, (int64_t)a->limit, BG_ADMIT_GROW);
     }
 }
@@ -343,7 +394,10 @@ static int64_t reserve_tokens(const bg_admit *a)
 {
     if (!learned(a))
         return -1;
-    return (int64_t)ceil(a->out_q * (1 + a->p.out_margin)) + 1;
+    /* A few answers say little (and the first to finish are the shortest):
+     * the margin starts wide and shrinks as 1/sqrt(answers seen). */
+    double m = a->p.out_margin + 1 / sqrt((double)a->out_n);
+    return (int64_t)ceil(a->out_q * (1 + m)) + 1;
 }
 
 int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
@@ -387,6 +441,8 @@ void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
     out->block_size = a->block_size;
     out->max_model_len = a->max_model_len;
     out->limit = (int64_t)a->limit;
+    out->ceiling = a->ceiling;
+    out->used_share = a->use_ratio;
     out->effective = a->effective;
     out->stale = a->stale;
     out->learned = learned(a);

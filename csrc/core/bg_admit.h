@@ -15,12 +15,21 @@
  * corrects the local estimate with the server's usage.prompt_tokens, and
  * reserve is the output length to expect (below). The sum charged to the
  * requests in flight must stay under the limit L (a bg_sem whose capacity is
- * set to L: see bg_sem_set_capacity). L never exceeds high_usage * N: with
- * exact charges the server then never passes the high watermark, and the
- * room above it absorbs estimate errors and other clients' bursts (a
- * request bigger than that still runs, alone).
+ * set to L: see bg_sem_set_capacity). L never exceeds its ceiling C, which
+ * is high_usage * N until overbooking is measured (below): with exact
+ * charges the server then never passes the high watermark, and the room
+ * above it absorbs estimate errors and other clients' bursts (a request
+ * bigger than that still runs, alone).
  *
- * Control law, evaluated on each fresh sample of /metrics:
+ * Start: L0 = (target_usage - u0) * N when the probe (bg_admit_start) saw
+ * usage u0 and no queue beyond wait_allow, else init_fraction * N (and never
+ * less). On an idle server that is 0.85 N at once: until answers come back
+ * every request reserves its whole max_tokens, an upper bound, so filling
+ * the room to the target cannot overrun; short runs (a few seconds) would
+ * otherwise spend most of their time climbing.
+ *
+ * Control law, evaluated on each fresh sample of /metrics (every 100 ms by
+ * default):
  *   cut      L <- max(L_min, L * decrease) when a new preemption appears
  *            (vllm:num_preemptions_total rose), KV usage exceeds high_usage,
  *            a waiting queue persists (vllm:num_requests_waiting above
@@ -30,30 +39,48 @@
  *            (its queue limits). At most one cut per holdoff_s: a cut shows only
  *            once requests in flight finish, so cutting on every sample of
  *            the same episode would collapse the limit.
- *   grow     L <- min(high_usage * N, L + max(1, gain * H), held + H)
+ *   grow     L <- min(C, L + max(1, gain * H), held + H)
  *            with H = (target_usage - usage) * N, the headroom to the
  *            target, and held = blocks charged in flight; only when usage <
- *            target_usage, the waiting queue is within its allowance, no cut
- *            in the last holdoff_s, and held >= L / 2 (a limit nobody fills
- *            says nothing about the server). The held + H bound keeps the
+ *            target_usage, the waiting queue is within its allowance, and
+ *            held >= L / 2 (a limit nobody fills says nothing about the
+ *            server); after a cut, only once held <= L (the cut has taken
+ *            effect) or holdoff_s has passed. The held + H bound keeps the
  *            limit from running ahead of the memory actually seen free: a
  *            sample right after a wave of completions shows low usage, but
  *            also little in flight.
+ *   ceiling  charges are final sizes (prompt + whole output), but requests
+ *            in flight are part-way through their outputs and finish at
+ *            different times, so the server holds only a share s of what is
+ *            charged (0.75-0.8 for 200-token summaries of 750-token
+ *            prompts). Once the answers finished reach turnover x the
+ *            requests running (the in-flight set has mixed ages), s is
+ *            measured as an EWMA (weight 0.3) of usage * N / held on samples
+ *            where held >= L / 2, and C = high_usage * N * clamp(1 / s, 1,
+ *            overbook_max): usage at C is planned at high_usage, growth
+ *            stops at the target, the cuts correct the rest, and a share
+ *            that rises (longer answers, another client) lowers C and clips
+ *            L at once.
+ *            Before turnover (a burst that started together also grows
+ *            together) C stays high_usage * N. Because s is measured, C does
+ *            not depend on how generous the reserve is: a cautious quantile
+ *            costs nothing once the share is known.
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
- * Starting point L0 = init_fraction * N: the first answers calibrate the
- * prompt ratio and output lengths before the limit can reach its ceiling.
  * The engine charges a request when it reaches the head of its admission
  * queue, not when it was submitted, so what was learned meanwhile counts.
  *
- * Output lengths: until `warmup` sequences have finished, a request reserves
- * its max_tokens (or max_model_len - prompt when it has none). Then it
- * reserves min(max_tokens, q * (1 + out_margin) + 1) where q is the
- * out_quantile (p95) of usage.completion_tokens per sequence over the last
- * 512 finished sequences. A workload that turns longer is caught twice: the
- * window's quantile moves within a few dozen answers, and meanwhile the
- * real usage rises, which stops growth at target_usage and cuts at
- * high_usage, whatever the charge said.
+ * Output lengths: until `warmup` (4) sequences have finished, a request
+ * reserves its max_tokens (or max_model_len - prompt when it has none). Then
+ * it reserves min(max_tokens, q * (1 + out_margin + 1 / sqrt(n)) + 1) where q
+ * is the out_quantile (p95) of usage.completion_tokens per sequence over the
+ * last n <= 512 finished sequences: +60% over q after 4 answers, +20% after
+ * 100, +14% with a full window (the first answers to come back are the
+ * shortest of their burst, so few answers get a wide margin). A workload
+ * that turns longer is caught twice: the window's quantile moves within a
+ * few dozen answers, and meanwhile the real usage rises, which stops growth
+ * at target_usage, lowers the ceiling and cuts at high_usage, whatever the
+ * charge said.
  *
  * Why this shape (compared with what exists):
  *  - AIMD limiters (Netflix concurrency-limits: +1 per RTT, x0.9 on a drop)
@@ -95,12 +122,14 @@ typedef struct {
     double gain;          /* share of the headroom added per sample (0.25) */
     double holdoff_s;     /* after a cut: no growth, no other cut (1.0) */
     double stale_s;       /* metrics older than this: admit nothing (2.0) */
-    double init_fraction; /* L0 / N (0.5) */
+    double init_fraction; /* L0 / N when the probe saw a queue or no reading (0.5) */
     double min_fraction;  /* L_min / N (0.02, at least one block) */
     double wait_allow;    /* waiting requests tolerated, at least (2) */
     double out_quantile;  /* quantile of output lengths reserved (0.95) */
     double out_margin;    /* safety margin on it (0.10) */
-    int warmup;           /* finished sequences before learning is trusted (8) */
+    int warmup;           /* finished sequences before learning is trusted (4) */
+    double overbook_max;  /* C / (high_usage * N), at most (1.5) */
+    double turnover;      /* finished seqs per running one before overbooking (1) */
 } bg_admit_params;
 
 void bg_admit_params_defaults(bg_admit_params *p);
@@ -132,6 +161,11 @@ bg_admit *bg_admit_new(const bg_admit_params *p, int64_t kv_blocks, int64_t bloc
                        int64_t max_model_len, double t0);
 void bg_admit_free(bg_admit *a);
 
+/* The probe's reading (KV usage 0..1, waiting requests): on a server that
+ * is not queueing, L starts at the room free up to target_usage instead of
+ * init_fraction * N. Call once, before any sample. */
+void bg_admit_start(bg_admit *a, double usage, double waiting);
+
 /* A successful scrape. held = blocks charged to requests in flight now. */
 void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_t held);
 /* The server refused for load (429, 503). */
@@ -157,6 +191,8 @@ typedef struct {
     int64_t limit;          /* L, blocks */
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
+    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
+    double used_share;      /* measured usage / charged blocks (-1 before turnover) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;
     double preemptions_seen; /* rise of the counter since the first sample */

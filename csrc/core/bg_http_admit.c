@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define SCRAPE_MAX_BYTES (16u << 20) /* vLLM's page is ~100 KB with histograms */
-#define DEFAULT_INTERVAL_MS 200
+#define DEFAULT_INTERVAL_MS 100
 
 static double secs(int64_t ns)
 {

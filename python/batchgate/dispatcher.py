@@ -142,7 +142,7 @@ class Dispatcher:
                  max_backoff: float = 30.0, max_retry_after: float = 60.0,
                  retry_timeouts: bool = False, max_connections: int = 0,
                  default_max_tokens: int = 16, metrics_url: Optional[str] = None,
-                 metrics_interval: float = 0.2, metrics_stale_after: float = 2.0,
+                 metrics_interval: float = 0.1, metrics_stale_after: float = 2.0,
                  kv_target: float = 0.85, kv_high: float = 0.92,
                  exact_prompt_tokens: bool = False) -> None:
         if isinstance(base_url, (list, tuple)) and len(base_url) == 1:
@@ -781,6 +781,8 @@ class Dispatcher:
         """Engine counters: submitted, completed, attempts, retries, in_flight,
         max_in_flight, permits_free, ...; with ``max_inflight_tokens="auto"``
         also ``admission``: limit_blocks / limit_tokens (the current KV limit),
+        ceiling_blocks (its current bound) and used_share (the measured share
+        of the charged blocks the server holds, -1 until measured),
         kv_usage, peak_kv_usage, running, waiting, preemptions_seen,
         reserved_output_tokens and output_tokens_p50 (learned), prompt_ratio,
         cuts, stale, scrapes, scrape_errors, ..."""

@@ -127,6 +127,26 @@ static void test_cuts(void)
     CHECK(st.preemptions_seen == 5);
     CHECK(st.cuts == 1);
 
+    /* Within the holdoff, growth resumes once what is in flight fits the
+     * cut limit (the cut has taken effect); a cut still waits. */
+    bg_admit *h = make(1000);
+    s = sample(0.5, 10, 0, 0);
+    bg_admit_on_sample(h, 0.2, &s, 500); /* 587.5 */
+    s = sample(0.5, 10, 0, 1);
+    bg_admit_on_sample(h, 0.4, &s, 587); /* preemption: cut to 411.25 */
+    CHECK(limit_of(h) == 411);
+    s = sample(0.5, 10, 0, 1);
+    bg_admit_on_sample(h, 0.6, &s, 500); /* 500 in flight > 411: hold */
+    CHECK(limit_of(h) == 411);
+    bg_admit_on_sample(h, 0.8, &s, 400); /* fits: + 87.5 */
+    CHECK(limit_of(h) == 498);
+    s = sample(0.5, 10, 0, 2);
+    bg_admit_on_sample(h, 1.0, &s, 400); /* a new preemption, but within 1 s */
+    CHECK(limit_of(h) == 498);
+    bg_admit_get_stats(h, &st);
+    CHECK(st.cuts == 1);
+    bg_admit_free(h);
+
     /* Usage over the high watermark. */
     s = sample(0.95, 10, 0, 3);
     bg_admit_on_sample(a, 1.9, &s, 586);
@@ -194,6 +214,86 @@ static void test_stale(void)
     bg_admit_free(a);
 }
 
+/* The probe's reading sets the starting point: the room up to the target
+ * on a server that is not queueing, never less than init_fraction * N. */
+static void test_start(void)
+{
+    bg_admit *a = make(1000);
+    bg_admit_start(a, 0.0, 0);
+    CHECK(limit_of(a) == 850 && bg_admit_effective(a, 0.1) == 850);
+    bg_admit_free(a);
+    a = make(1000);
+    bg_admit_start(a, 0.2, 2); /* 2 waiting is within the allowance */
+    CHECK(limit_of(a) == 650);
+    bg_admit_free(a);
+    a = make(1000);
+    bg_admit_start(a, 0.5, 0); /* room 350 < L0: keep 500 */
+    CHECK(limit_of(a) == 500);
+    bg_admit_free(a);
+    a = make(1000);
+    bg_admit_start(a, 0.0, 3); /* already queueing */
+    CHECK(limit_of(a) == 500);
+    bg_admit_free(a);
+    a = make(1000);
+    bg_admit_start(a, NAN, 0);
+    bg_admit_start(a, -1, 0); /* unknown */
+    CHECK(limit_of(a) == 500);
+    bg_admit_free(a);
+    /* A target above high_usage cannot happen (rejected), so high * N is the cap. */
+    bg_admit_params p;
+    bg_admit_params_defaults(&p);
+    p.target_usage = p.high_usage = 0.5;
+    p.init_fraction = 0.1;
+    a = bg_admit_new(&p, 1000, 16, 0, 0);
+    bg_admit_start(a, 0.0, 0);
+    CHECK(limit_of(a) == 500);
+    bg_admit_free(a);
+}
+
+/* Overbooking: once the answers finished outnumber the requests running,
+ * the limit may exceed high_usage * N by the inverse of the share of the
+ * charged blocks the server uses (EWMA), at most overbook_max. */
+static void test_overbook(void)
+{
+    bg_admit *a = make(1000);
+    bg_admit_start(a, 0, 0); /* 850 */
+    bg_admit_stats st;
+    for (int i = 0; i < 10; i++)
+        bg_admit_on_finish(a, 100, 100, 50, 1);
+    /* 10 finished < 20 running: no overbooking yet, however low the share. */
+    bg_prom_sample s = sample(0.5, 20, 0, 0);
+    for (int i = 0; i < 10; i++)
+        bg_admit_on_sample(a, 0.1 * (i + 1), &s, limit_of(a));
+    bg_admit_get_stats(a, &st);
+    CHECK(st.limit == 920 && st.ceiling == 920 && st.used_share < 0);
+    /* 30 finished >= 20 running: share 0.5 * 1000 / 920 = 0.543, so the
+     * ceiling is 920 * 1.5 (overbook_max); growth is still by the headroom. */
+    for (int i = 0; i < 20; i++)
+        bg_admit_on_finish(a, 100, 100, 50, 1);
+    bg_admit_on_sample(a, 1.1, &s, 920);
+    bg_admit_get_stats(a, &st);
+    CHECK(st.ceiling == 1380 && fabs(st.used_share - 500.0 / 920) < 1e-9);
+    CHECK(st.limit == 1007); /* 920 + min(0.25 * 350, 350) = 1007.5 */
+    /* Usage 0.8 on 1000 charged: share EWMA 0.543 + 0.3 * (0.8 - 0.543) =
+     * 0.62, ceiling 920 / 0.62 = 1483 -> still 1380; at the cap, a share
+     * near 1 pulls the ceiling (and the limit) back toward 920. */
+    s = sample(0.8, 20, 0, 0);
+    bg_admit_on_sample(a, 1.2, &s, 1000);
+    bg_admit_get_stats(a, &st);
+    CHECK(st.ceiling == 1380 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
+    s = sample(0.84, 20, 0, 0);
+    for (int i = 0; i < 20; i++)
+        bg_admit_on_sample(a, 1.3 + 0.1 * i, &s, 840);
+    bg_admit_get_stats(a, &st);
+    CHECK(fabs(st.used_share - 1.0) < 0.01);
+    CHECK(st.ceiling == 920 && st.limit == 920);
+    /* Usage over high still cuts, overbooked or not. */
+    s = sample(0.95, 20, 0, 0);
+    bg_admit_on_sample(a, 5.0, &s, 920);
+    CHECK(limit_of(a) == 644);
+    bg_admit_free(a);
+}
+
 static void test_charge_and_learning(void)
 {
     bg_admit *a = make(1000); /* 16-token blocks, max_model_len 4096 */
@@ -213,12 +313,29 @@ static void test_charge_and_learning(void)
     bg_admit_get_stats(a, &st);
     CHECK(st.learned);
     CHECK(st.out_q == 38 && st.out_p50 == 29);
-    CHECK(st.reserve_out == (int64_t)ceil(38 * 1.1) + 1); /* 43 */
+    /* margin 0.10 + 1/sqrt(100 answers) */
+    CHECK(st.reserve_out == (int64_t)ceil(38 * 1.2) + 1); /* 47 */
     CHECK(fabs(st.prompt_ratio - 1.5) < 1e-6);
-    /* 150 + 43 = 193 tokens -> 13 blocks instead of 19. */
+    /* 150 + 47 = 197 tokens -> 13 blocks instead of 19. */
     CHECK(bg_admit_charge(a, 100, 1, 1, 200) == 13);
     /* Never above the request's own max_tokens. */
     CHECK(bg_admit_charge(a, 100, 1, 1, 10) == 10);
+    /* Learning starts after `warmup` (4) sequences, with a margin that is
+     * wide while the answers are few: 1/sqrt(4) = +50% on top of 10%. */
+    bg_admit *w = make(1000);
+    for (int i = 0; i < 3; i++)
+        bg_admit_on_finish(w, 100, 100, 100, 1);
+    bg_admit_get_stats(w, &st);
+    CHECK(!st.learned && st.reserve_out == -1);
+    CHECK(bg_admit_charge(w, 100, 1, 1, 1000) == (100 + 1000 + 15) / 16);
+    bg_admit_on_finish(w, 100, 100, 100, 1);
+    bg_admit_get_stats(w, &st);
+    CHECK(st.learned && st.reserve_out == 161); /* ceil(100 * 1.6) + 1 */
+    for (int i = 0; i < 96; i++)
+        bg_admit_on_finish(w, 100, 100, 100, 1);
+    bg_admit_get_stats(w, &st);
+    CHECK(st.reserve_out == 121); /* 100 answers: ceil(100 * 1.2) + 1 */
+    bg_admit_free(w);
     /* A list request's completion tokens are split over its sequences. */
     bg_admit *b = make(1000);
     for (int i = 0; i < 10; i++)
@@ -289,6 +406,8 @@ static void test_closed_loop(void)
 {
     const int64_t N = 2000;
     bg_admit *a = make(N);
+    bg_admit_start(a, 0, 0); /* the probe found the server idle: L0 = 0.85 N */
+    CHECK(limit_of(a) == 1700);
     flight fl[4096];
     size_t nfl = 0;
     int64_t held = 0, used = 0, other = 0;
@@ -353,7 +472,7 @@ static void test_closed_loop(void)
     bg_admit_stats st;
     bg_admit_get_stats(a, &st);
     /* Learned the short answers and filled the cache near the target. */
-    CHECK(st.learned && st.reserve_out == 67);
+    CHECK(st.learned && st.reserve_out == 70); /* ceil(60 * (1.1 + 1/sqrt(512))) + 1 */
     /* Alone on the server: never a preemption, never past the watermark
      * (also not while the reservation drops from max_tokens to the
      * learned length). */
@@ -376,6 +495,8 @@ int main(void)
     test_growth();
     test_cuts();
     test_stale();
+    test_start();
+    test_overbook();
     test_charge_and_learning();
     test_replay();
     test_closed_loop();
