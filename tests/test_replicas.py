@@ -339,3 +339,25 @@ def test_count_tokens_asks_a_replica(three):
             return await d.count_tokens(texts), await one.count_tokens(texts)
     many, one = asyncio.run(go())
     assert many == one and all(n > 0 for n in many)
+
+
+def test_auto_admission_per_replica_spreads_the_load():
+    # Each replica's own KV controller (its /metrics); the count cap under
+    # "auto" only bounds connections, so the pull window follows the KV size.
+    servers = [SimServerThread(kv_cache_tokens=8192, max_model_len=2048, **FAST)
+               for _ in range(3)]
+    urls = [s.start() + "/v1" for s in servers]
+    try:
+        async def go():
+            async with Dispatcher(urls, max_inflight_tokens="auto", model=MODEL) as d:
+                res = await d.map([prompt(i) for i in range(600)], max_tokens=64)
+                return res, d.stats()
+        res, st = asyncio.run(go())
+    finally:
+        for s in servers:
+            s.stop()
+    for i, r in enumerate(res):
+        check_answer(i, r)
+    eps = st["endpoints"]
+    assert all(e["admission"] and e["admission"]["kv_blocks"] == 512 for e in eps)
+    assert min(e["delivered"] for e in eps) >= 100, [e["delivered"] for e in eps]

@@ -33,7 +33,8 @@ out.
 
 Caps and options are per endpoint: ``max_concurrent``, ``max_inflight_tokens``
 (a number, or ``"auto"`` on each server's own metrics) and ``window`` (by
-default each endpoint's cap plus half of it, at least 8: what an endpoint
+default each endpoint's cap plus half of it, at least 8, where under
+``"auto"`` the cap is taken as KV tokens / 256: what an endpoint
 holds unsent is what a faster one cannot take at the end of a job). A
 ``semaphore`` passed in is shared by every endpoint's engine (a total cap);
 without one, ``d.semaphore`` is None (the per-endpoint semaphores are each
@@ -214,6 +215,11 @@ class _Run:
         # The cap plus a little queued, to send between two loop turns: what
         # one endpoint holds unsent is what a faster one cannot take at the end.
         cap = d.max_concurrent
+        if d.admission is not None:
+            # "auto": the count cap only bounds connections; size the window
+            # on the KV cache instead (about what requests of 256 tokens fill).
+            kv = int(d.admission["kv_blocks"]) * int(d.admission["block_size"])
+            cap = min(cap, max(8, kv // 256))
         w = self.window or min(d.window, cap + max(8, cap // 2))
         if ep.probation:
             if any(not g.done for g in ep.feeds):
