@@ -155,9 +155,10 @@ def _add_run(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                      help="continue an interrupted run: send only batches not in the batch log")
     run.add_argument("--overwrite", action="store_true",
                      help="start over even if the batch log exists")
-    run.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. "
+    run.add_argument("--base-url", action="append", help="OpenAI-compatible base URL, e.g. "
                      "http://127.0.0.1:8000/v1 (default: $VLLM_BASE_URL, else the embedded "
-                     "server); API key from $VLLM_API_KEY")
+                     "server); API key from $VLLM_API_KEY. Several replicas: repeat it or "
+                     "separate URLs with commas (caps are per replica)")
     run.add_argument("--model", help="model (or LoRA adapter) name (default: $VLLM_MODEL, else "
                      "$LLM_MODEL, else the server's first model)")
     run.add_argument("--chat", action="store_true", help="send each prompt as a user message "

@@ -112,12 +112,25 @@ class Dispatcher:
     (``count_tokens``, cached) and charge those counts instead of the
     estimator's. Use it from one event
     loop at a time; close it with ``await d.aclose()`` or ``async with``.
+
+    ``base_url`` may be a list of several replicas' URLs: each gets its own
+    engine and caps, bulk calls are pulled by whichever has room, single calls
+    go to the least loaded, and a replica that refuses connections or answers
+    5xx is ejected and probed back (see ``batchgate.replicas``).
     """
 
     #: Counts kept by count_tokens() (an LRU; 0 keeps none). Set before the first call.
     token_cache_size: int = _tokens.DEFAULT_CACHE_SIZE
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> "Dispatcher":
+        # Several endpoints: batchgate.replicas routes over one Dispatcher each.
+        if cls is Dispatcher and isinstance(base_url, (list, tuple)) and len(base_url) != 1:
+            from .replicas import ReplicaDispatcher
+            return super().__new__(ReplicaDispatcher)
+        return super().__new__(cls)
+
+    def __init__(self, base_url: Union[str, Sequence[str], None] = None,
+                 api_key: Optional[str] = None,
                  model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
                  max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
@@ -132,6 +145,11 @@ class Dispatcher:
                  metrics_interval: float = 0.1, metrics_stale_after: float = 2.0,
                  kv_target: float = 0.85, kv_high: float = 0.92,
                  exact_prompt_tokens: bool = False) -> None:
+        if isinstance(base_url, (list, tuple)) and len(base_url) == 1:
+            base_url = base_url[0]  # one endpoint: the plain engine
+        if base_url is not None and not isinstance(base_url, str):
+            raise TypeError(f"base_url must be a str or a list of str, not "
+                            f"{type(base_url).__name__}")
         # openai-compat: VLLM_* / OPENAI_* environment (see _options.resolve_connection).
         base_url, api_key = _options.resolve_connection(base_url, api_key)
         if model is None:  # Config.LLM_MODEL (the original's; may be set in code), then env

@@ -86,7 +86,10 @@ def _run_command(args: Any) -> int:
         return 2
 
     server = None
-    base_url = args.base_url or os.getenv("VLLM_BASE_URL") or None
+    given = [args.base_url] if isinstance(args.base_url, str) else args.base_url
+    urls = [u.strip() for arg in (given or [os.getenv("VLLM_BASE_URL") or ""])
+            for u in arg.split(",") if u.strip()]
+    base_url: Any = (urls[0] if len(urls) == 1 else urls) or None  # a list: replicas
     api_key = os.getenv("VLLM_API_KEY") or None
     model = args.model or os.getenv("VLLM_MODEL") or Config.LLM_MODEL
     try:
@@ -100,8 +103,11 @@ def _run_command(args: Any) -> int:
             _say(f"no --base-url / VLLM_BASE_URL given: started the embedded simulated vLLM "
                  f"server at {base_url} (KV cache {args.sim_kv_cache_tokens} tokens, "
                  f"mode {args.sim_mode}); answers are simulated, not a real model's")
+        first = base_url if isinstance(base_url, str) else base_url[0]
         try:
-            served, max_model_len = preflight(base_url, api_key, timeout=args.connect_timeout)
+            served, max_model_len = preflight(first, api_key, timeout=args.connect_timeout)
+            for other in ([] if isinstance(base_url, str) else base_url[1:]):
+                preflight(other, api_key, timeout=args.connect_timeout)
         except ServerUnreachable as e:
             _say(f"error: {e}")
             return 3
@@ -114,7 +120,8 @@ def _run_command(args: Any) -> int:
                  "--max-tokens-per-batch.")
         asked = args.max_inflight_tokens
         if asked in (None, "auto"):
-            cap, kv = asyncio.run(resolve_token_cap(base_url, api_key, "auto",
+            # Replicas: each gets this cap, from the first one's KV cache.
+            cap, kv = asyncio.run(resolve_token_cap(first, api_key, "auto",
                                                     timeout=args.connect_timeout))
             if cap is None:
                 if asked == "auto":
