@@ -125,7 +125,9 @@ static int take_text(ctx *c, raw_choice *dst, size_t pos, const char *field, boo
     int t = bg_js_peek(&c->js);
     if (t == BG_JT_NULL && null_ok) {
         *seen = true;
-        dst->text.len = 0;
+        dst->text.len = 0; /* a repeated key: the last one wins, text and all */
+        if (dst->text.data)
+            dst->text.data[0] = '\0';
         return bg_js_literal(&c->js, NULL);
     }
     if (t != BG_JT_STR) {

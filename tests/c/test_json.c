@@ -166,6 +166,14 @@ static void test_parse_ok(void)
     CHECK(bg_json_parse_response(c, strlen(c), BG_EP_CHAT, 1, &r, err, sizeof(err)) == 0);
     CHECK(r.n_choices == 1 && strcmp(r.choices[0].text, "") == 0 && !r.usage.present);
     bg_resp_free(&r);
+
+    /* A repeated "content": the last one wins, and a null one leaves no old text
+     * behind the terminator (found by fuzz_json). */
+    const char *d = "{\"choices\":[{\"message\":{\"content\":\"old\"},"
+                    "\"message\":{\"content\":null}}]}";
+    CHECK(bg_json_parse_response(d, strlen(d), BG_EP_CHAT, 1, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 1 && r.choices[0].text_len == 0 && r.choices[0].text[0] == '\0');
+    bg_resp_free(&r);
 }
 
 static void expect_parse_error(const char *body, enum bg_endpoint ep, size_t expected,
