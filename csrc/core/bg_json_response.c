@@ -69,6 +69,20 @@ typedef struct {
         return -1;                                                                         \
     } while (0)
 
+/* "<what> is not JSON (...)": where the scan stopped and the body's first 40
+ * bytes, non-printables masked so a binary body cannot garble a log line. */
+static void not_json_error(char *err, size_t errlen, const char *what, const bg_js *js,
+                           const char *body, size_t len)
+{
+    char snippet[41];
+    size_t k = 0;
+    for (; k < 40 && k < len; k++)
+        snippet[k] = (body[k] >= 0x20 && body[k] < 0x7f) ? body[k] : '?';
+    snippet[k] = '\0';
+    bg_json_errf(err, errlen, "%s is not JSON (%s at byte %zu of %zu; starts with \"%s\")",
+                 what, js->err ? js->err : "bad value", bg_js_offset(js), len, snippet);
+}
+
 /* Consume one value and keep its JSON text in *out, unless it is null or an
  * empty list/object: those are as good as absent, so the common answer costs
  * nothing. The span is already validated by the skip. */
@@ -395,14 +409,7 @@ fail:
     if (!c.shape_err) {
         if (!c.js.err)
             (void)bg_js_skip(&c.js); /* names what is wrong at the stop */
-        char snippet[41];
-        size_t k = 0;
-        for (; k < 40 && k < len; k++)
-            snippet[k] = (body[k] >= 0x20 && body[k] < 0x7f) ? body[k] : '?';
-        snippet[k] = '\0';
-        bg_json_errf(err, errlen,
-                     "response is not JSON (%s at byte %zu of %zu; starts with \"%s\")",
-                     c.js.err ? c.js.err : "bad value", bg_js_offset(&c.js), len, snippet);
+        not_json_error(err, errlen, "response", &c.js, body, len);
     }
     raw_free(&l);
     bg_buf_free(&c.key);
@@ -485,14 +492,7 @@ int bg_json_parse_tokenize(const char *body, size_t len, int64_t *count,
     return 0;
 fail:
     if (!err[0]) {
-        char snippet[41];
-        size_t k = 0;
-        for (; k < 40 && k < len; k++)
-            snippet[k] = (body[k] >= 0x20 && body[k] < 0x7f) ? body[k] : '?';
-        snippet[k] = '\0';
-        bg_json_errf(err, errlen,
-                     "tokenize response is not JSON (%s at byte %zu of %zu; starts with \"%s\")",
-                     js.err ? js.err : "bad value", bg_js_offset(&js), len, snippet);
+        not_json_error(err, errlen, "tokenize response", &js, body, len);
     }
     bg_buf_free(&key);
     *count = -1;
