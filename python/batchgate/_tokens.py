@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
 
 from . import _native
+from ._checks import str_list
 
 #: Counts kept per Dispatcher (keyed by model, add_special_tokens and text).
 DEFAULT_CACHE_SIZE = 100_000
@@ -72,15 +73,7 @@ def check_texts(texts: Iterable[Any]) -> List[str]:
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"texts must be an iterable of str, not a single "
                         f"{type(texts).__name__} (wrap one text in a list)")
-    try:
-        out = list(texts)
-    except TypeError:
-        raise TypeError(f"texts must be an iterable of str, not "
-                        f"{type(texts).__name__}") from None
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be str, not {type(t).__name__}")
-    return out
+    return str_list(texts, "texts", "an iterable of str")
 
 
 def plan_missing(cache: TokenCountCache, key0: Tuple[Any, ...], texts: List[str]

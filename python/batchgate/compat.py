@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from ._checks import str_list
 from ._native import BatchgateError
 from .config import Config
 from .dispatcher import Dispatcher, default_dispatcher
@@ -50,15 +51,7 @@ async def vllm_generate(batch: Any, *, dispatcher: Optional[Dispatcher] = None,
 def _prompt_list(prompts: Any) -> List[str]:
     if isinstance(prompts, str):
         return [prompts]
-    try:
-        out = list(prompts)
-    except TypeError:
-        raise TypeError(f"prompts must be a str or a list of str, not "
-                        f"{type(prompts).__name__}") from None
-    for i, p in enumerate(out):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be str, not {type(p).__name__}")
-    return out
+    return str_list(prompts, "prompts", "a str or a list of str")
 
 
 async def generate_with_vllm(prompts: Any, temperature: float = 0.1, max_tokens: int = 100,
