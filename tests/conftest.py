@@ -8,3 +8,23 @@ except ImportError:  # pragma: no cover - only for `setup.py build_ext --inplace
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fake_vllm_server():
+    """One fake vLLM server (tests/fake_vllm.py) on 127.0.0.1 per test module."""
+    from fake_vllm import FakeVLLM
+    srv = FakeVLLM().start_in_thread()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def fake(fake_vllm_server):
+    """The module's fake server, its recordings and faults reset for this test."""
+    fake_vllm_server.reset()
+    fake_vllm_server.latency = 0.0
+    return fake_vllm_server

@@ -15,23 +15,8 @@ import pytest
 import batchgate
 from batchgate import (BatchgateError, ClosedError, Dispatcher, HTTPStatusError,
                        MalformedResponseError, TransportError)
-from fake_vllm import FakeVLLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FakeVLLM().start_in_thread()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fake(server):
-    server.reset()
-    server.latency = 0.0
-    return server
 
 
 def run(coro):

@@ -17,24 +17,9 @@ import batchgate
 from batchgate import (ClosedError, Dispatcher, HTTPStatusError, MalformedResponseError,
                        TimeoutError as BgTimeoutError, _native)
 from batchgate._redact import redact, redact_url, split_userinfo
-from fake_vllm import FakeVLLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(batchgate.__file__)))
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FakeVLLM().start_in_thread()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def fake(server):
-    server.reset()
-    server.latency = 0.0
-    return server
 
 
 def run(coro):
