@@ -34,9 +34,28 @@ def _env() -> dict:
     return env
 
 
+# Put before every script: wait_child(pid, seconds) is the child's exit code,
+# or None after killing a child that did not end in time (a hang).
+_PRELUDE = """
+import os as _os, time as _time
+
+def wait_child(pid, seconds):
+    deadline = _time.monotonic() + seconds
+    while True:
+        done, status = _os.waitpid(pid, _os.WNOHANG)
+        if done:
+            return _os.waitstatus_to_exitcode(status)
+        if _time.monotonic() > deadline:
+            _os.kill(pid, 9)
+            _os.waitpid(pid, 0)
+            return None
+        _time.sleep(0.005)
+"""
+
+
 def _script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(code)],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # ---- 1. header injection -------------------------------------------------
@@ -115,18 +134,9 @@ def test_fork_while_parsing_big_answers_never_hangs_the_child(fake):
             asyncio.run(child())
             os._exit(0)
         # Generous: the server shares a loaded machine with the parent's load.
-        deadline = time.monotonic() + 60
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                assert os.waitstatus_to_exitcode(status) == 0, status
-                break
-            if time.monotonic() > deadline:
-                hung += 1
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.01)
+        rc = wait_child(pid, 60)
+        hung += rc is None
+        assert rc in (0, None), rc
         time.sleep(0.02)
     stop.set()
     for t in threads:
@@ -167,18 +177,7 @@ def test_semaphore_inherited_across_fork_is_usable(fake):
             # The parent's threads held at most 3 permits at fork(); one is left.
             asyncio.run(asyncio.wait_for(child(), 10))
             os._exit(0)
-        deadline = time.monotonic() + 20
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                bad += os.waitstatus_to_exitcode(status) != 0
-                break
-            if time.monotonic() > deadline:
-                bad += 1
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.005)
+        bad += wait_child(pid, 20) != 0
     stop.set()
     for t in ts:
         t.join()
