@@ -207,7 +207,9 @@ def test_exact_prompt_tokens_charge_the_token_cap(exact):
     # a 1,200-token cap the estimate lets one request run at a time, the
     # server's count lets the count cap (6) govern.
     srv = FakeVLLM().start_in_thread()
-    prompts = [f"{i}" + "맛있어요" * 300 + " [[delay=0.05]]" for i in range(12)]
+    # 0.4 s per answer: long enough that all six overlap at the server even on
+    # a loaded machine (at 0.05 s a busy CI box saw only five).
+    prompts = [f"{i}" + "맛있어요" * 300 + " [[delay=0.4]]" for i in range(12)]
     try:
         async def main():
             async with Dispatcher(srv.base_url, max_concurrent=6, max_inflight_tokens=1200,
