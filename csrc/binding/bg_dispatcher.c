@@ -535,98 +535,40 @@ static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
     return PyBool_FromLong(self->closed);
 }
 
-/* libcurl timeouts are whole milliseconds, 0 meaning none: round a positive
- * timeout up (0.0004 s must not become "no timeout"), and treat inf or
- * anything past 2^31 ms (~25 days) as none instead of an undefined cast. */
-static long seconds_to_ms(double s)
-{
-    if (!(s > 0))
-        return 0;
-    double ms = ceil(s * 1000.0);
-    return ms >= 2147483647.0 ? 0 : (long)ms;
-}
-
+/* _Dispatcher(*, base_url, ...): keywords only, see bg_dispatcher_config.c. */
 static int core_init(Core *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"base_url", "api_key", "max_concurrent", "semaphore",
-                             "max_inflight_tokens", "timeout", "connect_timeout", "max_retries",
-                             "headers", "verify", "max_response_bytes", "backoff",
-                             "max_backoff", "max_retry_after", "retry_timeouts",
-                             "max_connections", "default_max_tokens", "admission", NULL};
-    const char *base_url, *api_key = NULL;
-    Py_ssize_t max_concurrent = 20, max_tokens_cap = 0, max_retries = 3, max_resp = 64 << 20;
-    Py_ssize_t max_conn = 0, default_max_tokens = 16;
-    PyObject *semaphore = Py_None, *headers = Py_None, *admission = Py_None;
-    double timeout = 600, connect_timeout = 10, backoff = 0.5, max_backoff = 30,
-           max_retry_after = 60;
-    int verify = 1, retry_timeouts = 0;
     if (self->engine || self->notify) {
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|znOnddnOpndddpnnO", kwlist, &base_url,
-                                     &api_key, &max_concurrent, &semaphore, &max_tokens_cap,
-                                     &timeout, &connect_timeout, &max_retries, &headers, &verify,
-                                     &max_resp, &backoff, &max_backoff, &max_retry_after,
-                                     &retry_timeouts, &max_conn, &default_max_tokens,
-                                     &admission))
-        return -1;
     bg_state *st = bg_state_from_type(Py_TYPE(self));
     if (!st)
         return -1;
+    bg_dsp_args a;
+    if (bg_dsp_args_parse(st, args, kwds, &a) < 0)
+        return -1;
     self->st = st;
     self->fork_gen = __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED);
-    self->default_max_tokens = default_max_tokens;
-    const char **hdrs = NULL;
-    Py_ssize_t nh = 0;
-    PyObject *hseq = NULL;
+    self->default_max_tokens = a.default_max_tokens;
     char err[300];
-    if (semaphore != Py_None) {
-        self->count = bg_semaphore_core(st, semaphore);
+    if (a.semaphore != Py_None) {
+        self->count = bg_semaphore_core(st, a.semaphore);
         if (!self->count)
-            return -1;
+            goto fail;
     } else {
-        if (max_concurrent < 1) {
-            PyErr_Format(PyExc_ValueError, "max_concurrent must be >= 1, got %zd", max_concurrent);
-            return -1;
-        }
-        self->count = bg_sem_create(max_concurrent, max_concurrent);
+        self->count = bg_sem_create(a.max_concurrent, a.max_concurrent);
         if (!self->count) {
             PyErr_NoMemory();
-            return -1;
+            goto fail;
         }
     }
-    if (max_tokens_cap < 0) {
-        PyErr_SetString(PyExc_ValueError, "max_inflight_tokens must be positive");
-        goto fail;
-    }
-    if (max_tokens_cap > 0) {
-        self->token_cap = max_tokens_cap;
-        self->tokens = bg_sem_create(max_tokens_cap, max_tokens_cap);
+    if (a.max_inflight_tokens > 0) {
+        self->token_cap = a.max_inflight_tokens;
+        self->tokens = bg_sem_create(a.max_inflight_tokens, a.max_inflight_tokens);
         if (!self->tokens) {
             PyErr_NoMemory();
             goto fail;
-        }
-    }
-    if (headers != Py_None) {
-        hseq = PySequence_Fast(headers, "headers must be a sequence of 'Name: value' strings");
-        if (!hseq)
-            goto fail;
-        nh = PySequence_Fast_GET_SIZE(hseq);
-        hdrs = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
-        if (!hdrs) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-        for (Py_ssize_t i = 0; i < nh; i++) {
-            Py_ssize_t hl;
-            hdrs[i] = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(hseq, i), &hl);
-            if (!hdrs[i])
-                goto fail;
-            if ((size_t)hl != strlen(hdrs[i])) {
-                PyErr_Format(PyExc_ValueError, "header %zd must not contain NUL", i);
-                goto fail;
-            }
         }
     }
     self->notify = bg_notify_create();
@@ -635,40 +577,15 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
         goto fail;
     }
     bg_engine_config c;
-    bg_engine_config_defaults(&c);
-    c.base_url = base_url;
-    c.api_key = api_key;
-    c.headers = hdrs;
-    c.n_headers = (size_t)nh;
-    c.timeout_ms = seconds_to_ms(timeout);
-    c.connect_timeout_ms = seconds_to_ms(connect_timeout);
-    c.max_retries = (int)max_retries;
-    c.verify_tls = verify;
-    c.retry_timeouts = retry_timeouts;
-    c.max_response_bytes = max_resp > 0 ? (size_t)max_resp : 0;
-    c.backoff_base_s = backoff;
-    c.backoff_max_s = max_backoff;
-    c.retry_after_max_s = max_retry_after;
-    c.max_connections = (long)max_conn;
+    bg_dsp_engine_config(&a, &c);
     c.count_sem = self->count;
     c.token_sem = self->tokens;
     c.token_cap = self->token_cap;
     c.on_done = core_on_done;
     c.done_ctx = self->notify;
-    if (admission != Py_None) {
-        /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
-        if (self->tokens) {
-            PyErr_SetString(PyExc_ValueError,
-                            "admission and max_inflight_tokens exclude each other");
-            goto fail;
-        }
-        if (bg_dsp_admit_setup(self, admission, &c) < 0)
-            goto fail;
-    }
-    if (max_retries < 0 || max_retries > 1000) {
-        PyErr_Format(PyExc_ValueError, "max_retries must be in 0..1000, got %zd", max_retries);
+    /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
+    if (a.admission != Py_None && bg_dsp_admit_setup(self, a.admission, &c) < 0)
         goto fail;
-    }
     Py_BEGIN_ALLOW_THREADS
     self->engine = bg_engine_create(&c, err, sizeof(err));
     Py_END_ALLOW_THREADS
@@ -676,12 +593,10 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, err);
         goto fail;
     }
-    PyMem_Free(hdrs);
-    Py_XDECREF(hseq);
+    bg_dsp_args_release(&a);
     return 0;
 fail:
-    PyMem_Free(hdrs);
-    Py_XDECREF(hseq);
+    bg_dsp_args_release(&a);
     if (self->notify) {
         bg_notify_destroy(self->notify);
         self->notify = NULL;
@@ -779,7 +694,17 @@ static PyMemberDef core_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* The class signature (help(), inspect): keywords only. */
+static const char core_doc[] =
+    "_Dispatcher(*, base_url, api_key=None, max_concurrent=20, semaphore=None, "
+    "max_inflight_tokens=0, timeout=600.0, connect_timeout=10.0, max_retries=3, headers=None, "
+    "verify=True, max_response_bytes=67108864, backoff=0.5, max_backoff=30.0, "
+    "max_retry_after=60.0, retry_timeouts=False, max_connections=0, default_max_tokens=16, "
+    "admission=None)\n--\n\n"
+    "The native engine: a libcurl multi thread, its caps and its completion queue.";
+
 static PyType_Slot core_slots[] = {
+    {Py_tp_doc, (void *)core_doc},
     {Py_tp_dealloc, core_dealloc},
     {Py_tp_traverse, core_traverse},
     {Py_tp_clear, core_clear},

@@ -1,5 +1,6 @@
 /* bg_dispatcher.h - private to the dispatcher binding files:
  *   bg_dispatcher.c         _Dispatcher (engine + notifier), _Template, module hooks
+ *   bg_dispatcher_config.c  _Dispatcher's keyword arguments -> engine config
  *   bg_dispatcher_job.c     _Job: windows of requests, delivery to futures
  *   bg_dispatcher_result.c  batchgate.Result and the error objects
  */
@@ -140,6 +141,26 @@ extern PyType_Spec bg_result_spec;
  * model_cache: the last model str built, reused while the name repeats. */
 PyObject *bg_result_new(bg_state *st, const bg_request *r, int keep_id, PyObject **model_cache);
 PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, int with_index);
+
+/* bg_dispatcher_config.c: _Dispatcher(**kwargs), keywords only. Strings and
+ * objects are borrowed from the call's arguments; header_lines points into
+ * header_seq, both owned (bg_dsp_args_release). */
+typedef struct {
+    const char *base_url, *api_key;
+    Py_ssize_t max_concurrent, max_inflight_tokens, max_retries, max_response_bytes,
+        max_connections, default_max_tokens;
+    PyObject *semaphore, *headers, *admission; /* Py_None when not given */
+    double timeout, connect_timeout, backoff, max_backoff, max_retry_after;
+    int verify, retry_timeouts;
+    const char **header_lines;
+    size_t n_headers;
+    PyObject *header_seq;
+} bg_dsp_args;
+/* 0, or -1 with a TypeError/ValueError naming the argument (nothing to release). */
+int bg_dsp_args_parse(bg_state *st, PyObject *args, PyObject *kwds, bg_dsp_args *a);
+void bg_dsp_args_release(bg_dsp_args *a);
+/* The engine settings the arguments give (not the semaphores nor on_done). */
+void bg_dsp_engine_config(const bg_dsp_args *a, bg_engine_config *c);
 
 /* bg_dispatcher_admit.c */
 PyObject *bg_dsp_probe(PyObject *cls, PyObject *args);

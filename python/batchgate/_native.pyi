@@ -154,6 +154,7 @@ class _Job:
 class _Dispatcher:
     def __init__(
         self,
+        *,
         base_url: str,
         api_key: Optional[str] = None,
         max_concurrent: int = 20,

@@ -230,11 +230,14 @@ class Dispatcher:
         # Tasks holding its permits get requests that ride on them (see _ride).
         semaphore._track_holders()
         self._core = _native._Dispatcher(
-            base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
-            float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
-            bool(verify), int(max_response_bytes or 0), float(backoff), float(max_backoff),
-            float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens,
-            admission)
+            base_url=base_url, api_key=api_key, max_concurrent=max_concurrent,
+            semaphore=semaphore, max_inflight_tokens=max_inflight_tokens or 0,
+            timeout=float(timeout or 0), connect_timeout=float(connect_timeout or 0),
+            max_retries=max_retries, headers=hdr_lines, verify=bool(verify),
+            max_response_bytes=int(max_response_bytes or 0), backoff=float(backoff),
+            max_backoff=float(max_backoff), max_retry_after=float(max_retry_after),
+            retry_timeouts=bool(retry_timeouts), max_connections=max_connections,
+            default_max_tokens=default_max_tokens, admission=admission)
         self.base_url = redact_url(base_url)  # shown in repr/logs; the engine has the real one
         self._url = base_url  # the real one, for the model lookup only
         self.model = model
