@@ -13,7 +13,6 @@
 
 #include "bg_semaphore.h"
 
-#include <math.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -57,46 +56,10 @@ static int core_check(Core *c)
     return 0;
 }
 
-/* ---- Template ---------------------------------------------------------- */
-
-static void template_dealloc(Template *self)
+int bg_core_check(Core *c)
 {
-    PyTypeObject *tp = Py_TYPE(self);
-    bg_tmpl_decref(self->tmpl);
-    bg_req_opts_free(self->opts);
-    tp->tp_free(self);
-    Py_DECREF(tp);
+    return core_check(c);
 }
-
-static PyObject *template_get_max_tokens(Template *self, void *Py_UNUSED(c))
-{
-    return self->tmpl->max_tokens < 0 ? Py_NewRef(Py_None)
-                                       : PyLong_FromLongLong(self->tmpl->max_tokens);
-}
-
-static PyObject *template_get_n(Template *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromLongLong(self->tmpl->n_per_prompt);
-}
-
-static PyGetSetDef template_getset[] = {
-    {"max_tokens", (getter)template_get_max_tokens, NULL, NULL, NULL},
-    {"n", (getter)template_get_n, NULL, NULL, NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyType_Slot template_slots[] = {
-    {Py_tp_dealloc, template_dealloc},
-    {Py_tp_getset, template_getset},
-    {0, NULL},
-};
-
-static PyType_Spec template_spec = {
-    .name = "batchgate._native._Template",
-    .basicsize = sizeof(Template),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = template_slots,
-};
 
 /* ---- Core -------------------------------------------------------------- */
 
@@ -237,95 +200,6 @@ static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
     if (core_check(self) < 0)
         return NULL;
     return PyLong_FromLong(bg_notify_fd(self->notify));
-}
-
-/* Per-call options from (timeout_ms, max_retries, header_lines, query, keep_raw);
- * NULL with no exception for None. */
-static int opts_from_tuple(Core *self, PyObject *o, bg_req_opts **out)
-{
-    *out = NULL;
-    if (o == Py_None)
-        return 0;
-    long timeout_ms;
-    int max_retries, keep_raw;
-    PyObject *hdrs, *query;
-    if (!PyArg_ParseTuple(o, "liO!Op;template options", &timeout_ms, &max_retries, &PyTuple_Type,
-                          &hdrs, &query, &keep_raw))
-        return -1;
-    Py_ssize_t nh = PyTuple_GET_SIZE(hdrs);
-    const char **lines = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
-    if (!lines) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int rc = -1;
-    bg_req_opts_spec spec = {.timeout_ms = timeout_ms, .max_retries = max_retries,
-                             .headers = lines, .n_headers = (size_t)nh, .keep_raw = keep_raw};
-    for (Py_ssize_t i = 0; i < nh; i++) {
-        Py_ssize_t n;
-        PyObject *h = PyTuple_GET_ITEM(hdrs, i);
-        if (!PyUnicode_Check(h)) {
-            PyErr_SetString(PyExc_TypeError, "header lines must be str");
-            goto done;
-        }
-        if (!(lines[i] = PyUnicode_AsUTF8AndSize(h, &n)))
-            goto done;
-        if ((size_t)n != strlen(lines[i])) {
-            PyErr_SetString(PyExc_ValueError, "a header must not contain NUL");
-            goto done;
-        }
-    }
-    if (query != Py_None && !(spec.query = PyUnicode_AsUTF8(query)))
-        goto done;
-    char err[200];
-    if (!(*out = bg_req_opts_new(self->engine, &spec, err, sizeof(err)))) {
-        PyErr_SetString(PyExc_ValueError, err);
-        goto done;
-    }
-    rc = 0;
-done:
-    PyMem_Free(lines);
-    return rc;
-}
-
-/* template(model, params_json: str | None[, options]) -> _Template */
-static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (core_check(self) < 0)
-        return NULL;
-    if (nargs != 2 && nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "template(model, params_json[, options])");
-        return NULL;
-    }
-    const char *model = NULL, *extra = NULL;
-    Py_ssize_t elen = 0, mlen = 0;
-    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8AndSize(args[0], &mlen)))
-        return NULL;
-    if (model && ((size_t)mlen != strlen(model) || strpbrk(model, "\r\n"))) {
-        PyErr_SetString(PyExc_ValueError, "model must not contain NUL, CR or LF");
-        return NULL;
-    }
-    if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
-        return NULL;
-    bg_req_opts *opts = NULL;
-    if (nargs == 3 && opts_from_tuple(self, args[2], &opts) < 0)
-        return NULL;
-    char err[300];
-    bg_tmpl *t = bg_tmpl_new(model, extra, (size_t)elen, err, sizeof(err));
-    if (!t) {
-        bg_req_opts_free(opts);
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Template *obj = PyObject_New(Template, self->st->TemplateType);
-    if (!obj) {
-        bg_req_opts_free(opts);
-        bg_tmpl_decref(t);
-        return NULL;
-    }
-    obj->tmpl = t;
-    obj->opts = opts;
-    return (PyObject *)obj;
 }
 
 /* submit(mode, kind, source, template, future, window, return_exceptions,
@@ -667,7 +541,7 @@ static PyMethodDef core_methods[] = {
     {"bind", (PyCFunction)core_bind, METH_O,
      "bind($self, loop, /)\n--\n\nSet the loop whose call_soon runs backlogs."},
     /* Text signatures let stubtest hold _native.pyi to these argument lists. */
-    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
+    {"template", (PyCFunction)(void (*)(void))bg_core_template, METH_FASTCALL,
      "template($self, model, params_json, options=None, /)\n--\n\n"},
     {"submit", (PyCFunction)core_submit, METH_VARARGS,
      "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, prompt_counts=None, /)\n--\n\n"},
@@ -786,7 +660,7 @@ int bg_dispatcher_exec(PyObject *module, bg_state *st)
         !st->MalformedResponseError || !st->ClosedError)
         return -1;
 
-    st->TemplateType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &template_spec, NULL);
+    st->TemplateType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_template_spec, NULL);
     st->ResultType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_result_spec, NULL);
     st->JobType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_job_spec, NULL);
     st->DispatcherType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);

@@ -1,6 +1,7 @@
 /* bg_dispatcher.h - private to the dispatcher binding files:
- *   bg_dispatcher.c         _Dispatcher (engine + notifier), _Template, module hooks
- *   bg_dispatcher_config.c  _Dispatcher's keyword arguments -> engine config
+ *   bg_dispatcher.c         _Dispatcher (engine + notifier), module hooks
+ *   bg_dispatcher_config.c  _Dispatcher's keyword arguments, _Template
+ *   bg_dispatcher_admit.c   closed-loop admission: probe, setup, stats
  *   bg_dispatcher_job.c     _Job: windows of requests, delivery to futures
  *   bg_dispatcher_result.c  batchgate.Result and the error objects
  */
@@ -130,6 +131,10 @@ enum {
     RX_COUNT
 };
 
+/* bg_dispatcher.c: 0 if the core can take work, else -1 with the error
+ * (never initialised, created before fork(), closed). */
+int bg_core_check(Core *c);
+
 /* Bumped in every forked child (pthread_atfork): a Core from before the fork
  * is unusable there. Cheaper than getpid() on every wakeup and submit. */
 extern unsigned long bg_fork_generation;
@@ -161,6 +166,9 @@ int bg_dsp_args_parse(bg_state *st, PyObject *args, PyObject *kwds, bg_dsp_args 
 void bg_dsp_args_release(bg_dsp_args *a);
 /* The engine settings the arguments give (not the semaphores nor on_done). */
 void bg_dsp_engine_config(const bg_dsp_args *a, bg_engine_config *c);
+extern PyType_Spec bg_template_spec;
+/* _Dispatcher.template(model, params_json[, options]) -> _Template */
+PyObject *bg_core_template(Core *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* bg_dispatcher_admit.c */
 PyObject *bg_dsp_probe(PyObject *cls, PyObject *args);
