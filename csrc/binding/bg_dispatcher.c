@@ -61,6 +61,75 @@ int bg_core_check(Core *c)
     return core_check(c);
 }
 
+/* ---- what a job asks of the core (bg_dispatcher.h) ---------------------- */
+
+int bg_core_open(const Core *c)
+{
+    return c->engine && !c->closed && !CORE_FORKED(c);
+}
+
+int bg_core_submit(Core *c, DItem **items, Py_ssize_t n)
+{
+    if (!bg_core_open(c)) {
+        PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        items[i]->r.id = ++c->next_id;
+    if (bg_engine_submit_many(c->engine, (bg_request **)items, (size_t)n) < 0) {
+        PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
+        return -1;
+    }
+    c->live_items += n;
+    return 0;
+}
+
+void bg_core_cancel(Core *c, uint64_t id)
+{
+    if (bg_core_open(c))
+        bg_engine_cancel(c->engine, id);
+}
+
+void bg_core_cancel_group(Core *c, uint64_t group)
+{
+    if (bg_core_open(c))
+        bg_engine_cancel_group(c->engine, group);
+}
+
+void bg_core_item_delivered(Core *c)
+{
+    c->live_items--;
+}
+
+PyObject *bg_core_result_new(Core *c, const bg_request *r, int keep_id)
+{
+    return bg_result_new(c->st, r, keep_id, &c->model_cache);
+}
+
+void bg_core_add_job(Core *c, Job *j)
+{
+    j->jprev = NULL;
+    j->jnext = c->jobs;
+    if (c->jobs)
+        c->jobs->jprev = j;
+    c->jobs = j;
+    j->listed = 1;
+}
+
+void bg_core_forget_job(Core *c, Job *j)
+{
+    if (!j->listed)
+        return;
+    if (j->jprev)
+        j->jprev->jnext = j->jnext;
+    else
+        c->jobs = j->jnext;
+    if (j->jnext)
+        j->jnext->jprev = j->jprev;
+    j->jprev = j->jnext = NULL;
+    j->listed = 0;
+}
+
 /* ---- Core -------------------------------------------------------------- */
 
 /* Engine thread, no GIL, no engine lock: just queue it for the loop. */
@@ -245,75 +314,13 @@ static PyObject *core_submit(Core *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "window must be in 1..%d, got %zd", 1 << 24, window);
         return NULL;
     }
-    Job *j = PyObject_GC_New(Job, st->JobType);
-    if (!j)
-        return NULL;
-    memset((char *)j + sizeof(PyObject), 0, sizeof(Job) - sizeof(PyObject));
-    j->core = (Core *)Py_NewRef(self);
-    j->tmpl_obj = Py_NewRef(tmpl);
-    j->tmpl = ((Template *)tmpl)->tmpl;
-    j->opts = ((Template *)tmpl)->opts;
-    j->mode = mode;
-    j->endpoint = chat >= 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
-    j->tok_chat = chat == 3;
-    j->group = ++self->next_id;
-    j->window = window;
-    j->return_exceptions = return_exceptions;
-    j->count_preheld = count_preheld;
-    j->fut = fut == Py_None ? NULL : Py_NewRef(fut);
-    PyObject_GC_Track(j);
-    j->slots = calloc((size_t)window, sizeof(DItem));
-    j->free_slots = malloc((size_t)window * sizeof(DItem *));
-    if (!j->slots || !j->free_slots) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    for (Py_ssize_t i = 0; i < window; i++)
-        j->free_slots[i] = &j->slots[window - 1 - i];
-    if (counts != Py_None) {
-        Py_ssize_t nc = PyList_GET_SIZE(counts);
-        j->prompt_counts = malloc((size_t)(nc ? nc : 1) * sizeof(int64_t));
-        if (!j->prompt_counts) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-        for (Py_ssize_t i = 0; i < nc; i++) {
-            PyObject *o = PyList_GET_ITEM(counts, i);
-            if (!PyLong_Check(o)) { /* no __index__: nothing may run and edit the list */
-                PyErr_Format(PyExc_TypeError, "prompt_counts[%zd] must be an int", i);
-                goto fail;
-            }
-            long long v = PyLong_AsLongLong(o);
-            if (v == -1 && PyErr_Occurred())
-                goto fail;
-            if (v < 0) {
-                PyErr_Format(PyExc_ValueError, "prompt_counts[%zd] must be >= 0", i);
-                goto fail;
-            }
-            j->prompt_counts[i] = (int64_t)v;
-        }
-        j->n_prompt_counts = nc;
-    }
-    j->nfree = window;
-    if (mode == JOB_ONE) {
-        j->source = Py_NewRef(source);
-    } else {
-        j->source = PyObject_GetIter(source);
-        if (!j->source)
-            goto fail;
-    }
-    if (mode == JOB_MAP && !(j->results = PyList_New(0)))
-        goto fail;
-    if (mode == JOB_STREAM && !(j->ready = PyList_New(0)))
-        goto fail;
-    bg_job_link(j);
-    if (bg_job_refill(j) < 0)
-        goto fail;
-    bg_job_maybe_finish(j); /* an empty input finishes at once */
-    return (PyObject *)j;
-fail:
-    Py_DECREF(j);
-    return NULL;
+    bg_job_params jp = {.st = st, .mode = mode, .kind = chat, .source = source,
+                        .tmpl = (Template *)tmpl, .fut = fut, .window = window,
+                        .return_exceptions = return_exceptions, .count_preheld = count_preheld,
+                        .prompt_counts = counts, .group = ++self->next_id,
+                        .token_budget = self->tokens != NULL,
+                        .default_max_tokens = self->default_max_tokens};
+    return (PyObject *)bg_job_new(self, &jp);
 }
 
 /* After the engine is gone: end every job still waiting for input (a map or
