@@ -22,7 +22,7 @@ def test_keywords_build_a_working_core():
     try:
         s = d.stats()
         assert s["permits_free"] == 3 and s["tokens_free"] == 100
-        assert not d.closed
+        assert not d.closed and not d.forked
     finally:
         d.close()
 
@@ -100,3 +100,49 @@ def test_a_failed_init_leaves_a_core_that_refuses_use():
         d.fileno()
     d.__init__(base_url=URL)  # a retried __init__ works and leaks nothing
     d.close()
+# ---- fork ----------------------------------------------------------------
+
+def _run_script(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + sys.path)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_gets_the_batchgate_error_from_the_native_check():
+    # os.getpid is patched in the child so a pid comparison could not notice
+    # the fork: only the native generation counter does.
+    p = _run_script(f"""
+        import asyncio, os, sys, warnings, batchgate
+        warnings.simplefilter("ignore", DeprecationWarning)
+        d = batchgate.Dispatcher({URL!r}, model="m")
+        r = batchgate.Dispatcher([{URL!r}, "http://127.0.0.1:10/v1"], model="m")
+        parent_pid = os.getpid()
+        assert not d._core.forked
+        pid = os.fork()
+        if pid == 0:
+            os.getpid = lambda: parent_pid
+            if not d._core.forked:
+                os._exit(5)
+            msgs = []
+            for call in (lambda: asyncio.run(d.generate("child")),
+                         lambda: asyncio.run(d.__aenter__()),
+                         lambda: asyncio.run(d.map(["a"])),
+                         lambda: asyncio.run(r.__aenter__())):  # several replicas
+                try:
+                    call()
+                except batchgate.BatchgateError as e:
+                    msgs.append(str(e))
+            want = ("this Dispatcher was created before fork(); create a new one in the "
+                    "child process")
+            d.close()  # closing in the child never touches the parent's engine
+            r.close()
+            os._exit(0 if msgs == [want] * 4 else 3)
+        _, status = os.waitpid(pid, 0)
+        assert not d._core.forked
+        d.close()
+        r.close()
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    assert p.returncode == 0, (p.returncode, p.stderr)

@@ -411,6 +411,11 @@ static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
     return PyLong_FromSsize_t(self->live_items);
 }
 
+static PyObject *core_get_forked(Core *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->st && CORE_FORKED(self));
+}
+
 static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->closed);
@@ -566,6 +571,8 @@ static PyMethodDef core_methods[] = {
 
 static PyGetSetDef core_getset[] = {
     {"live", (getter)core_get_live, NULL, "requests submitted and not yet delivered", NULL},
+    {"forked", (getter)core_get_forked, NULL,
+     "made before a fork() of this process (unusable here); no getpid() per call", NULL},
     {"closed", (getter)core_get_closed, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -254,7 +254,6 @@ class Dispatcher:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watcher: Optional[threading.Thread] = None
         self._templates: Dict[Any, Any] = {}
-        self._pid = os.getpid()
         self._closed = False
         # openai-compat: with_options() views share this root's engine and state.
         self._root: Dispatcher = self
@@ -283,8 +282,13 @@ class Dispatcher:
                 f"max_concurrent={self.max_concurrent} {state}>")
 
     # ---- plumbing -------------------------------------------------------
+    def _forked(self) -> bool:
+        # The engine's fork generation (bumped by pthread_atfork in every
+        # child): no getpid() system call on each submit.
+        return bool(self._core.forked)
+
     def _check(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forked():
             raise BatchgateError("this Dispatcher was created before fork(); "
                                  "create a new one in the child process")
         if self._closed:
@@ -805,7 +809,7 @@ class Dispatcher:
             return
         self._closed = True
         _live.discard(self)
-        if os.getpid() != self._pid:
+        if self._forked():
             self._core.close(True)
             return
         loop = self._loop
@@ -987,7 +991,7 @@ def default_dispatcher() -> Dispatcher:
     with _defaults_lock:
         for key, (ref, old) in list(_defaults_by_loop.items()):
             lp = ref()
-            if lp is None or lp.is_closed() or old._closed or old._pid != os.getpid():
+            if lp is None or lp.is_closed() or old._closed or old._forked():
                 stale.append(old)
                 del _defaults_by_loop[key]
         entry = _defaults_by_loop.get(id(loop))
