@@ -24,50 +24,23 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
-MODEL = "sim"
+from _simproc import MODEL, SimServer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, step_base_s: float) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchgate.simserver", "--host", "127.0.0.1",
-             "--port", str(self.port), "--model", MODEL, "--step-base-s", str(step_base_s),
-             "--step-per-token-s", "0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"simserver on {self.port} did not start")
-                time.sleep(0.1)
+class Server(SimServer):
+    """A simserver whose CPU time is read from /proc (kept when it is killed)."""
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.last_cpu = self.cpu()
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        super().kill()
 
     def cpu(self) -> float:
         if self.proc.poll() is not None:
@@ -138,7 +111,7 @@ def run_batchgate(ray, rows, servers, args, kill_after: Optional[int]):
         bgr.Generate, concurrency=args.actors, batch_size=args.batch_size,
         num_cpus=0.25,
         fn_constructor_kwargs=dict(
-            base_url=[s.url + "/v1" for s in servers], model=MODEL,
+            base_url=[s.url for s in servers], model=MODEL,
             concurrency=args.actors, max_concurrent=args.max_concurrent,
             max_tokens=args.max_tokens, max_retries=3, backoff=0.1))
     return consume(out.iter_rows(), servers, kill_after,
@@ -151,7 +124,7 @@ def run_ray_http(ray, rows, servers, args, kill_after: Optional[int]):
     k = len(servers)
     for j, s in enumerate(servers):
         cfg = HttpRequestProcessorConfig(
-            url=s.url + "/v1/completions", batch_size=args.batch_size,
+            url=s.url + "/completions", batch_size=args.batch_size,
             concurrency=args.ray_actors_per_server or max(1, args.actors // k),
             max_retries=3, base_retry_wait_time_in_s=0.1,
             http_request_stage=dict(num_cpus=0.25))

@@ -74,7 +74,7 @@ def test_api_key_with_cr_lf_nul_is_refused(fake, bad):
 def test_native_layer_refuses_cr_lf_in_api_key_too(fake):
     # Below the Python checks: the engine refuses it on its own.
     with pytest.raises(ValueError) as ei:
-        _native._Dispatcher(fake.base_url, SECRET + "\r\nX-Injected: 1")
+        _native._Dispatcher(base_url=fake.base_url, api_key=SECRET + "\r\nX-Injected: 1")
     assert "api_key" in str(ei.value) and SECRET not in str(ei.value)
 
 

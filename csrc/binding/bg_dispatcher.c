@@ -13,7 +13,6 @@
 
 #include "bg_semaphore.h"
 
-#include <math.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -57,46 +56,79 @@ static int core_check(Core *c)
     return 0;
 }
 
-/* ---- Template ---------------------------------------------------------- */
-
-static void template_dealloc(Template *self)
+int bg_core_check(Core *c)
 {
-    PyTypeObject *tp = Py_TYPE(self);
-    bg_tmpl_decref(self->tmpl);
-    bg_req_opts_free(self->opts);
-    tp->tp_free(self);
-    Py_DECREF(tp);
+    return core_check(c);
 }
 
-static PyObject *template_get_max_tokens(Template *self, void *Py_UNUSED(c))
+/* ---- what a job asks of the core (bg_dispatcher.h) ---------------------- */
+
+int bg_core_open(const Core *c)
 {
-    return self->tmpl->max_tokens < 0 ? Py_NewRef(Py_None)
-                                       : PyLong_FromLongLong(self->tmpl->max_tokens);
+    return c->engine && !c->closed && !CORE_FORKED(c);
 }
 
-static PyObject *template_get_n(Template *self, void *Py_UNUSED(c))
+int bg_core_submit(Core *c, DItem **items, Py_ssize_t n)
 {
-    return PyLong_FromLongLong(self->tmpl->n_per_prompt);
+    if (!bg_core_open(c)) {
+        PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        items[i]->r.id = ++c->next_id;
+    if (bg_engine_submit_many(c->engine, (bg_request **)items, (size_t)n) < 0) {
+        PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
+        return -1;
+    }
+    c->live_items += n;
+    return 0;
 }
 
-static PyGetSetDef template_getset[] = {
-    {"max_tokens", (getter)template_get_max_tokens, NULL, NULL, NULL},
-    {"n", (getter)template_get_n, NULL, NULL, NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
+void bg_core_cancel(Core *c, uint64_t id)
+{
+    if (bg_core_open(c))
+        bg_engine_cancel(c->engine, id);
+}
 
-static PyType_Slot template_slots[] = {
-    {Py_tp_dealloc, template_dealloc},
-    {Py_tp_getset, template_getset},
-    {0, NULL},
-};
+void bg_core_cancel_group(Core *c, uint64_t group)
+{
+    if (bg_core_open(c))
+        bg_engine_cancel_group(c->engine, group);
+}
 
-static PyType_Spec template_spec = {
-    .name = "batchgate._native._Template",
-    .basicsize = sizeof(Template),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = template_slots,
-};
+void bg_core_item_delivered(Core *c)
+{
+    c->live_items--;
+}
+
+PyObject *bg_core_result_new(Core *c, const bg_request *r, int keep_id)
+{
+    return bg_result_new(c->st, r, keep_id, &c->model_cache);
+}
+
+void bg_core_add_job(Core *c, Job *j)
+{
+    j->jprev = NULL;
+    j->jnext = c->jobs;
+    if (c->jobs)
+        c->jobs->jprev = j;
+    c->jobs = j;
+    j->listed = 1;
+}
+
+void bg_core_forget_job(Core *c, Job *j)
+{
+    if (!j->listed)
+        return;
+    if (j->jprev)
+        j->jprev->jnext = j->jnext;
+    else
+        c->jobs = j->jnext;
+    if (j->jnext)
+        j->jnext->jprev = j->jprev;
+    j->jprev = j->jnext = NULL;
+    j->listed = 0;
+}
 
 /* ---- Core -------------------------------------------------------------- */
 
@@ -239,95 +271,6 @@ static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(bg_notify_fd(self->notify));
 }
 
-/* Per-call options from (timeout_ms, max_retries, header_lines, query, keep_raw);
- * NULL with no exception for None. */
-static int opts_from_tuple(Core *self, PyObject *o, bg_req_opts **out)
-{
-    *out = NULL;
-    if (o == Py_None)
-        return 0;
-    long timeout_ms;
-    int max_retries, keep_raw;
-    PyObject *hdrs, *query;
-    if (!PyArg_ParseTuple(o, "liO!Op;template options", &timeout_ms, &max_retries, &PyTuple_Type,
-                          &hdrs, &query, &keep_raw))
-        return -1;
-    Py_ssize_t nh = PyTuple_GET_SIZE(hdrs);
-    const char **lines = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
-    if (!lines) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int rc = -1;
-    bg_req_opts_spec spec = {.timeout_ms = timeout_ms, .max_retries = max_retries,
-                             .headers = lines, .n_headers = (size_t)nh, .keep_raw = keep_raw};
-    for (Py_ssize_t i = 0; i < nh; i++) {
-        Py_ssize_t n;
-        PyObject *h = PyTuple_GET_ITEM(hdrs, i);
-        if (!PyUnicode_Check(h)) {
-            PyErr_SetString(PyExc_TypeError, "header lines must be str");
-            goto done;
-        }
-        if (!(lines[i] = PyUnicode_AsUTF8AndSize(h, &n)))
-            goto done;
-        if ((size_t)n != strlen(lines[i])) {
-            PyErr_SetString(PyExc_ValueError, "a header must not contain NUL");
-            goto done;
-        }
-    }
-    if (query != Py_None && !(spec.query = PyUnicode_AsUTF8(query)))
-        goto done;
-    char err[200];
-    if (!(*out = bg_req_opts_new(self->engine, &spec, err, sizeof(err)))) {
-        PyErr_SetString(PyExc_ValueError, err);
-        goto done;
-    }
-    rc = 0;
-done:
-    PyMem_Free(lines);
-    return rc;
-}
-
-/* template(model, params_json: str | None[, options]) -> _Template */
-static PyObject *core_template(Core *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (core_check(self) < 0)
-        return NULL;
-    if (nargs != 2 && nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "template(model, params_json[, options])");
-        return NULL;
-    }
-    const char *model = NULL, *extra = NULL;
-    Py_ssize_t elen = 0, mlen = 0;
-    if (args[0] != Py_None && !(model = PyUnicode_AsUTF8AndSize(args[0], &mlen)))
-        return NULL;
-    if (model && ((size_t)mlen != strlen(model) || strpbrk(model, "\r\n"))) {
-        PyErr_SetString(PyExc_ValueError, "model must not contain NUL, CR or LF");
-        return NULL;
-    }
-    if (args[1] != Py_None && !(extra = PyUnicode_AsUTF8AndSize(args[1], &elen)))
-        return NULL;
-    bg_req_opts *opts = NULL;
-    if (nargs == 3 && opts_from_tuple(self, args[2], &opts) < 0)
-        return NULL;
-    char err[300];
-    bg_tmpl *t = bg_tmpl_new(model, extra, (size_t)elen, err, sizeof(err));
-    if (!t) {
-        bg_req_opts_free(opts);
-        PyErr_SetString(PyExc_ValueError, err);
-        return NULL;
-    }
-    Template *obj = PyObject_New(Template, self->st->TemplateType);
-    if (!obj) {
-        bg_req_opts_free(opts);
-        bg_tmpl_decref(t);
-        return NULL;
-    }
-    obj->tmpl = t;
-    obj->opts = opts;
-    return (PyObject *)obj;
-}
-
 /* submit(mode, kind, source, template, future, window, return_exceptions,
  *        count_preheld=False, prompt_counts=None) -> _Job
  * prompt_counts: a list of int, the exact prompt tokens of each input item
@@ -371,75 +314,13 @@ static PyObject *core_submit(Core *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "window must be in 1..%d, got %zd", 1 << 24, window);
         return NULL;
     }
-    Job *j = PyObject_GC_New(Job, st->JobType);
-    if (!j)
-        return NULL;
-    memset((char *)j + sizeof(PyObject), 0, sizeof(Job) - sizeof(PyObject));
-    j->core = (Core *)Py_NewRef(self);
-    j->tmpl_obj = Py_NewRef(tmpl);
-    j->tmpl = ((Template *)tmpl)->tmpl;
-    j->opts = ((Template *)tmpl)->opts;
-    j->mode = mode;
-    j->endpoint = chat >= 2 ? BG_EP_TOKENIZE : chat ? BG_EP_CHAT : BG_EP_COMPLETIONS;
-    j->tok_chat = chat == 3;
-    j->group = ++self->next_id;
-    j->window = window;
-    j->return_exceptions = return_exceptions;
-    j->count_preheld = count_preheld;
-    j->fut = fut == Py_None ? NULL : Py_NewRef(fut);
-    PyObject_GC_Track(j);
-    j->slots = calloc((size_t)window, sizeof(DItem));
-    j->free_slots = malloc((size_t)window * sizeof(DItem *));
-    if (!j->slots || !j->free_slots) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    for (Py_ssize_t i = 0; i < window; i++)
-        j->free_slots[i] = &j->slots[window - 1 - i];
-    if (counts != Py_None) {
-        Py_ssize_t nc = PyList_GET_SIZE(counts);
-        j->prompt_counts = malloc((size_t)(nc ? nc : 1) * sizeof(int64_t));
-        if (!j->prompt_counts) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-        for (Py_ssize_t i = 0; i < nc; i++) {
-            PyObject *o = PyList_GET_ITEM(counts, i);
-            if (!PyLong_Check(o)) { /* no __index__: nothing may run and edit the list */
-                PyErr_Format(PyExc_TypeError, "prompt_counts[%zd] must be an int", i);
-                goto fail;
-            }
-            long long v = PyLong_AsLongLong(o);
-            if (v == -1 && PyErr_Occurred())
-                goto fail;
-            if (v < 0) {
-                PyErr_Format(PyExc_ValueError, "prompt_counts[%zd] must be >= 0", i);
-                goto fail;
-            }
-            j->prompt_counts[i] = (int64_t)v;
-        }
-        j->n_prompt_counts = nc;
-    }
-    j->nfree = window;
-    if (mode == JOB_ONE) {
-        j->source = Py_NewRef(source);
-    } else {
-        j->source = PyObject_GetIter(source);
-        if (!j->source)
-            goto fail;
-    }
-    if (mode == JOB_MAP && !(j->results = PyList_New(0)))
-        goto fail;
-    if (mode == JOB_STREAM && !(j->ready = PyList_New(0)))
-        goto fail;
-    bg_job_link(j);
-    if (bg_job_refill(j) < 0)
-        goto fail;
-    bg_job_maybe_finish(j); /* an empty input finishes at once */
-    return (PyObject *)j;
-fail:
-    Py_DECREF(j);
-    return NULL;
+    bg_job_params jp = {.st = st, .mode = mode, .kind = chat, .source = source,
+                        .tmpl = (Template *)tmpl, .fut = fut, .window = window,
+                        .return_exceptions = return_exceptions, .count_preheld = count_preheld,
+                        .prompt_counts = counts, .group = ++self->next_id,
+                        .token_budget = self->tokens != NULL,
+                        .default_max_tokens = self->default_max_tokens};
+    return (PyObject *)bg_job_new(self, &jp);
 }
 
 /* After the engine is gone: end every job still waiting for input (a map or
@@ -530,103 +411,50 @@ static PyObject *core_get_live(Core *self, void *Py_UNUSED(c))
     return PyLong_FromSsize_t(self->live_items);
 }
 
+static PyObject *core_get_forked(Core *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->st && CORE_FORKED(self));
+}
+
 static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->closed);
 }
 
-/* libcurl timeouts are whole milliseconds, 0 meaning none: round a positive
- * timeout up (0.0004 s must not become "no timeout"), and treat inf or
- * anything past 2^31 ms (~25 days) as none instead of an undefined cast. */
-static long seconds_to_ms(double s)
-{
-    if (!(s > 0))
-        return 0;
-    double ms = ceil(s * 1000.0);
-    return ms >= 2147483647.0 ? 0 : (long)ms;
-}
-
+/* _Dispatcher(*, base_url, ...): keywords only, see bg_dispatcher_config.c. */
 static int core_init(Core *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"base_url", "api_key", "max_concurrent", "semaphore",
-                             "max_inflight_tokens", "timeout", "connect_timeout", "max_retries",
-                             "headers", "verify", "max_response_bytes", "backoff",
-                             "max_backoff", "max_retry_after", "retry_timeouts",
-                             "max_connections", "default_max_tokens", "admission", NULL};
-    const char *base_url, *api_key = NULL;
-    Py_ssize_t max_concurrent = 20, max_tokens_cap = 0, max_retries = 3, max_resp = 64 << 20;
-    Py_ssize_t max_conn = 0, default_max_tokens = 16;
-    PyObject *semaphore = Py_None, *headers = Py_None, *admission = Py_None;
-    double timeout = 600, connect_timeout = 10, backoff = 0.5, max_backoff = 30,
-           max_retry_after = 60;
-    int verify = 1, retry_timeouts = 0;
     if (self->engine || self->notify) {
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|znOnddnOpndddpnnO", kwlist, &base_url,
-                                     &api_key, &max_concurrent, &semaphore, &max_tokens_cap,
-                                     &timeout, &connect_timeout, &max_retries, &headers, &verify,
-                                     &max_resp, &backoff, &max_backoff, &max_retry_after,
-                                     &retry_timeouts, &max_conn, &default_max_tokens,
-                                     &admission))
-        return -1;
     bg_state *st = bg_state_from_type(Py_TYPE(self));
     if (!st)
         return -1;
+    bg_dsp_args a;
+    if (bg_dsp_args_parse(st, args, kwds, &a) < 0)
+        return -1;
     self->st = st;
     self->fork_gen = __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED);
-    self->default_max_tokens = default_max_tokens;
-    const char **hdrs = NULL;
-    Py_ssize_t nh = 0;
-    PyObject *hseq = NULL;
+    self->default_max_tokens = a.default_max_tokens;
     char err[300];
-    if (semaphore != Py_None) {
-        self->count = bg_semaphore_core(st, semaphore);
+    if (a.semaphore != Py_None) {
+        self->count = bg_semaphore_core(st, a.semaphore);
         if (!self->count)
-            return -1;
+            goto fail;
     } else {
-        if (max_concurrent < 1) {
-            PyErr_Format(PyExc_ValueError, "max_concurrent must be >= 1, got %zd", max_concurrent);
-            return -1;
-        }
-        self->count = bg_sem_create(max_concurrent, max_concurrent);
+        self->count = bg_sem_create(a.max_concurrent, a.max_concurrent);
         if (!self->count) {
             PyErr_NoMemory();
-            return -1;
+            goto fail;
         }
     }
-    if (max_tokens_cap < 0) {
-        PyErr_SetString(PyExc_ValueError, "max_inflight_tokens must be positive");
-        goto fail;
-    }
-    if (max_tokens_cap > 0) {
-        self->token_cap = max_tokens_cap;
-        self->tokens = bg_sem_create(max_tokens_cap, max_tokens_cap);
+    if (a.max_inflight_tokens > 0) {
+        self->token_cap = a.max_inflight_tokens;
+        self->tokens = bg_sem_create(a.max_inflight_tokens, a.max_inflight_tokens);
         if (!self->tokens) {
             PyErr_NoMemory();
             goto fail;
-        }
-    }
-    if (headers != Py_None) {
-        hseq = PySequence_Fast(headers, "headers must be a sequence of 'Name: value' strings");
-        if (!hseq)
-            goto fail;
-        nh = PySequence_Fast_GET_SIZE(hseq);
-        hdrs = PyMem_Calloc((size_t)nh + 1, sizeof(char *));
-        if (!hdrs) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-        for (Py_ssize_t i = 0; i < nh; i++) {
-            Py_ssize_t hl;
-            hdrs[i] = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(hseq, i), &hl);
-            if (!hdrs[i])
-                goto fail;
-            if ((size_t)hl != strlen(hdrs[i])) {
-                PyErr_Format(PyExc_ValueError, "header %zd must not contain NUL", i);
-                goto fail;
-            }
         }
     }
     self->notify = bg_notify_create();
@@ -635,40 +463,15 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
         goto fail;
     }
     bg_engine_config c;
-    bg_engine_config_defaults(&c);
-    c.base_url = base_url;
-    c.api_key = api_key;
-    c.headers = hdrs;
-    c.n_headers = (size_t)nh;
-    c.timeout_ms = seconds_to_ms(timeout);
-    c.connect_timeout_ms = seconds_to_ms(connect_timeout);
-    c.max_retries = (int)max_retries;
-    c.verify_tls = verify;
-    c.retry_timeouts = retry_timeouts;
-    c.max_response_bytes = max_resp > 0 ? (size_t)max_resp : 0;
-    c.backoff_base_s = backoff;
-    c.backoff_max_s = max_backoff;
-    c.retry_after_max_s = max_retry_after;
-    c.max_connections = (long)max_conn;
+    bg_dsp_engine_config(&a, &c);
     c.count_sem = self->count;
     c.token_sem = self->tokens;
     c.token_cap = self->token_cap;
     c.on_done = core_on_done;
     c.done_ctx = self->notify;
-    if (admission != Py_None) {
-        /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
-        if (self->tokens) {
-            PyErr_SetString(PyExc_ValueError,
-                            "admission and max_inflight_tokens exclude each other");
-            goto fail;
-        }
-        if (bg_dsp_admit_setup(self, admission, &c) < 0)
-            goto fail;
-    }
-    if (max_retries < 0 || max_retries > 1000) {
-        PyErr_Format(PyExc_ValueError, "max_retries must be in 0..1000, got %zd", max_retries);
+    /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
+    if (a.admission != Py_None && bg_dsp_admit_setup(self, a.admission, &c) < 0)
         goto fail;
-    }
     Py_BEGIN_ALLOW_THREADS
     self->engine = bg_engine_create(&c, err, sizeof(err));
     Py_END_ALLOW_THREADS
@@ -676,12 +479,10 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, err);
         goto fail;
     }
-    PyMem_Free(hdrs);
-    Py_XDECREF(hseq);
+    bg_dsp_args_release(&a);
     return 0;
 fail:
-    PyMem_Free(hdrs);
-    Py_XDECREF(hseq);
+    bg_dsp_args_release(&a);
     if (self->notify) {
         bg_notify_destroy(self->notify);
         self->notify = NULL;
@@ -752,7 +553,7 @@ static PyMethodDef core_methods[] = {
     {"bind", (PyCFunction)core_bind, METH_O,
      "bind($self, loop, /)\n--\n\nSet the loop whose call_soon runs backlogs."},
     /* Text signatures let stubtest hold _native.pyi to these argument lists. */
-    {"template", (PyCFunction)(void (*)(void))core_template, METH_FASTCALL,
+    {"template", (PyCFunction)(void (*)(void))bg_core_template, METH_FASTCALL,
      "template($self, model, params_json, options=None, /)\n--\n\n"},
     {"submit", (PyCFunction)core_submit, METH_VARARGS,
      "submit($self, mode, chat, source, template, future, window, return_exceptions, count_preheld=False, prompt_counts=None, /)\n--\n\n"},
@@ -770,6 +571,8 @@ static PyMethodDef core_methods[] = {
 
 static PyGetSetDef core_getset[] = {
     {"live", (getter)core_get_live, NULL, "requests submitted and not yet delivered", NULL},
+    {"forked", (getter)core_get_forked, NULL,
+     "made before a fork() of this process (unusable here); no getpid() per call", NULL},
     {"closed", (getter)core_get_closed, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -779,7 +582,17 @@ static PyMemberDef core_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* The class signature (help(), inspect): keywords only. */
+static const char core_doc[] =
+    "_Dispatcher(*, base_url, api_key=None, max_concurrent=20, semaphore=None, "
+    "max_inflight_tokens=0, timeout=600.0, connect_timeout=10.0, max_retries=3, headers=None, "
+    "verify=True, max_response_bytes=67108864, backoff=0.5, max_backoff=30.0, "
+    "max_retry_after=60.0, retry_timeouts=False, max_connections=0, default_max_tokens=16, "
+    "admission=None)\n--\n\n"
+    "The native engine: a libcurl multi thread, its caps and its completion queue.";
+
 static PyType_Slot core_slots[] = {
+    {Py_tp_doc, (void *)core_doc},
     {Py_tp_dealloc, core_dealloc},
     {Py_tp_traverse, core_traverse},
     {Py_tp_clear, core_clear},
@@ -861,7 +674,7 @@ int bg_dispatcher_exec(PyObject *module, bg_state *st)
         !st->MalformedResponseError || !st->ClosedError)
         return -1;
 
-    st->TemplateType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &template_spec, NULL);
+    st->TemplateType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_template_spec, NULL);
     st->ResultType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_result_spec, NULL);
     st->JobType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bg_job_spec, NULL);
     st->DispatcherType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);

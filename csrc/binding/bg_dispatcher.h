@@ -1,5 +1,7 @@
 /* bg_dispatcher.h - private to the dispatcher binding files:
- *   bg_dispatcher.c         _Dispatcher (engine + notifier), _Template, module hooks
+ *   bg_dispatcher.c         _Dispatcher (engine + notifier), module hooks
+ *   bg_dispatcher_config.c  _Dispatcher's keyword arguments, _Template
+ *   bg_dispatcher_admit.c   closed-loop admission: probe, setup, stats
  *   bg_dispatcher_job.c     _Job: windows of requests, delivery to futures
  *   bg_dispatcher_result.c  batchgate.Result and the error objects
  */
@@ -97,6 +99,10 @@ struct Job {
     int holding_self;     /* a self-reference while items are in the engine */
     Job *jprev, *jnext;   /* on core->jobs while listed */
     int listed;
+    /* Copied from the core at submit: what item_fill needs of it. */
+    bg_state *st;
+    int token_budget;     /* the core charges tokens (static cap or admission) */
+    int64_t default_max_tokens;
 };
 
 typedef struct {
@@ -129,6 +135,10 @@ enum {
     RX_COUNT
 };
 
+/* bg_dispatcher.c: 0 if the core can take work, else -1 with the error
+ * (never initialised, created before fork(), closed). */
+int bg_core_check(Core *c);
+
 /* Bumped in every forked child (pthread_atfork): a Core from before the fork
  * is unusable there. Cheaper than getpid() on every wakeup and submit. */
 extern unsigned long bg_fork_generation;
@@ -141,20 +151,77 @@ extern PyType_Spec bg_result_spec;
 PyObject *bg_result_new(bg_state *st, const bg_request *r, int keep_id, PyObject **model_cache);
 PyObject *bg_result_error(bg_state *st, const bg_request *r, Py_ssize_t index, int with_index);
 
+/* bg_dispatcher_config.c: _Dispatcher(**kwargs), keywords only. Strings and
+ * objects are borrowed from the call's arguments; header_lines points into
+ * header_seq, both owned (bg_dsp_args_release). */
+typedef struct {
+    const char *base_url, *api_key;
+    Py_ssize_t max_concurrent, max_inflight_tokens, max_retries, max_response_bytes,
+        max_connections, default_max_tokens;
+    PyObject *semaphore, *headers, *admission; /* Py_None when not given */
+    double timeout, connect_timeout, backoff, max_backoff, max_retry_after;
+    int verify, retry_timeouts;
+    const char **header_lines;
+    size_t n_headers;
+    PyObject *header_seq;
+} bg_dsp_args;
+/* 0, or -1 with a TypeError/ValueError naming the argument (nothing to release). */
+int bg_dsp_args_parse(bg_state *st, PyObject *args, PyObject *kwds, bg_dsp_args *a);
+void bg_dsp_args_release(bg_dsp_args *a);
+/* The engine settings the arguments give (not the semaphores nor on_done). */
+void bg_dsp_engine_config(const bg_dsp_args *a, bg_engine_config *c);
+extern PyType_Spec bg_template_spec;
+/* _Dispatcher.template(model, params_json[, options]) -> _Template */
+PyObject *bg_core_template(Core *self, PyObject *const *args, Py_ssize_t nargs);
+
 /* bg_dispatcher_admit.c */
 PyObject *bg_dsp_probe(PyObject *cls, PyObject *args);
 int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c);
 PyObject *bg_dsp_admit_stats(Core *self);
 PyObject *bg_dsp_admit_events(Core *self, PyObject *ignored);
 
+/* bg_dispatcher.c: all a job asks of the core (loop thread, GIL held), so
+ * the job code never touches the core's fields. */
+/* The engine runs here: not closed, not inherited through fork(). */
+int bg_core_open(const Core *c);
+/* Give the engine n filled items (ids assigned here): 0, or -1 with
+ * ClosedError set and nothing submitted (the caller still owns the items). */
+int bg_core_submit(Core *c, DItem **items, Py_ssize_t n);
+/* Cancel one request, or every request of a job's group; no-ops unless open. */
+void bg_core_cancel(Core *c, uint64_t id);
+void bg_core_cancel_group(Core *c, uint64_t group);
+/* One submitted item was delivered (or dropped) by its job. */
+void bg_core_item_delivered(Core *c);
+/* The Result of a finished request (the core shares model strs between them). */
+PyObject *bg_core_result_new(Core *c, const bg_request *r, int keep_id);
+/* The live-jobs list that close() ends. */
+void bg_core_add_job(Core *c, Job *j);
+void bg_core_forget_job(Core *c, Job *j);
+
 /* bg_dispatcher_job.c (loop thread, GIL held) */
 extern PyType_Spec bg_job_spec;
+typedef struct {
+    bg_state *st;
+    int mode;              /* JOB_* */
+    int kind;              /* 0 completions, 1 chat, 2 tokenize, 3 tokenize chat */
+    PyObject *source;      /* ONE: the prompt; MAP/STREAM: an iterable */
+    Template *tmpl;
+    PyObject *fut;         /* or Py_None */
+    Py_ssize_t window;     /* checked: 1.. */
+    int return_exceptions, count_preheld;
+    PyObject *prompt_counts; /* list of int, or Py_None */
+    uint64_t group;
+    int token_budget;
+    int64_t default_max_tokens;
+} bg_job_params;
+/* A new job, linked on the core and filled up to its window: new reference,
+ * or NULL with an exception (a JOB_ONE's bad prompt is raised here). */
+Job *bg_job_new(Core *c, const bg_job_params *p);
 void bg_job_item_release(Job *j, DItem *it);
 void bg_job_drop_self(Job *j);
 void bg_job_maybe_finish(Job *j);
 int bg_job_refill(Job *j);
 void bg_job_item_done(Job *j, DItem *it);
-void bg_job_link(Job *j);
 /* The dispatcher closed: end the job now (ClosedError to its caller; dropped
  * quietly if the caller's loop is closed). */
 void bg_job_close(Job *j, int drop);

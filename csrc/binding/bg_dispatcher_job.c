@@ -1,6 +1,8 @@
 /* bg_dispatcher_job.c - _Job: one generate/chat call, or a map/as_completed
  * over an iterator pulled a window at a time. Runs on the loop thread with the
- * GIL; the engine only ever sees the DItem slots. */
+ * GIL; the engine only ever sees the DItem slots. The dispatcher core is
+ * reached only through its bg_core_* functions (bg_dispatcher.h), never its
+ * fields. */
 #include "bg_dispatcher.h"
 
 #include "bg_estimate.h"
@@ -108,31 +110,6 @@ void bg_job_drop_self(Job *j)
     }
 }
 
-void bg_job_link(Job *j)
-{
-    Core *c = j->core;
-    j->jprev = NULL;
-    j->jnext = c->jobs;
-    if (c->jobs)
-        c->jobs->jprev = j;
-    c->jobs = j;
-    j->listed = 1;
-}
-
-static void job_unlink(Job *j)
-{
-    if (!j->listed || !j->core)
-        return;
-    if (j->jprev)
-        j->jprev->jnext = j->jnext;
-    else
-        j->core->jobs = j->jnext;
-    if (j->jnext)
-        j->jnext->jprev = j->jprev;
-    j->jprev = j->jnext = NULL;
-    j->listed = 0;
-}
-
 static int job_traverse(Job *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
@@ -156,7 +133,8 @@ static int job_clear(Job *self)
     Py_CLEAR(self->ready);
     Py_CLEAR(self->fut);
     Py_CLEAR(self->tmpl_obj);
-    job_unlink(self);
+    if (self->core)
+        bg_core_forget_job(self->core, self);
     Py_CLEAR(self->core);
     return 0;
 }
@@ -181,7 +159,6 @@ static void job_dealloc(Job *self)
  * (one request, several prompts). Chat: a str holding the messages JSON. */
 static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
 {
-    Core *c = j->core;
     int64_t est = 0;
     size_t np = 1;
     it->many = NULL;
@@ -204,7 +181,7 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
         }
         it->one.ptr = p;
         it->one.len = (size_t)n;
-        if (c->tokens)
+        if (j->token_budget)
             est = (int64_t)bg_estimate_ucs(PyUnicode_DATA(x), (size_t)PyUnicode_GET_LENGTH(x),
                                            PyUnicode_KIND(x), BG_EST_SCRIPT);
         if (j->endpoint == BG_EP_CHAT || j->tok_chat) {
@@ -263,7 +240,7 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
                 it->many[i].len = (size_t)PyBytes_GET_SIZE(kp);
             }
             PyTuple_SET_ITEM(keeps, i, kp);
-            if (c->tokens)
+            if (j->token_budget)
                 est += (int64_t)bg_estimate_ucs(PyUnicode_DATA(s), (size_t)PyUnicode_GET_LENGTH(s),
                                                 PyUnicode_KIND(s), BG_EST_SCRIPT);
         }
@@ -294,8 +271,8 @@ static int item_fill(Job *j, DItem *it, PyObject *x, Py_ssize_t index)
 filled:
     if (j->prompt_counts && index < j->n_prompt_counts)
         est = j->prompt_counts[index]; /* the server's own count replaces the estimate */
-    if (c->tokens) {
-        int64_t mt = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens : c->default_max_tokens;
+    if (j->token_budget) {
+        int64_t mt = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens : j->default_max_tokens;
         int64_t w;
         /* max_tokens may be up to 2^63: saturate (the engine clamps the
          * weight to the budget, so such a request runs alone). */
@@ -311,8 +288,7 @@ filled:
     it->r.prompt_est = est;
     it->r.max_tokens = j->tmpl->max_tokens >= 0 ? j->tmpl->max_tokens
                        : j->endpoint == BG_EP_CHAT ? -1
-                                                   : c->default_max_tokens;
-    it->r.id = ++c->next_id;
+                                                   : j->default_max_tokens;
     it->r.group = j->group;
     it->r.count_preheld = j->count_preheld != 0;
     it->r.endpoint = (enum bg_endpoint)j->endpoint;
@@ -342,7 +318,7 @@ static void job_stream_wake(Job *j)
     if (j->fut) {
         PyObject *fut = j->fut;
         j->fut = NULL;
-        if (fut_resolve(j->core->st, fut, Py_None, 0) < 0)
+        if (fut_resolve(j->st, fut, Py_None, 0) < 0)
             report_unraisable("batchgate: waking an as_completed() consumer");
         Py_DECREF(fut);
     }
@@ -354,7 +330,7 @@ void bg_job_maybe_finish(Job *j)
     if (j->finished || j->live > 0 || j->source)
         return;
     j->finished = 1;
-    bg_state *st = j->core->st;
+    bg_state *st = j->st;
     if (j->mode == JOB_MAP && j->fut && !j->cancelled) {
         if (fut_resolve(st, j->fut, j->results, 0) < 0)
             report_unraisable("batchgate: delivering map() results");
@@ -367,7 +343,7 @@ void bg_job_maybe_finish(Job *j)
  * of a map without return_exceptions). Steals exc. */
 static void job_fail(Job *j, PyObject *exc)
 {
-    bg_state *st = j->core->st;
+    bg_state *st = j->st;
     Py_CLEAR(j->source);
     if (!j->finished) {
         j->finished = 1;
@@ -384,9 +360,9 @@ static void job_fail(Job *j, PyObject *exc)
         }
     }
     Py_DECREF(exc);
-    if (j->live > 0 && !j->cancelled && j->core->engine && !j->core->closed) {
+    if (j->live > 0 && !j->cancelled && bg_core_open(j->core)) {
         j->cancelled = 1;
-        bg_engine_cancel_group(j->core->engine, j->group);
+        bg_core_cancel_group(j->core, j->group);
     }
 }
 
@@ -401,7 +377,7 @@ void bg_job_close(Job *j, int drop)
      * on a live one it ends the await instead of leaving it hanging. */
     (void)drop;
     PyObject *msg = PyUnicode_FromString("the Dispatcher was closed");
-    PyObject *exc = msg ? PyObject_CallOneArg(j->core->st->ClosedError, msg) : NULL;
+    PyObject *exc = msg ? PyObject_CallOneArg(j->st->ClosedError, msg) : NULL;
     Py_XDECREF(msg);
     if (!exc) {
         report_unraisable("batchgate: closing a job");
@@ -422,7 +398,6 @@ static PyObject *fetch_exception(void)
  * Returns -1 only when called from submit() for a JOB_ONE (raise directly). */
 int bg_job_refill(Job *j)
 {
-    Core *c = j->core;
     if (!j->source || j->cancelled)
         return 0;
     Py_ssize_t room = j->window - j->live;
@@ -476,15 +451,13 @@ int bg_job_refill(Job *j)
             break;
     }
     if (nb > 0) {
-        if (bg_engine_submit_many(c->engine, (bg_request **)batch, (size_t)nb) < 0) {
+        if (bg_core_submit(j->core, batch, nb) < 0) {
             for (Py_ssize_t i = 0; i < nb; i++)
                 bg_job_item_release(j, batch[i]);
             Py_XDECREF(err);
-            PyErr_SetString(c->st->ClosedError, "the Dispatcher is closed");
-            err = fetch_exception();
+            err = fetch_exception(); /* the core's ClosedError */
         } else {
             j->live += nb;
-            c->live_items += nb;
             if (!j->holding_self) {
                 j->holding_self = 1;
                 Py_INCREF(j);
@@ -525,10 +498,10 @@ static void log_retries(const bg_request *r, Py_ssize_t index)
 /* One finished request, on the loop thread with the GIL. */
 void bg_job_item_done(Job *j, DItem *it)
 {
-    bg_state *st = j->core->st;
+    bg_state *st = j->st;
     const bg_request *r = &it->r;
     j->live--;
-    j->core->live_items--;
+    bg_core_item_delivered(j->core);
     if (j->finished || j->cancelled) {
         bg_job_item_release(j, it);
         return;
@@ -539,7 +512,7 @@ void bg_job_item_done(Job *j, DItem *it)
     PyObject *obj = !ok ? NULL
                     : j->endpoint == BG_EP_TOKENIZE
                         ? PyLong_FromLongLong((long long)r->tok_count) /* the server's count */
-                        : bg_result_new(st, r, j->mode == JOB_ONE, &j->core->model_cache);
+                        : bg_core_result_new(j->core, r, j->mode == JOB_ONE);
     if (!ok)
         obj = bg_result_error(st, r, it->index, j->mode != JOB_ONE);
     Py_ssize_t index = it->index;
@@ -574,18 +547,95 @@ void bg_job_item_done(Job *j, DItem *it)
     }
 }
 
+/* ---- a new job -------------------------------------------------------- */
+
+Job *bg_job_new(Core *c, const bg_job_params *p)
+{
+    Job *j = PyObject_GC_New(Job, p->st->JobType);
+    if (!j)
+        return NULL;
+    memset((char *)j + sizeof(PyObject), 0, sizeof(Job) - sizeof(PyObject));
+    j->core = (Core *)Py_NewRef((PyObject *)c);
+    j->st = p->st;
+    j->token_budget = p->token_budget;
+    j->default_max_tokens = p->default_max_tokens;
+    j->tmpl_obj = Py_NewRef((PyObject *)p->tmpl);
+    j->tmpl = p->tmpl->tmpl;
+    j->opts = p->tmpl->opts;
+    j->mode = p->mode;
+    j->endpoint = p->kind >= 2 ? BG_EP_TOKENIZE : p->kind ? BG_EP_CHAT : BG_EP_COMPLETIONS;
+    j->tok_chat = p->kind == 3;
+    j->group = p->group;
+    j->window = p->window;
+    j->return_exceptions = p->return_exceptions;
+    j->count_preheld = p->count_preheld;
+    j->fut = p->fut == Py_None ? NULL : Py_NewRef(p->fut);
+    PyObject_GC_Track(j);
+    j->slots = calloc((size_t)j->window, sizeof(DItem));
+    j->free_slots = malloc((size_t)j->window * sizeof(DItem *));
+    if (!j->slots || !j->free_slots) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < j->window; i++)
+        j->free_slots[i] = &j->slots[j->window - 1 - i];
+    if (p->prompt_counts != Py_None) {
+        Py_ssize_t nc = PyList_GET_SIZE(p->prompt_counts);
+        j->prompt_counts = malloc((size_t)(nc ? nc : 1) * sizeof(int64_t));
+        if (!j->prompt_counts) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nc; i++) {
+            PyObject *o = PyList_GET_ITEM(p->prompt_counts, i);
+            if (!PyLong_Check(o)) { /* no __index__: nothing may run and edit the list */
+                PyErr_Format(PyExc_TypeError, "prompt_counts[%zd] must be an int", i);
+                goto fail;
+            }
+            long long v = PyLong_AsLongLong(o);
+            if (v == -1 && PyErr_Occurred())
+                goto fail;
+            if (v < 0) {
+                PyErr_Format(PyExc_ValueError, "prompt_counts[%zd] must be >= 0", i);
+                goto fail;
+            }
+            j->prompt_counts[i] = (int64_t)v;
+        }
+        j->n_prompt_counts = nc;
+    }
+    j->nfree = j->window;
+    if (p->mode == JOB_ONE) {
+        j->source = Py_NewRef(p->source);
+    } else {
+        j->source = PyObject_GetIter(p->source);
+        if (!j->source)
+            goto fail;
+    }
+    if (p->mode == JOB_MAP && !(j->results = PyList_New(0)))
+        goto fail;
+    if (p->mode == JOB_STREAM && !(j->ready = PyList_New(0)))
+        goto fail;
+    bg_core_add_job(c, j);
+    if (bg_job_refill(j) < 0)
+        goto fail;
+    bg_job_maybe_finish(j); /* an empty input finishes at once */
+    return j;
+fail:
+    Py_DECREF(j);
+    return NULL;
+}
+
 /* job.cancel(): stop pulling and cancel what is in the engine. */
 static PyObject *job_cancel(Job *self, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(self->source);
-    if (!self->cancelled && self->live > 0 && self->core->engine && !self->core->closed &&
-        !CORE_FORKED(self->core)) {
+    if (!self->cancelled && self->live > 0) {
         if (self->mode == JOB_ONE) {
             for (Py_ssize_t i = 0; i < self->window; i++)
                 if (self->slots[i].job == self)
-                    bg_engine_cancel(self->core->engine, self->slots[i].r.id);
+                    bg_core_cancel(self->core, self->slots[i].r.id);
         } else {
-            bg_engine_cancel_group(self->core->engine, self->group);
+            bg_core_cancel_group(self->core, self->group);
         }
     }
     self->cancelled = 1;
@@ -616,8 +666,7 @@ static PyObject *job_take(Job *self, PyObject *Py_UNUSED(ignored))
         self->ready = out;
         return NULL;
     }
-    if (!self->cancelled && self->core->engine && !self->core->closed &&
-        bg_job_refill(self) < 0 && PyErr_Occurred()) {
+    if (!self->cancelled && bg_core_open(self->core) && bg_job_refill(self) < 0 && PyErr_Occurred()) {
         Py_DECREF(out);
         return NULL;
     }

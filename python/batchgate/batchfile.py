@@ -601,8 +601,7 @@ def _say(msg: str) -> None:
 
 
 def batch_command(args: Any) -> int:
-    import signal
-
+    from ._signals import stop_on_signals
     from .run import AUTO_TOKEN_CAP_FRACTION, server_kv_tokens
     from ._options import resolve_connection
     try:
@@ -628,32 +627,13 @@ def batch_command(args: Any) -> int:
                 return 2
 
     async def main() -> BatchSummary:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-
-        def on_signal() -> None:
-            _say("interrupted: stopping; finished lines stay in the output (Ctrl-C again to "
-                 "abort)")
-            stop.set()
-            loop.remove_signal_handler(signal.SIGINT)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        try:
+        with stop_on_signals(_say, "interrupted: stopping; finished lines stay in the output "
+                                   "(Ctrl-C again to abort)") as stop:
             return await run_batch_file(
                 args.input, args.output, base_url=base_url, api_key=api_key, model=args.model,
                 max_concurrent=args.max_concurrent, max_inflight_tokens=cap,
                 max_retries=args.max_retries, timeout=args.timeout, overwrite=args.overwrite,
                 progress=not args.quiet, stop=stop)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    loop.remove_signal_handler(sig)
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
 
     try:
         s = asyncio.run(main())

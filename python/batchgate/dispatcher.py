@@ -16,14 +16,16 @@ import logging
 import os
 import threading
 import weakref
-from typing import (Any, AsyncIterator, Dict, Iterable, List, Literal, Mapping,
-                    Optional, Sequence, Tuple, Union, overload)
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _native, _options, _progress, _tokens
+from . import _native, _options, _tokens
 from ._native import (BatchgateError, ClosedError, HTTPStatusError, MalformedResponseError,
                       Result, TimeoutError, TransportError)
 from ._redact import check_header_value, redact, redact_url, secrets_of
 from .config import Config
+# Bulk calls (map, as_completed, count_tokens) live in dispatcher_bulk.
+from .dispatcher_bulk import Prompt as Prompt, _messages_json as _messages_json
+from .dispatcher_bulk import _BulkCalls, _end_ride, _wake_rider
 
 __all__ = [
     "Dispatcher", "Result", "BatchgateError", "HTTPStatusError", "TransportError",
@@ -31,8 +33,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("batchgate")
-
-Prompt = Union[str, Sequence[str]]
 
 _live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 
@@ -92,7 +92,7 @@ def _admission_tick(ref: "weakref.ref[Dispatcher]") -> None:
         d._log_admission()
 
 
-class Dispatcher:
+class Dispatcher(_BulkCalls):
     """Concurrency-capped client for ``/v1/completions`` and ``/v1/chat/completions``.
 
     ``base_url`` follows the openai client's convention (``http://host:8000/v1``).
@@ -230,11 +230,14 @@ class Dispatcher:
         # Tasks holding its permits get requests that ride on them (see _ride).
         semaphore._track_holders()
         self._core = _native._Dispatcher(
-            base_url, api_key, max_concurrent, semaphore, max_inflight_tokens or 0,
-            float(timeout or 0), float(connect_timeout or 0), max_retries, hdr_lines,
-            bool(verify), int(max_response_bytes or 0), float(backoff), float(max_backoff),
-            float(max_retry_after), bool(retry_timeouts), max_connections, default_max_tokens,
-            admission)
+            base_url=base_url, api_key=api_key, max_concurrent=max_concurrent,
+            semaphore=semaphore, max_inflight_tokens=max_inflight_tokens or 0,
+            timeout=float(timeout or 0), connect_timeout=float(connect_timeout or 0),
+            max_retries=max_retries, headers=hdr_lines, verify=bool(verify),
+            max_response_bytes=int(max_response_bytes or 0), backoff=float(backoff),
+            max_backoff=float(max_backoff), max_retry_after=float(max_retry_after),
+            retry_timeouts=bool(retry_timeouts), max_connections=max_connections,
+            default_max_tokens=default_max_tokens, admission=admission)
         self.base_url = redact_url(base_url)  # shown in repr/logs; the engine has the real one
         self._url = base_url  # the real one, for the model lookup only
         self.model = model
@@ -251,7 +254,6 @@ class Dispatcher:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watcher: Optional[threading.Thread] = None
         self._templates: Dict[Any, Any] = {}
-        self._pid = os.getpid()
         self._closed = False
         # openai-compat: with_options() views share this root's engine and state.
         self._root: Dispatcher = self
@@ -280,8 +282,13 @@ class Dispatcher:
                 f"max_concurrent={self.max_concurrent} {state}>")
 
     # ---- plumbing -------------------------------------------------------
+    def _forked(self) -> bool:
+        # The engine's fork generation (bumped by pthread_atfork in every
+        # child): no getpid() system call on each submit.
+        return bool(self._core.forked)
+
     def _check(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forked():
             raise BatchgateError("this Dispatcher was created before fork(); "
                                  "create a new one in the child process")
         if self._closed:
@@ -459,263 +466,6 @@ class Dispatcher:
                 rec[1] -= 1
                 _wake_rider(rec)
 
-    # ---- bulk -----------------------------------------------------------
-    # Typed overloads: without return_exceptions every item is a Result.
-    @overload
-    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: Literal[False] = ...,
-                  window: Optional[int] = ..., priority: Optional[bool] = ...,
-                  progress: Any = ..., **params: Any) -> List[Result]: ...
-    @overload
-    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
-                  window: Optional[int] = ..., priority: Optional[bool] = ...,
-                  progress: Any = ..., **params: Any) -> List[Union[Result, BaseException]]: ...
-
-    async def map(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                  window: Optional[int] = None, priority: Optional[bool] = None,
-                  progress: Any = None,
-                  **params: Any) -> List[Any]:
-        """Results in input order. Prompts are pulled from the iterable a window
-        at a time, so a huge (or lazy) input never lives in flight all at once.
-        Without ``return_exceptions`` the first failure is raised and the rest
-        is cancelled; with it, failures take their item's place in the list.
-        ``priority`` (default Config.VLLM_USE_PRIORITY_QUEUE): send the
-        shortest estimated prompts first (the input is read whole for that).
-        ``progress``: see batchgate._progress (a callable(done, total), a bar, or True)."""
-        if priority is None:
-            priority = Config.VLLM_USE_PRIORITY_QUEUE
-        order: Optional[List[int]] = None
-        src: Iterable[Any] = prompts
-        if priority:
-            items = list(prompts)
-            order = _shortest_first(items)
-            src = [items[i] for i in order]
-        if progress is not None and progress is not False:
-            res = await self._map_progress(False, src, return_exceptions, window, params,
-                                           progress)
-        else:
-            res = await self._map(False, src, return_exceptions, window, params)
-        if order is None:
-            return res
-        out: List[Any] = [None] * len(order)
-        for k, i in enumerate(order):
-            out[i] = res[k]
-        return out
-
-    @overload
-    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
-                       return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
-                       progress: Any = ..., **params: Any) -> List[Result]: ...
-    @overload
-    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
-                       return_exceptions: bool, window: Optional[int] = ...,
-                       progress: Any = ..., **params: Any
-                       ) -> List[Union[Result, BaseException]]: ...
-
-    async def chat_map(self, conversations: Iterable[Sequence[Mapping[str, Any]]], *,
-                       return_exceptions: bool = False, window: Optional[int] = None,
-                       progress: Any = None, **params: Any) -> List[Any]:
-        """``map`` for chat: one request per messages list."""
-        src = (_messages_json(m, i) for i, m in enumerate(conversations))
-        if progress is not None and progress is not False:
-            return await self._map_progress(True, src, return_exceptions, window, params,
-                                            progress, _progress.total_of(conversations))
-        return await self._map(True, src, return_exceptions, window, params)
-
-    async def _map_progress(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
-                            window: Optional[int], params: Dict[str, Any], progress: Any,
-                            total: Optional[int] = None) -> List[Any]:
-        # With a progress hook map runs on the stream job and orders results
-        # here: the plain map's native path stays free of per-item callbacks.
-        bar = _progress.Progress(progress, total if total is not None
-                                 else _progress.total_of(src), "map")
-        out: List[Any] = []
-        try:
-            async for chunk in self._chunks(chat, src, return_exceptions, window, params):
-                for i, r in chunk:
-                    if i >= len(out):
-                        out.extend([None] * (i + 1 - len(out)))
-                    out[i] = r
-                bar.advance(len(chunk))
-        finally:
-            bar.close()
-        return out
-
-    async def _map(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
-                   window: Optional[int], params: Dict[str, Any]) -> List[Any]:
-        loop = self._bind()
-        await self._ensure_model(params)
-        counts = None
-        if self.exact_prompt_tokens:
-            src = list(src)  # counted first, then sent
-            counts = await _tokens.prompt_counts(self, src, chat)
-        fut = loop.create_future()
-        window, ride = self._ride_window(window or self.window)
-        job = self._core.submit(_native.JOB_MAP, chat, src, self._template(params), fut,
-                                window, bool(return_exceptions), ride is not None, counts)
-        try:
-            return await fut
-        except BaseException:
-            job.cancel()
-            raise
-        finally:
-            _end_ride(ride, window)
-
-    def _ride_window(self, window: int) -> Tuple[int, Optional[List[Any]]]:
-        # map/as_completed from a task holding permits of our semaphore: the
-        # job rides on the ones no request of that task is riding on yet.
-        rec = self.semaphore._held()
-        if rec is None or rec[0] - rec[1] < 1:
-            return window, None
-        window = min(window, rec[0] - rec[1])
-        rec[1] += window
-        return window, rec
-
-    @overload
-    def as_completed(self, prompts: Iterable[Prompt], *,
-                     return_exceptions: Literal[False] = ..., window: Optional[int] = ...,
-                     progress: Any = ..., **params: Any) -> AsyncIterator[Tuple[int, Result]]: ...
-    @overload
-    def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool,
-                     window: Optional[int] = ..., progress: Any = ..., **params: Any
-                     ) -> AsyncIterator[Tuple[int, Union[Result, BaseException]]]: ...
-
-    async def as_completed(self, prompts: Iterable[Prompt], *, return_exceptions: bool = False,
-                           window: Optional[int] = None, progress: Any = None,
-                           **params: Any) -> AsyncIterator[Tuple[int, Any]]:
-        """Yield ``(index, result)`` as requests finish (any order). Without
-        ``return_exceptions`` a failure is raised from the iteration."""
-        bar = _progress.make(progress, prompts, "as_completed")
-        try:
-            async for chunk in self._chunks(False, prompts, return_exceptions, window, params):
-                for pair in chunk:
-                    yield pair
-                if bar is not None:
-                    bar.advance(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
-
-    async def _chunks(self, chat: bool, src: Iterable[Any], return_exceptions: bool,
-                      window: Optional[int], params: Dict[str, Any]
-                      ) -> AsyncIterator[List[Tuple[int, Any]]]:
-        """Lists of (index, result) as the engine delivers them."""
-        loop = self._bind()
-        await self._ensure_model(params)
-        window, ride = self._ride_window(window or self.window)
-        try:
-            job = self._core.submit(_native.JOB_STREAM, chat, src, self._template(params),
-                                    None, window, True, ride is not None)
-        except BaseException:
-            _end_ride(ride, window)
-            raise
-        try:
-            while True:
-                chunk = job.take()
-                if chunk is None:
-                    return
-                if not chunk:
-                    fut = loop.create_future()
-                    job.arm(fut)
-                    await fut
-                    continue
-                for k, (i, r) in enumerate(chunk):
-                    # i < 0: the job itself failed (bad input, closed).
-                    if i < 0 or (not return_exceptions and isinstance(r, BaseException)):
-                        if k:
-                            yield chunk[:k]
-                        raise r
-                yield chunk
-        finally:
-            job.cancel()
-            _end_ride(ride, window)
-
-    # ---- exact prompt token counts (vLLM's /tokenize, see _tokens) -------
-    async def count_tokens(self, texts: Iterable[str], *,
-                           add_special_tokens: bool = True) -> List[int]:
-        """Each text's prompt tokens as the server's tokenizer counts them.
-
-        One POST ``/tokenize`` per distinct text not counted before, sent by
-        the native engine concurrently under the count cap (never charged
-        to ``max_inflight_tokens`` or the KV admission), at the server root
-        (``http://host:port/tokenize``). Counts are cached on the
-        Dispatcher (bounded LRU, ``token_cache_size``), so repeating texts
-        costs no request. Feed them to the planner with
-        ``plan_batches(texts, budget, counts=await d.count_tokens(texts))``.
-        A failure raises the engine's error re-said for the caller's index
-        (``texts[i]: ...``); a server without /tokenize (404) says so."""
-        if not isinstance(add_special_tokens, bool):
-            raise TypeError(f"add_special_tokens must be a bool, not "
-                            f"{type(add_special_tokens).__name__}")
-        return await self._count_exact(
-            _tokens.check_texts(texts), _native.KIND_TOKENIZE,
-            {"add_special_tokens": add_special_tokens}, "texts")
-
-    async def count_chat_tokens(self, conversations: Iterable[Sequence[Mapping[str, Any]]],
-                                *, add_generation_prompt: bool = True) -> List[int]:
-        """``count_tokens`` for chat: each messages list's prompt tokens with
-        the server's chat template (vLLM's /tokenize with ``messages``; with
-        ``add_generation_prompt`` as /v1/chat/completions counts them)."""
-        if not isinstance(add_generation_prompt, bool):
-            raise TypeError(f"add_generation_prompt must be a bool, not "
-                            f"{type(add_generation_prompt).__name__}")
-        if isinstance(conversations, (str, bytes)) or not hasattr(conversations, "__iter__"):
-            raise TypeError(f"conversations must be an iterable of message lists, not "
-                            f"{type(conversations).__name__}")
-        items = [_messages_json(m, i) for i, m in enumerate(conversations)]
-        return await self._count_exact(items, _native.KIND_TOKENIZE_CHAT,
-                                       {"add_generation_prompt": add_generation_prompt},
-                                       "conversations")
-
-    async def _count_exact(self, items: List[str], kind: int, fields: Dict[str, Any],
-                           what: str) -> List[int]:
-        root = self._root
-        cache = root._token_cache
-        if cache is None:
-            cache = root._token_cache = _tokens.TokenCountCache(root.token_cache_size)
-        # The model generation will name (GET /v1/models once, like generate),
-        # so counts made before the first generation are reused by it.
-        await self._ensure_model({})
-        model = self.model if self.model is not None else root._resolved_model
-        params = json.dumps(fields, sort_keys=True)
-        key0 = (model, kind, params)
-        out, missing = _tokens.plan_missing(cache, key0, items)
-        if not missing:
-            return out  # type: ignore[return-value]
-        loop = self._bind()
-        uniq = list(missing)
-        opts = _options.call_options(self._defaults, {})
-        tkey = ("/tokenize", params, model, opts.native)
-        tmpl = root._templates.get(tkey)
-        if tmpl is None:
-            tmpl = root._templates[tkey] = root._core.template(model, params, opts.native)
-        fut = loop.create_future()
-        window, ride = self._ride_window(self.window)
-        job = self._core.submit(_native.JOB_MAP, kind, uniq, tmpl, fut, window, False,
-                                ride is not None)
-        try:
-            counts = await fut
-        except BatchgateError as e:
-            k = getattr(e, "index", None)
-            if not isinstance(k, int) or not 0 <= k < len(uniq):
-                raise  # not about one text (the Dispatcher was closed, ...)
-            raise _tokens.renamed_error(e, f"{what}[{missing[uniq[k]][0]}]",
-                                        self.tokenize_url) from None
-        except BaseException:
-            job.cancel()
-            raise
-        finally:
-            _end_ride(ride, window)
-        for t, c in zip(uniq, counts):
-            cache.put(key0 + (t,), c)
-            for i in missing[t]:
-                out[i] = c
-        return out  # type: ignore[return-value]
-
-    @property
-    def tokenize_url(self) -> str:
-        """Where count_tokens() asks (credentials redacted)."""
-        return _tokens.tokenize_url(self.base_url)
-
     # ---- openai-compat: per-call defaults and the server's model ----------
     def with_options(self, **options: Any) -> "Dispatcher":
         """A view with other defaults for the per-call options (``timeout``,
@@ -802,7 +552,7 @@ class Dispatcher:
             return
         self._closed = True
         _live.discard(self)
-        if os.getpid() != self._pid:
+        if self._forked():
             self._core.close(True)
             return
         loop = self._loop
@@ -824,30 +574,6 @@ class Dispatcher:
                 self._core.close(True)
         except Exception:
             pass
-
-
-def _shortest_first(items: List[Any]) -> List[int]:
-    from .sizing import estimate_many
-    flat = [p if isinstance(p, str) else "".join(p) if isinstance(p, (list, tuple)) and
-            all(isinstance(x, str) for x in p) else "" for p in items]
-    cost = estimate_many(flat)
-    return sorted(range(len(items)), key=cost.__getitem__)  # stable: ties keep input order
-
-
-def _wake_rider(rec: List[Any]) -> None:
-    q = rec[2]
-    while q:
-        w = q.popleft()
-        if not w.done():
-            w.set_result(None)
-            return
-
-
-def _end_ride(rec: Optional[List[Any]], window: int) -> None:
-    if rec is not None:
-        rec[1] -= window
-        for _ in range(window):
-            _wake_rider(rec)
 
 
 class _OptionsView(Dispatcher):
@@ -929,17 +655,6 @@ def _fetch_model_ids(base_url: str, api_key: Optional[str], headers: Mapping[str
     return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def _messages_json(messages: Any, index: Optional[int]) -> str:
-    where = "messages" if index is None else f"conversations[{index}]"
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError(f"{where} must be a non-empty list of message dicts, "
-                        f"not {type(messages).__name__}")
-    for k, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise TypeError(f"{where}[{k}] must be a dict with a str 'role'")
-    return json.dumps(list(messages), separators=(",", ":"), ensure_ascii=False)
-
-
 @atexit.register
 def _close_all() -> None:
     # Join engine threads before interpreter finalization; no loop to deliver to.
@@ -984,7 +699,7 @@ def default_dispatcher() -> Dispatcher:
     with _defaults_lock:
         for key, (ref, old) in list(_defaults_by_loop.items()):
             lp = ref()
-            if lp is None or lp.is_closed() or old._closed or old._pid != os.getpid():
+            if lp is None or lp.is_closed() or old._closed or old._forked():
                 stale.append(old)
                 del _defaults_by_loop[key]
         entry = _defaults_by_loop.get(id(loop))

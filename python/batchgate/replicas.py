@@ -367,7 +367,6 @@ class ReplicaDispatcher(Dispatcher):
 
     def __init__(self, base_url: Any = None, api_key: Optional[str] = None,  # noqa: no super
                  model: Optional[str] = None, **kwargs: Any) -> None:
-        import os
         urls = list(base_url)
         if not urls:
             raise ValueError("base_url is an empty list")
@@ -378,7 +377,6 @@ class ReplicaDispatcher(Dispatcher):
         if len(set(norm)) != len(norm):
             raise ValueError("base_url lists the same endpoint twice")
         self._closed = False
-        self._pid = os.getpid()
         self._eps: List[_Endpoint] = []
         try:
             for k, u in enumerate(urls):
@@ -411,6 +409,9 @@ class ReplicaDispatcher(Dispatcher):
             f"healthy={sum(e.healthy for e in self._eps)}/{len(self._eps)}"
         return (f"<batchgate.Dispatcher [{', '.join(self.base_url)}] model={self.model!r} "
                 f"{state}>")
+
+    def _forked(self) -> bool:
+        return self._members[0]._forked()
 
     def _check(self) -> None:
         Dispatcher._check(self)

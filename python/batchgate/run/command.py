@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._signals import stop_on_signals
 from ..config import Config
 from .analyze import analyze_groups, resolve_token_cap
 from .batches import BatchPlan, Groups, build_batches
@@ -158,37 +158,21 @@ def _run(args: Any, template: str, groups: Groups, plan: BatchPlan, errors: List
         progress = Progress(len(plan.batches), skipped)
 
         async def main() -> Tuple[List[Dict[str, Any]], DispatchStats]:
-            loop = asyncio.get_running_loop()
-            stop = asyncio.Event()
-
-            def on_signal() -> None:
-                _say("interrupted: cancelling batches in flight (Ctrl-C again to abort)")
-                stop.set()
-                loop.remove_signal_handler(signal.SIGINT)
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            with stop_on_signals(_say, "interrupted: cancelling batches in flight (Ctrl-C "
+                                       "again to abort)") as stop:
+                d = make_dispatcher(base_url, api_key=api_key, model=model,
+                                    max_concurrent=args.max_concurrent,
+                                    max_inflight_tokens=args.max_inflight_tokens,
+                                    max_retries=args.max_retries, timeout=args.timeout)
                 try:
-                    loop.add_signal_handler(sig, on_signal)
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
-            d = make_dispatcher(base_url, api_key=api_key, model=model,
-                                max_concurrent=args.max_concurrent,
-                                max_inflight_tokens=args.max_inflight_tokens,
-                                max_retries=args.max_retries, timeout=args.timeout)
-            try:
-                results, st, _, _ = await analyze_groups(
-                    groups, dispatcher=d, template=template, max_retries=args.max_retries,
-                    max_tokens=args.max_tokens, chat=args.chat, extra_body=args.extra_body,
-                    priority=args.priority_queue, log=log, plan=plan, simulated=simulated,
-                    progress=progress, stop=stop)
-                return results, st
-            finally:
-                await d.aclose()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    try:
-                        loop.remove_signal_handler(sig)
-                    except (NotImplementedError, RuntimeError, ValueError):
-                        pass
+                    results, st, _, _ = await analyze_groups(
+                        groups, dispatcher=d, template=template, max_retries=args.max_retries,
+                        max_tokens=args.max_tokens, chat=args.chat, extra_body=args.extra_body,
+                        priority=args.priority_queue, log=log, plan=plan, simulated=simulated,
+                        progress=progress, stop=stop)
+                    return results, st
+                finally:
+                    await d.aclose()
 
         results, st = asyncio.run(main())
         progress.finish(st)
