@@ -1,4 +1,6 @@
-/* bg_http.c - libcurl multi engine: permits, transfers, retries, completion. */
+/* bg_http.c - the engine: its thread and libcurl multi loop, the lists and
+ * id hash, wakeups, and the public API. What happens to a request lives in
+ * bg_http_request.c; the curl glue of one attempt in bg_http_transfer.c. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* strdup, strncasecmp, clock_gettime */
 #endif
@@ -143,7 +145,7 @@ static int hash_grow(bg_engine *e)
     return 0;
 }
 
-static void hash_insert(bg_engine *e, bg_request *r)
+void bgh_hash_insert(bg_engine *e, bg_request *r)
 {
     /* Growth failure only makes chains longer. */
     if (e->live >= e->n_buckets)
@@ -155,7 +157,7 @@ static void hash_insert(bg_engine *e, bg_request *r)
     e->live++;
 }
 
-static void hash_remove(bg_engine *e, bg_request *r)
+void bgh_hash_remove(bg_engine *e, bg_request *r)
 {
     if (!r->in_hash)
         return;
@@ -193,7 +195,7 @@ static bool mark_pending_locked(bg_engine *e)
 static _Thread_local bg_engine *tls_engine;
 
 /* Runs under the semaphore's lock on whatever thread released: tiny. */
-static void on_grant(bg_sem_waiter *w)
+void bgh_on_grant(bg_sem_waiter *w)
 {
     bg_request *r = w->ctx;
     bg_engine *e = r->engine;
@@ -206,19 +208,7 @@ static void on_grant(bg_sem_waiter *w)
         curl_multi_wakeup(e->multi);
 }
 
-/* ---- request lifecycle (engine thread) ------------------------------- */
-
-void bgh_release_permits(bg_engine *e, bg_request *r)
-{
-    if (r->held_count) {
-        r->held_count = false;
-        bg_sem_release(e->cfg.count_sem, 1);
-    }
-    if (r->held_tokens) {
-        r->held_tokens = false;
-        bg_sem_release(e->cfg.token_sem, r->weight_taken);
-    }
-}
+/* ---- messages --------------------------------------------------------- */
 
 void bgh_set_message(bg_request *r, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -233,132 +223,7 @@ void bgh_set_message(bg_request *r, const char *fmt, ...)
     r->message = strdup(buf);
 }
 
-/* Hand the request back. It may be freed by on_done: touch nothing after. */
-void bgh_finish(bg_engine *e, bg_request *r, int kind)
-{
-    bgh_release_permits(e, r);
-    hash_remove(e, r);
-    if (e->admit_waiting == r)
-        e->admit_waiting = NULL;
-    if (kind != BG_RES_OK)
-        bg_resp_free(&r->resp);
-    r->kind = kind;
-    r->state = ST_DONE;
-    free(r->body);
-    r->body = NULL;
-    r->t_done_ns = bgh_now_ns();
-    STAT_ADD(e, st_completed, 1);
-    bgh_admit_finished(e, r, kind); /* learns from usage; no-op without admission */
-    e->cfg.on_done(r, e->cfg.done_ctx);
-}
-
-/* Take the permits the request still lacks; start it once it has all. Tokens
- * first: the shared count cap is not held while waiting for the budget. */
-void bgh_advance(bg_engine *e, bg_request *r)
-{
-    if (r->cancel_req) {
-        bgh_finish(e, r, r->cancel_kind);
-        return;
-    }
-    if (e->cfg.token_sem && !r->held_tokens && r->endpoint != BG_EP_TOKENIZE) {
-        bg_sem_waiter_init(&r->w_tokens, r->weight_taken, on_grant, r);
-        r->state = ST_WAIT_TOKENS;
-        int rc = bg_sem_acquire_async(e->cfg.token_sem, &r->w_tokens);
-        if (rc == 0)
-            return;
-        if (rc < 0) {
-            bgh_set_message(r, "invalid token weight %lld", (long long)r->weight_taken);
-            bgh_finish(e, r, BG_RES_NOMEM);
-            return;
-        }
-        r->held_tokens = true;
-        if (e->admit_waiting == r)
-            e->admit_waiting = NULL; /* granted at once: the admission queue moves on */
-    }
-    if (!r->held_count && !r->count_preheld) {
-        bg_sem_waiter_init(&r->w_count, 1, on_grant, r);
-        r->state = ST_WAIT_COUNT;
-        int rc = bg_sem_acquire_async(e->cfg.count_sem, &r->w_count);
-        if (rc == 0)
-            return;
-        if (rc < 0) {
-            bgh_set_message(r, "the count semaphore cannot grant a permit (max_value < 1)");
-            bgh_finish(e, r, BG_RES_NOMEM);
-            return;
-        }
-        r->held_count = true;
-    }
-    bgh_start_transfer(e, r);
-}
-
-/* A grant arrived through the ready list. */
-static void on_ready(bg_engine *e, bg_request *r)
-{
-    if (r->state == ST_WAIT_TOKENS)
-        r->held_tokens = true;
-    else if (r->state == ST_WAIT_COUNT)
-        r->held_count = true;
-    if (e->admit_waiting == r)
-        e->admit_waiting = NULL; /* the admission queue moves on */
-    bgh_advance(e, r);
-}
-
-static void cancel_request(bg_engine *e, bg_request *r, int kind)
-{
-    switch (r->state) {
-    case ST_WAIT_TOKENS:
-    case ST_WAIT_COUNT: {
-        bool tok = r->state == ST_WAIT_TOKENS;
-        if (bg_sem_cancel(tok ? e->cfg.token_sem : e->cfg.count_sem,
-                          tok ? &r->w_tokens : &r->w_count) == 1) {
-            bgh_finish(e, r, kind);
-        } else {
-            /* Granted already: it sits in the ready list; on_ready finishes it. */
-            r->cancel_req = true;
-            r->cancel_kind = kind;
-        }
-        break;
-    }
-    case ST_FLIGHT: {
-        bg_easy *x = r->easy;
-        curl_multi_remove_handle(e->multi, x->h);
-        r->easy = NULL;
-        bgh_easy_put(e, x);
-        STAT_ADD(e, st_in_flight, (uint64_t)-1);
-        bgh_finish(e, r, kind);
-        break;
-    }
-    case ST_BACKOFF:
-        bgh_list_unlink(&e->backoff, r);
-        bgh_finish(e, r, kind);
-        break;
-    case ST_WAIT_ADMIT:
-        bgh_admit_unqueue(e, r);
-        bgh_finish(e, r, kind);
-        break;
-    default:
-        break;
-    }
-}
-
 /* ---- engine thread --------------------------------------------------- */
-
-static void intake(bg_engine *e, bg_request *r)
-{
-    r->state = ST_NEW;
-    hash_insert(e, r);
-    int64_t w = r->token_weight < 1 ? 1 : r->token_weight;
-    int64_t cap = e->cfg.token_cap;
-    if (e->cfg.token_sem && cap <= 0)
-        cap = bg_sem_max_value(e->cfg.token_sem);
-    if (cap > 0 && w > cap)
-        w = cap; /* bigger than the budget: runs alone instead of never */
-    r->weight_taken = w;
-    if (e->cfg.admit && r->endpoint != BG_EP_TOKENIZE)
-        bgh_admit_enqueue(e, r); /* charged when it reaches the head */
-    else
-        bgh_advance(e, r);
-}
 
 /* Cancel everything live (close). Collect first: finishing edits the hash. */
 static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
@@ -378,7 +243,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
             if (!pick)
                 return;
             /* Each pass finishes pick or marks it, so this ends. */
-            cancel_request(e, pick, kind);
+            bgr_cancel(e, pick, kind);
         }
     }
     for (size_t i = 0; i < e->n_buckets; i++)
@@ -387,7 +252,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
                 v[n++] = r;
     for (size_t i = 0; i < n; i++)
         if (!v[i]->cancel_req)
-            cancel_request(e, v[i], kind);
+            bgr_cancel(e, v[i], kind);
     free(v);
 }
 
@@ -399,17 +264,17 @@ static void multi_failed(bg_engine *e, const char *what, CURLMcode mc)
     size_t n = 0;
     for (size_t i = 0; i < e->n_buckets; i++)
         for (bg_request *r = e->buckets[i]; r; r = r->hnext)
-            n += r->state == ST_FLIGHT;
+            n += r->state == BGR_FLIGHT;
     bg_request **v = n ? malloc(n * sizeof(*v)) : NULL;
     size_t k = 0;
     for (size_t i = 0; v && i < e->n_buckets; i++)
         for (bg_request *r = e->buckets[i]; r; r = r->hnext)
-            if (r->state == ST_FLIGHT && k < n)
+            if (r->state == BGR_FLIGHT && k < n)
                 v[k++] = r;
     for (size_t i = 0; i < k; i++) {
         bg_request *r = v[i];
         bgh_set_message(r, "%s failed: %s (%d)", what, curl_multi_strerror(mc), (int)mc);
-        cancel_request(e, r, BG_RES_TRANSPORT);
+        bgr_cancel(e, r, BG_RES_TRANSPORT);
     }
     free(v);
     struct timespec ts = {0, 10 * 1000 * 1000};
@@ -435,18 +300,18 @@ static void *engine_main(void *arg)
 
         while (in) {
             bg_request *nx = in->next;
-            intake(e, in);
+            bgr_intake(e, in);
             in = nx;
         }
         while (rd) {
             bg_request *nx = rd->next;
-            on_ready(e, rd);
+            bgr_granted(e, rd);
             rd = nx;
         }
         for (size_t i = 0; i < n_ids; i++) {
             bg_request *r = hash_find(e, ids[i]);
             if (r && !r->cancel_req)
-                cancel_request(e, r, BG_RES_CANCELLED);
+                bgr_cancel(e, r, BG_RES_CANCELLED);
         }
         for (size_t i = 0; i < n_groups; i++)
             cancel_all(e, BG_RES_CANCELLED, true, groups[i]);
@@ -458,15 +323,7 @@ static void *engine_main(void *arg)
                 break;
         }
 
-        int64_t t = bgh_now_ns();
-        while (e->backoff.head && e->backoff.head->due_ns <= t) {
-            bg_request *r = e->backoff.head;
-            bgh_list_unlink(&e->backoff, r);
-            if (e->cfg.admit && !r->cancel_req && r->endpoint != BG_EP_TOKENIZE)
-                bgh_admit_enqueue(e, r); /* a retry is charged again, at the head */
-            else
-                bgh_advance(e, r);
-        }
+        bgr_backoff_due(e, bgh_now_ns());
 
         int admit_wait_ms = bgh_admit_tick(e); /* scrape when due, apply the limit */
         bgh_admit_pump(e);                     /* charge and queue the next requests */
@@ -490,7 +347,7 @@ static void *engine_main(void *arg)
             if (bgh_admit_owns(e, msg->easy_handle))
                 bgh_admit_scrape_done(e, msg->data.result);
             else
-                bgh_transfer_done(e, msg->easy_handle, msg->data.result);
+                bgr_transfer_done(e, msg->easy_handle, msg->data.result);
         }
 
         int timeout_ms = admit_wait_ms < 1000 ? admit_wait_ms : 1000;
@@ -673,33 +530,22 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
 {
     if (n == 0)
         return 0;
+    /* A request still live (submitted, not finished) would be in two places
+     * at once: refuse the whole call before changing anything. */
+    for (size_t i = 0; i < n; i++)
+        if (!bgr_legal(rs[i]->state, BGR_INBOX))
+            return -1;
     int64_t t = bgh_now_ns();
-    for (size_t i = 0; i < n; i++) {
-        bg_request *r = rs[i];
-        r->engine = e;
-        r->state = ST_INBOX;
-        r->kind = BG_RES_OK;
-        r->status = 0;
-        r->curl_code = 0;
-        r->message = NULL;
-        r->attempts = 0;
-        memset(&r->resp, 0, sizeof(r->resp));
-        r->t_submit_ns = t;
-        r->t_first_send_ns = r->t_done_ns = 0;
-        r->easy = NULL;
-        r->body = NULL;
-        r->tok_count = r->tok_max_model_len = -1;
-        r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
-        r->hnext = NULL;
-    }
     pthread_mutex_lock(&e->mu);
     if (e->closing) {
         pthread_mutex_unlock(&e->mu);
         return -1;
     }
     STAT_ADD(e, st_submitted, n); /* before the engine can complete any of them */
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        (void)bgr_submitted(e, rs[i], t);
         bgh_list_push(&e->inbox, rs[i]);
+    }
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
     if (wake)
@@ -789,6 +635,11 @@ void bg_engine_destroy(bg_engine *e)
 }
 
 #ifdef BG_TESTING
+uint64_t bg_engine_test_illegal(bg_engine *e)
+{
+    return __atomic_load_n(&e->st_illegal, __ATOMIC_RELAXED);
+}
+
 void bg_engine_test_fail_multi(bg_engine *e, int n)
 {
     pthread_mutex_lock(&e->mu);
