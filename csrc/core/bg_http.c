@@ -183,10 +183,13 @@ static bg_request *hash_find(bg_engine *e, uint64_t id)
 
 /* ---- wakeups --------------------------------------------------------- */
 
-/* Caller holds e->mu. Returns true if the caller must wake the engine. */
+/* Caller holds e->mu. Returns true if the caller must wake the engine: only
+ * on the first news since it last looked, and only if it may be asleep (it
+ * checks `pending` under e->mu before it polls, so a busy engine sees the
+ * news without a syscall). */
 static bool mark_pending_locked(bg_engine *e)
 {
-    bool wake = !e->pending;
+    bool wake = !e->pending && e->polling;
     e->pending = true;
     return wake;
 }
@@ -295,6 +298,7 @@ static void *engine_main(void *arg)
         e->cancel_ids = e->cancel_groups = NULL;
         e->n_cancel_ids = e->cap_cancel_ids = e->n_cancel_groups = e->cap_cancel_groups = 0;
         e->pending = false;
+        e->polling = false;
         bool closing = e->closing;
         pthread_mutex_unlock(&e->mu);
 
@@ -357,9 +361,14 @@ static void *engine_main(void *arg)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
         pthread_mutex_lock(&e->mu);
-        if (e->pending)
-            timeout_ms = 0;
+        bool pending = e->pending;
+        e->polling = !pending;
         pthread_mutex_unlock(&e->mu);
+        /* Work waiting (often a permit this thread just released and granted):
+         * go round again at once. curl_multi_perform reads what has arrived,
+         * so a zero-timeout poll of every socket would only cost a syscall. */
+        if (pending)
+            continue;
         mc = curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
         if (mc != CURLM_OK)
             multi_failed(e, "curl_multi_poll", mc);
@@ -533,7 +542,7 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
     /* A request still live (submitted, not finished) would be in two places
      * at once: refuse the whole call before changing anything. */
     for (size_t i = 0; i < n; i++)
-        if (!bgr_legal(rs[i]->state, BGR_INBOX))
+        if (!bgr_legal(__atomic_load_n(&rs[i]->state, __ATOMIC_RELAXED), BGR_INBOX))
             return -1;
     int64_t t = bgh_now_ns();
     pthread_mutex_lock(&e->mu);

@@ -16,6 +16,13 @@
 typedef struct bg_easy {
     CURL *h;
     struct bg_easy *next;
+    bg_request *req; /* carried now; the handle's PRIVATE and callback data is the bg_easy */
+    /* Options as last set on h, to skip unchanged ones (CURLOPT_URL copies
+     * the string each time). Only the engine's own URL and header list are
+     * remembered: a per-call bg_req_opts may be freed and its address reused. */
+    const char *set_url;
+    const struct curl_slist *set_headers;
+    long set_timeout_ms;
     char errbuf[CURL_ERROR_SIZE];
     /* Response body, reused by the handle's next transfers (no malloc per
      * request); freed when a big answer left it large. */
@@ -66,6 +73,7 @@ struct bg_engine {
     uint64_t *cancel_ids, *cancel_groups;
     size_t n_cancel_ids, cap_cancel_ids, n_cancel_groups, cap_cancel_groups;
     bool pending; /* something above is waiting: a wakeup is already on its way */
+    bool polling; /* the engine may be asleep in curl_multi_poll: wake it */
     bool closing;
 
     /* Engine thread only. */

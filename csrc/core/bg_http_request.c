@@ -50,7 +50,9 @@ int bgr_move(bg_engine *e, bg_request *r, int to)
             STAT_ADD(e, st_illegal, 1);
         return -1;
     }
-    r->state = to;
+    /* Atomic only for bg_engine_submit_many's check of a request submitted
+     * twice by mistake; nothing else reads it off the engine thread. */
+    __atomic_store_n(&r->state, to, __ATOMIC_RELAXED);
     return 0;
 }
 

@@ -19,8 +19,8 @@
 
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
-    bg_request *r = userp;
-    bg_easy *x = r->easy;
+    bg_easy *x = userp;
+    bg_request *r = x->req;
     size_t n = size * nmemb;
     size_t cap = r->engine->cfg.max_response_bytes;
     if (cap && (x->len + n > cap || x->len + n < x->len)) {
@@ -73,7 +73,7 @@ static double parse_retry_after(const char *v, size_t n)
 
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
-    bg_request *r = userp;
+    bg_request *r = ((bg_easy *)userp)->req;
     size_t n = size * nmemb;
     static const char key[] = "retry-after:";
     if (n > 5 && memcmp(data, "HTTP/", 5) == 0)
@@ -106,6 +106,10 @@ static bg_easy *easy_get(bg_engine *e)
     curl_easy_setopt(h, CURLOPT_POST, 1L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, x);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, x);
+    x->set_timeout_ms = -1; /* nothing set yet */
     curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -160,14 +164,24 @@ int bgh_transfer_begin(bg_engine *e, bg_request *r)
         url = r->endpoint == BG_EP_CHAT       ? o->url_chat
               : r->endpoint == BG_EP_TOKENIZE ? o->url_tokenize
                                               : o->url_completions;
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, o && o->headers ? o->headers : e->headers);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, bgh_timeout_ms(e, r));
+    bool own_url = !(o && o->url_chat);
+    if (!own_url || url != x->set_url) {
+        curl_easy_setopt(h, CURLOPT_URL, url);
+        x->set_url = own_url ? url : NULL;
+    }
+    const struct curl_slist *hdrs = o && o->headers ? o->headers : e->headers;
+    if (hdrs != e->headers || hdrs != x->set_headers) {
+        curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+        x->set_headers = hdrs == e->headers ? hdrs : NULL;
+    }
+    long timeout_ms = bgh_timeout_ms(e, r);
+    if (timeout_ms != x->set_timeout_ms) {
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
+        x->set_timeout_ms = timeout_ms;
+    }
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
     curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
-    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    x->req = r;
     x->errbuf[0] = '\0';
     x->len = 0;
     r->oversize = false;
@@ -178,6 +192,7 @@ int bgh_transfer_begin(bg_engine *e, bg_request *r)
         r->t_first_send_ns = bgh_now_ns();
     CURLMcode mc = curl_multi_add_handle(e->multi, h);
     if (mc != CURLM_OK) {
+        x->req = NULL;
         r->easy = NULL;
         bgh_easy_put(e, x);
         bgh_set_message(r, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
@@ -192,12 +207,13 @@ int bgh_transfer_begin(bg_engine *e, bg_request *r)
 
 bg_easy *bgh_transfer_detach(bg_engine *e, CURL *h, CURLcode code, bg_request **out)
 {
-    bg_request *r = NULL;
-    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
+    bg_easy *x = NULL;
+    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&x);
+    bg_request *r = x->req;
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    bg_easy *x = r->easy;
     curl_multi_remove_handle(e->multi, h);
+    x->req = NULL;
     r->easy = NULL;
     STAT_ADD(e, st_in_flight, (uint64_t)-1);
     r->status = status;
@@ -212,6 +228,7 @@ void bgh_transfer_abort(bg_engine *e, bg_request *r)
     if (!x)
         return;
     curl_multi_remove_handle(e->multi, x->h);
+    x->req = NULL;
     r->easy = NULL;
     bgh_easy_put(e, x);
     STAT_ADD(e, st_in_flight, (uint64_t)-1);
