@@ -118,6 +118,7 @@ static inline int64_t bgh_now_ns(void)
 }
 
 /* bg_http.c */
+void *bgh_engine_main(void *arg); /* the engine thread (started by bg_http_setup.c) */
 void bgh_backoff_insert(req_list *l, bg_request *r);
 void bgh_hash_insert(bg_engine *e, bg_request *r);
 void bgh_hash_remove(bg_engine *e, bg_request *r);
