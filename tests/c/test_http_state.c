@@ -135,11 +135,32 @@ static void *cancel_main(void *arg)
     return NULL;
 }
 
+/* A "Python" holder of the shared count semaphore: takes a permit and gives
+ * it back over and over, so grants also come from a thread other than the
+ * engine's and can land between a cancel and the engine's next look. */
+typedef struct {
+    bg_sem *count;
+    atomic_int stop;
+} holder;
+
+static void *holder_main(void *arg)
+{
+    holder *h = arg;
+    while (!atomic_load(&h->stop)) {
+        if (bg_sem_acquire_blocking(h->count, 1, 20 * 1000 * 1000) == 1) {
+            usleep(300);
+            bg_sem_release(h->count, 1);
+        }
+        usleep(200);
+    }
+    return NULL;
+}
+
 /* Requests that retry (503 once, a reset connection once, 503 for good, 429
  * with a Retry-After that keeps them in backoff for a second),
  * wait for token permits, or just run, while another thread cancels at
- * random and the main thread closes the engine at a different moment each
- * round. */
+ * random, a third takes and returns count permits, and the main thread
+ * closes the engine at a different moment each round. */
 static void race_round(unsigned seed, double close_after_s)
 {
     fixture fx;
@@ -168,15 +189,19 @@ static void race_round(unsigned seed, double close_after_s)
         rs[i] = &v[i].r;
     }
     canceller cn = {fx.e, n, seed, 0};
-    pthread_t th;
+    holder hd = {fx.count, 0};
+    pthread_t th, th_hold;
     pthread_create(&th, NULL, cancel_main, &cn);
+    pthread_create(&th_hold, NULL, holder_main, &hd);
     CHECK(bg_engine_submit_many(fx.e, rs, n / 2) == 0);
     sleep_s(0.01);
     CHECK(bg_engine_submit_many(fx.e, rs + n / 2, n - n / 2) == 0);
     sleep_s(close_after_s);
     bg_engine_close(fx.e); /* the canceller keeps going meanwhile */
     atomic_store(&cn.stop, 1);
+    atomic_store(&hd.stop, 1);
     pthread_join(th, NULL);
+    pthread_join(th_hold, NULL);
     CHECK(coll_done() == n && coll.dup == 0);
     size_t by_kind[BG_RES_NOMEM + 1] = {0};
     for (size_t i = 0; i < n; i++) {
