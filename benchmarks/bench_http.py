@@ -11,12 +11,16 @@ concurrency runs, in separate processes:
   httpx      httpx.AsyncClient + semaphore
   openai     AsyncOpenAI(max_retries=0) + semaphore
   batchgate  batchgate.Dispatcher(...).map(prompts), if batchgate is importable
+  bg-base    the same from another build (--baseline DIR: a directory holding a
+             batchgate package, e.g. a copy of an older install), so a change
+             is measured against its baseline and the C loop in one run
 
 and prints req/s, client CPU-seconds per 10k requests, event-loop lag p99,
 peak RSS and ratios vs aiohttp and vs the C loop (medians over --repeats).
 
 Usage:  python benchmarks/bench_http.py [--quick] [--requests N] [--repeats K]
         [--concurrency 20,256] [--clients wrk,c-curl,aiohttp,...] [--uvloop]
+        [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -126,13 +130,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_child(cmd: list[str], timeout: float, workdir: Path) -> tuple[int, str, str, resource.struct_rusage]:
+def run_child(cmd: list[str], timeout: float, workdir: Path,
+              pythonpath: str | None = None) -> tuple[int, str, str, resource.struct_rusage]:
     """Run cmd, kill it after timeout; return (exit code, stdout, stderr tail, its rusage)."""
+    env = loopback_env()
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (pythonpath, env.get("PYTHONPATH")) if x)
     err_path = workdir / "child.stderr"
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-            env=loopback_env(), preexec_fn=_die_with_parent,
+            env=env, preexec_fn=_die_with_parent,
         )
     lock = threading.Lock()
     reaped = False
@@ -296,13 +304,13 @@ def run_c(exe: Path, url: str, c: int, n: int, warmup: int, timeout: float, work
 
 
 def run_python_client(name: str, url: str, c: int, n: int, warmup: int, timeout: float,
-                      use_uvloop: bool, workdir: Path) -> dict:
+                      use_uvloop: bool, workdir: Path, pythonpath: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--url", url,
            "--concurrency", str(c), "--requests", str(n), "--warmup", str(warmup),
            "--timeout", str(timeout)]
     if use_uvloop:
         cmd.append("--uvloop")
-    rc, out, err, usage = run_child(cmd, timeout + 60, workdir)  # + interpreter start-up
+    rc, out, err, usage = run_child(cmd, timeout + 60, workdir, pythonpath)  # + interpreter start-up
     try:
         stats = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -315,9 +323,9 @@ def run_python_client(name: str, url: str, c: int, n: int, warmup: int, timeout:
             "lag_max_ms": stats["lag_max_ms"], "rss_mib": usage.ru_maxrss / 1024}
 
 
-def batchgate_available(workdir: Path) -> tuple[bool, str]:
+def batchgate_available(workdir: Path, pythonpath: str | None = None) -> tuple[bool, str]:
     probe = "import batchgate, sys; sys.exit(0 if hasattr(batchgate, 'Dispatcher') else 3)"
-    rc, _, err, _ = run_child([sys.executable, "-c", probe], 60, workdir)
+    rc, _, err, _ = run_child([sys.executable, "-c", probe], 60, workdir, pythonpath)
     if rc == 0:
         return True, ""
     return False, "no batchgate.Dispatcher" if rc == 3 else (err.strip().splitlines() or ["?"])[-1]
@@ -486,7 +494,7 @@ def fmt(v: float | None, spec: str) -> str:
 def report(results: dict, concurrencies: list[int], clients: list[str], notes: dict) -> str:
     lines = []
     head = (f"{'client':<10} {'conc':>5} {'req/s':>10} {'CPU-s/10k':>10} {'lag p99 ms':>11} "
-            f"{'RSS MiB':>8} {'x aiohttp':>10} {'% of C':>7} {'errors':>7}")
+            f"{'RSS MiB':>8} {'x aiohttp':>10} {'% of C':>7} {'CPU x C':>8} {'errors':>7}")
     for c in concurrencies:
         lines += ["", head, "-" * len(head)]
         med = {name: {k: median_of(results.get((name, c), []), k)
@@ -494,6 +502,7 @@ def report(results: dict, concurrencies: list[int], clients: list[str], notes: d
                for name in clients}
         base_aio = med.get("aiohttp", {}).get("rps")
         base_c = med.get("c-curl", {}).get("rps")
+        base_c_cpu = med.get("c-curl", {}).get("cpu_per_10k")
         for name in clients:
             if name in notes:
                 lines.append(f"{name:<10} {c:>5} {notes[name]}")
@@ -506,10 +515,12 @@ def report(results: dict, concurrencies: list[int], clients: list[str], notes: d
                 continue
             x_aio = m["rps"] / base_aio if base_aio else None
             pct_c = 100 * m["rps"] / base_c if base_c else None
+            cpu_c = m["cpu_per_10k"] / base_c_cpu if base_c_cpu and m["cpu_per_10k"] else None
             lines.append(
                 f"{name:<10} {c:>5} {fmt(m['rps'], ',.0f'):>10} {fmt(m['cpu_per_10k'], '.3f'):>10} "
                 f"{fmt(m['lag_p99_ms'], '.2f'):>11} {fmt(m['rss_mib'], '.1f'):>8} "
-                f"{fmt(x_aio, '.2f'):>10} {fmt(pct_c, '.1f'):>7} {fmt(m['errors'], '.0f'):>7}")
+                f"{fmt(x_aio, '.2f'):>10} {fmt(pct_c, '.1f'):>7} {fmt(cpu_c, '.2f'):>8} "
+                f"{fmt(m['errors'], '.0f'):>7}")
             failed = [r["error"] for r in runs if "error" in r]
             if failed:
                 lines.append(f"{'':<10} {'':>5} ({len(failed)} of {len(runs)} runs failed: {failed[0][:150]})")
@@ -531,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wrk-duration", type=float, help="seconds per wrk run (default 5, quick 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per client run (default 300)")
     p.add_argument("--uvloop", action="store_true", help="run the asyncio clients on uvloop")
+    p.add_argument("--baseline", type=Path, help="also run client bg-base: batchgate imported from "
+                   "this directory (one holding a batchgate package), right after batchgate")
     p.add_argument("--quick", action="store_true", help="small smoke run: 2000 requests, 1 repeat, 2 s wrk")
     p.add_argument("--json-out", type=Path, help="also write raw per-run results as JSON here")
     p.add_argument("--child", choices=ASYNC_CLIENTS, help=argparse.SUPPRESS)
@@ -544,7 +557,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.wrk_duration = args.wrk_duration or (2.0 if args.quick else 5.0)
     args.concurrency = [int(x) for x in str(args.concurrency).split(",") if x]
     args.clients = [x for x in args.clients.split(",") if x]
-    unknown = set(args.clients) - set(ALL_CLIENTS)
+    if args.baseline is not None:
+        if not (args.baseline / "batchgate" / "__init__.py").is_file():
+            p.error(f"--baseline {args.baseline}: no batchgate package in it")
+        args.baseline = args.baseline.resolve()
+        if "bg-base" not in args.clients:
+            at = args.clients.index("batchgate") + 1 if "batchgate" in args.clients else len(args.clients)
+            args.clients.insert(at, "bg-base")
+    elif "bg-base" in args.clients:
+        p.error("client bg-base needs --baseline DIR")
+    unknown = set(args.clients) - set(ALL_CLIENTS) - {"bg-base"}
     if unknown:
         p.error(f"unknown clients: {', '.join(sorted(unknown))}")
     if args.requests < 1 or args.repeats < 1 or any(c < 1 for c in args.concurrency):
@@ -575,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             ok, why = batchgate_available(workdir)
             if not ok:
                 notes["batchgate"] = f"batchgate: not available ({why})"
+        if "bg-base" in args.clients:
+            ok, why = batchgate_available(workdir, str(args.baseline))
+            if not ok:
+                notes["bg-base"] = f"bg-base: not available ({why})"
         server = Nginx(workdir, completion_body())
         # SIGTERM becomes an exception so the finally below stops nginx.
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -598,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
                             r = run_wrk(url, c, args.wrk_duration, args.wrk_duration + 30, workdir)
                         elif name == "c-curl":
                             r = run_c(exe, url, c, args.requests, warmup, args.timeout, workdir)
+                        elif name == "bg-base":
+                            r = run_python_client("batchgate", url, c, args.requests, warmup,
+                                                  args.timeout, args.uvloop, workdir,
+                                                  str(args.baseline))
                         else:
                             r = run_python_client(name, url, c, args.requests, warmup, args.timeout,
                                                   args.uvloop, workdir)
@@ -611,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     la = os.getloadavg()
     print(f"\nload average at end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} cpus"
           " (other work on the machine makes req/s noisy; CPU-s/10k is steadier)")
+    if args.baseline is not None:
+        print(f"bg-base: batchgate from {args.baseline}")
     print("\nreq/s, CPU and lag are medians over repeats. CPU-s/10k = user+sys of the client process"
           " over the timed requests (wrk: whole process). RSS = peak of the client process."
           " lag = lateness of a 1 ms asyncio sleep during the run.")

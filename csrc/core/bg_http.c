@@ -1,4 +1,7 @@
-/* bg_http.c - libcurl multi engine: permits, transfers, retries, completion. */
+/* bg_http.c - the engine at work: its thread and libcurl multi loop, the
+ * lists and id hash, wakeups, and submit/cancel/close. Set-up and tear-down
+ * are in bg_http_setup.c; what happens to a request in bg_http_request.c;
+ * the curl glue of one attempt in bg_http_transfer.c. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* strdup, strncasecmp, clock_gettime */
 #endif
@@ -15,51 +18,6 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
-
-const char *bg_result_kind_name(int kind)
-{
-    switch (kind) {
-    case BG_RES_OK: return "ok";
-    case BG_RES_HTTP: return "http";
-    case BG_RES_TRANSPORT: return "transport";
-    case BG_RES_TIMEOUT: return "timeout";
-    case BG_RES_MALFORMED: return "malformed";
-    case BG_RES_CANCELLED: return "cancelled";
-    case BG_RES_CLOSED: return "closed";
-    case BG_RES_NOMEM: return "nomem";
-    default: return "?";
-    }
-}
-
-void bg_request_clear(bg_request *r)
-{
-    free(r->message);
-    r->message = NULL;
-    bg_resp_free(&r->resp);
-    free(r->raw);
-    r->raw = NULL;
-    r->raw_len = 0;
-    r->retry_status = 0;
-    r->retry_curl = 0;
-    r->retry_wait_s = 0;
-    r->kind = BG_RES_OK;
-    r->status = 0;
-    r->curl_code = 0;
-    r->attempts = 0;
-}
-
-void bg_engine_config_defaults(bg_engine_config *c)
-{
-    memset(c, 0, sizeof(*c));
-    c->connect_timeout_ms = 10000;
-    c->timeout_ms = 600000;
-    c->max_retries = 3;
-    c->verify_tls = true;
-    c->max_response_bytes = 64u << 20;
-    c->backoff_base_s = 0.5;
-    c->backoff_max_s = 30.0;
-    c->retry_after_max_s = 60.0;
-}
 
 /* ---- lists --------------------------------------------------------- */
 
@@ -143,7 +101,7 @@ static int hash_grow(bg_engine *e)
     return 0;
 }
 
-static void hash_insert(bg_engine *e, bg_request *r)
+void bgh_hash_insert(bg_engine *e, bg_request *r)
 {
     /* Growth failure only makes chains longer. */
     if (e->live >= e->n_buckets)
@@ -155,7 +113,7 @@ static void hash_insert(bg_engine *e, bg_request *r)
     e->live++;
 }
 
-static void hash_remove(bg_engine *e, bg_request *r)
+void bgh_hash_remove(bg_engine *e, bg_request *r)
 {
     if (!r->in_hash)
         return;
@@ -181,10 +139,13 @@ static bg_request *hash_find(bg_engine *e, uint64_t id)
 
 /* ---- wakeups --------------------------------------------------------- */
 
-/* Caller holds e->mu. Returns true if the caller must wake the engine. */
+/* Caller holds e->mu. Returns true if the caller must wake the engine: only
+ * on the first news since it last looked, and only if it may be asleep (it
+ * checks `pending` under e->mu before it polls, so a busy engine sees the
+ * news without a syscall). */
 static bool mark_pending_locked(bg_engine *e)
 {
-    bool wake = !e->pending;
+    bool wake = !e->pending && e->polling;
     e->pending = true;
     return wake;
 }
@@ -193,7 +154,7 @@ static bool mark_pending_locked(bg_engine *e)
 static _Thread_local bg_engine *tls_engine;
 
 /* Runs under the semaphore's lock on whatever thread released: tiny. */
-static void on_grant(bg_sem_waiter *w)
+void bgh_on_grant(bg_sem_waiter *w)
 {
     bg_request *r = w->ctx;
     bg_engine *e = r->engine;
@@ -206,19 +167,7 @@ static void on_grant(bg_sem_waiter *w)
         curl_multi_wakeup(e->multi);
 }
 
-/* ---- request lifecycle (engine thread) ------------------------------- */
-
-void bgh_release_permits(bg_engine *e, bg_request *r)
-{
-    if (r->held_count) {
-        r->held_count = false;
-        bg_sem_release(e->cfg.count_sem, 1);
-    }
-    if (r->held_tokens) {
-        r->held_tokens = false;
-        bg_sem_release(e->cfg.token_sem, r->weight_taken);
-    }
-}
+/* ---- messages --------------------------------------------------------- */
 
 void bgh_set_message(bg_request *r, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -233,132 +182,7 @@ void bgh_set_message(bg_request *r, const char *fmt, ...)
     r->message = strdup(buf);
 }
 
-/* Hand the request back. It may be freed by on_done: touch nothing after. */
-void bgh_finish(bg_engine *e, bg_request *r, int kind)
-{
-    bgh_release_permits(e, r);
-    hash_remove(e, r);
-    if (e->admit_waiting == r)
-        e->admit_waiting = NULL;
-    if (kind != BG_RES_OK)
-        bg_resp_free(&r->resp);
-    r->kind = kind;
-    r->state = ST_DONE;
-    free(r->body);
-    r->body = NULL;
-    r->t_done_ns = bgh_now_ns();
-    STAT_ADD(e, st_completed, 1);
-    bgh_admit_finished(e, r, kind); /* learns from usage; no-op without admission */
-    e->cfg.on_done(r, e->cfg.done_ctx);
-}
-
-/* Take the permits the request still lacks; start it once it has all. Tokens
- * first: the shared count cap is not held while waiting for the budget. */
-void bgh_advance(bg_engine *e, bg_request *r)
-{
-    if (r->cancel_req) {
-        bgh_finish(e, r, r->cancel_kind);
-        return;
-    }
-    if (e->cfg.token_sem && !r->held_tokens && r->endpoint != BG_EP_TOKENIZE) {
-        bg_sem_waiter_init(&r->w_tokens, r->weight_taken, on_grant, r);
-        r->state = ST_WAIT_TOKENS;
-        int rc = bg_sem_acquire_async(e->cfg.token_sem, &r->w_tokens);
-        if (rc == 0)
-            return;
-        if (rc < 0) {
-            bgh_set_message(r, "invalid token weight %lld", (long long)r->weight_taken);
-            bgh_finish(e, r, BG_RES_NOMEM);
-            return;
-        }
-        r->held_tokens = true;
-        if (e->admit_waiting == r)
-            e->admit_waiting = NULL; /* granted at once: the admission queue moves on */
-    }
-    if (!r->held_count && !r->count_preheld) {
-        bg_sem_waiter_init(&r->w_count, 1, on_grant, r);
-        r->state = ST_WAIT_COUNT;
-        int rc = bg_sem_acquire_async(e->cfg.count_sem, &r->w_count);
-        if (rc == 0)
-            return;
-        if (rc < 0) {
-            bgh_set_message(r, "the count semaphore cannot grant a permit (max_value < 1)");
-            bgh_finish(e, r, BG_RES_NOMEM);
-            return;
-        }
-        r->held_count = true;
-    }
-    bgh_start_transfer(e, r);
-}
-
-/* A grant arrived through the ready list. */
-static void on_ready(bg_engine *e, bg_request *r)
-{
-    if (r->state == ST_WAIT_TOKENS)
-        r->held_tokens = true;
-    else if (r->state == ST_WAIT_COUNT)
-        r->held_count = true;
-    if (e->admit_waiting == r)
-        e->admit_waiting = NULL; /* the admission queue moves on */
-    bgh_advance(e, r);
-}
-
-static void cancel_request(bg_engine *e, bg_request *r, int kind)
-{
-    switch (r->state) {
-    case ST_WAIT_TOKENS:
-    case ST_WAIT_COUNT: {
-        bool tok = r->state == ST_WAIT_TOKENS;
-        if (bg_sem_cancel(tok ? e->cfg.token_sem : e->cfg.count_sem,
-                          tok ? &r->w_tokens : &r->w_count) == 1) {
-            bgh_finish(e, r, kind);
-        } else {
-            /* Granted already: it sits in the ready list; on_ready finishes it. */
-            r->cancel_req = true;
-            r->cancel_kind = kind;
-        }
-        break;
-    }
-    case ST_FLIGHT: {
-        bg_easy *x = r->easy;
-        curl_multi_remove_handle(e->multi, x->h);
-        r->easy = NULL;
-        bgh_easy_put(e, x);
-        STAT_ADD(e, st_in_flight, (uint64_t)-1);
-        bgh_finish(e, r, kind);
-        break;
-    }
-    case ST_BACKOFF:
-        bgh_list_unlink(&e->backoff, r);
-        bgh_finish(e, r, kind);
-        break;
-    case ST_WAIT_ADMIT:
-        bgh_admit_unqueue(e, r);
-        bgh_finish(e, r, kind);
-        break;
-    default:
-        break;
-    }
-}
-
 /* ---- engine thread --------------------------------------------------- */
-
-static void intake(bg_engine *e, bg_request *r)
-{
-    r->state = ST_NEW;
-    hash_insert(e, r);
-    int64_t w = r->token_weight < 1 ? 1 : r->token_weight;
-    int64_t cap = e->cfg.token_cap;
-    if (e->cfg.token_sem && cap <= 0)
-        cap = bg_sem_max_value(e->cfg.token_sem);
-    if (cap > 0 && w > cap)
-        w = cap; /* bigger than the budget: runs alone instead of never */
-    r->weight_taken = w;
-    if (e->cfg.admit && r->endpoint != BG_EP_TOKENIZE)
-        bgh_admit_enqueue(e, r); /* charged when it reaches the head */
-    else
-        bgh_advance(e, r);
-}
 
 /* Cancel everything live (close). Collect first: finishing edits the hash. */
 static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
@@ -378,7 +202,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
             if (!pick)
                 return;
             /* Each pass finishes pick or marks it, so this ends. */
-            cancel_request(e, pick, kind);
+            bgr_cancel(e, pick, kind);
         }
     }
     for (size_t i = 0; i < e->n_buckets; i++)
@@ -387,7 +211,7 @@ static void cancel_all(bg_engine *e, int kind, bool by_group, uint64_t group)
                 v[n++] = r;
     for (size_t i = 0; i < n; i++)
         if (!v[i]->cancel_req)
-            cancel_request(e, v[i], kind);
+            bgr_cancel(e, v[i], kind);
     free(v);
 }
 
@@ -399,24 +223,24 @@ static void multi_failed(bg_engine *e, const char *what, CURLMcode mc)
     size_t n = 0;
     for (size_t i = 0; i < e->n_buckets; i++)
         for (bg_request *r = e->buckets[i]; r; r = r->hnext)
-            n += r->state == ST_FLIGHT;
+            n += r->state == BGR_FLIGHT;
     bg_request **v = n ? malloc(n * sizeof(*v)) : NULL;
     size_t k = 0;
     for (size_t i = 0; v && i < e->n_buckets; i++)
         for (bg_request *r = e->buckets[i]; r; r = r->hnext)
-            if (r->state == ST_FLIGHT && k < n)
+            if (r->state == BGR_FLIGHT && k < n)
                 v[k++] = r;
     for (size_t i = 0; i < k; i++) {
         bg_request *r = v[i];
         bgh_set_message(r, "%s failed: %s (%d)", what, curl_multi_strerror(mc), (int)mc);
-        cancel_request(e, r, BG_RES_TRANSPORT);
+        bgr_cancel(e, r, BG_RES_TRANSPORT);
     }
     free(v);
     struct timespec ts = {0, 10 * 1000 * 1000};
     nanosleep(&ts, NULL);
 }
 
-static void *engine_main(void *arg)
+void *bgh_engine_main(void *arg)
 {
     bg_engine *e = arg;
     tls_engine = e;
@@ -430,23 +254,24 @@ static void *engine_main(void *arg)
         e->cancel_ids = e->cancel_groups = NULL;
         e->n_cancel_ids = e->cap_cancel_ids = e->n_cancel_groups = e->cap_cancel_groups = 0;
         e->pending = false;
+        e->polling = false;
         bool closing = e->closing;
         pthread_mutex_unlock(&e->mu);
 
         while (in) {
             bg_request *nx = in->next;
-            intake(e, in);
+            bgr_intake(e, in);
             in = nx;
         }
         while (rd) {
             bg_request *nx = rd->next;
-            on_ready(e, rd);
+            bgr_granted(e, rd);
             rd = nx;
         }
         for (size_t i = 0; i < n_ids; i++) {
             bg_request *r = hash_find(e, ids[i]);
             if (r && !r->cancel_req)
-                cancel_request(e, r, BG_RES_CANCELLED);
+                bgr_cancel(e, r, BG_RES_CANCELLED);
         }
         for (size_t i = 0; i < n_groups; i++)
             cancel_all(e, BG_RES_CANCELLED, true, groups[i]);
@@ -458,15 +283,7 @@ static void *engine_main(void *arg)
                 break;
         }
 
-        int64_t t = bgh_now_ns();
-        while (e->backoff.head && e->backoff.head->due_ns <= t) {
-            bg_request *r = e->backoff.head;
-            bgh_list_unlink(&e->backoff, r);
-            if (e->cfg.admit && !r->cancel_req && r->endpoint != BG_EP_TOKENIZE)
-                bgh_admit_enqueue(e, r); /* a retry is charged again, at the head */
-            else
-                bgh_advance(e, r);
-        }
+        bgr_backoff_due(e, bgh_now_ns());
 
         int admit_wait_ms = bgh_admit_tick(e); /* scrape when due, apply the limit */
         bgh_admit_pump(e);                     /* charge and queue the next requests */
@@ -490,7 +307,7 @@ static void *engine_main(void *arg)
             if (bgh_admit_owns(e, msg->easy_handle))
                 bgh_admit_scrape_done(e, msg->data.result);
             else
-                bgh_transfer_done(e, msg->easy_handle, msg->data.result);
+                bgr_transfer_done(e, msg->easy_handle, msg->data.result);
         }
 
         int timeout_ms = admit_wait_ms < 1000 ? admit_wait_ms : 1000;
@@ -500,9 +317,14 @@ static void *engine_main(void *arg)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
         pthread_mutex_lock(&e->mu);
-        if (e->pending)
-            timeout_ms = 0;
+        bool pending = e->pending;
+        e->polling = !pending;
         pthread_mutex_unlock(&e->mu);
+        /* Work waiting (often a permit this thread just released and granted):
+         * go round again at once. curl_multi_perform reads what has arrived,
+         * so a zero-timeout poll of every socket would only cost a syscall. */
+        if (pending)
+            continue;
         mc = curl_multi_poll(e->multi, NULL, 0, timeout_ms, NULL);
         if (mc != CURLM_OK)
             multi_failed(e, "curl_multi_poll", mc);
@@ -512,194 +334,26 @@ static void *engine_main(void *arg)
 
 /* ---- public API ------------------------------------------------------ */
 
-static char *join_url(const char *base, const char *path)
-{
-    size_t bl = strlen(base);
-    while (bl && base[bl - 1] == '/')
-        bl--;
-    size_t pl = strlen(path);
-    char *u = malloc(bl + pl + 1);
-    if (!u)
-        return NULL;
-    memcpy(u, base, bl);
-    memcpy(u + bl, path, pl + 1);
-    return u;
-}
-
-/* vLLM serves /tokenize at the server root, not under /v1. */
-static char *tokenize_url_of(const char *base)
-{
-    size_t bl = strlen(base);
-    while (bl && base[bl - 1] == '/')
-        bl--;
-    if (bl >= 3 && memcmp(base + bl - 3, "/v1", 3) == 0)
-        bl -= 3;
-    char *u = malloc(bl + sizeof("/tokenize"));
-    if (!u)
-        return NULL;
-    memcpy(u, base, bl);
-    memcpy(u + bl, "/tokenize", sizeof("/tokenize"));
-    return u;
-}
-
-bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen)
-{
-#define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto fail; } while (0)
-    bg_engine *e = calloc(1, sizeof(*e));
-    if (!e) {
-        bg_admit_free(cfg->admit); /* ours from here on, as documented */
-        snprintf(err, errlen, "out of memory");
-        return NULL;
-    }
-    bool mu_init = false, close_mu_init = false;
-    e->cfg = *cfg;
-    if (!cfg->base_url || !cfg->base_url[0])
-        FAIL("base_url is required");
-    if (strncmp(cfg->base_url, "http://", 7) != 0 && strncmp(cfg->base_url, "https://", 8) != 0)
-        FAIL("base_url must start with http:// or https://");
-    if (!cfg->count_sem)
-        FAIL("count_sem is required");
-    if (!cfg->on_done)
-        FAIL("on_done is required");
-    if (cfg->max_retries < 0)
-        FAIL("max_retries must be >= 0");
-    e->base_url = strdup(cfg->base_url);
-    e->url_completions = join_url(cfg->base_url, "/completions");
-    e->url_chat = join_url(cfg->base_url, "/chat/completions");
-    e->url_tokenize = cfg->tokenize_url && cfg->tokenize_url[0] ? strdup(cfg->tokenize_url)
-                                                                 : tokenize_url_of(cfg->base_url);
-    if (!e->base_url || !e->url_completions || !e->url_chat || !e->url_tokenize)
-        FAIL("out of memory");
-    e->cfg.base_url = e->base_url;
-    e->cfg.tokenize_url = e->url_tokenize;
-    e->cfg.api_key = NULL; /* only the header keeps it */
-    e->cfg.headers = NULL;
-    e->cfg.n_headers = 0;
-
-    struct curl_slist *sl = NULL, *tmp;
-#define ADD_HEADER(s)                                                                      \
-    do {                                                                                   \
-        tmp = curl_slist_append(sl, (s));                                                  \
-        if (!tmp)                                                                          \
-            FAIL("out of memory");                                                         \
-        sl = tmp;                                                                          \
-        e->headers = sl;                                                                   \
-    } while (0)
-    ADD_HEADER("Content-Type: application/json");
-    ADD_HEADER("Accept: application/json");
-    ADD_HEADER("Expect:"); /* no 100-continue round trip for big bodies */
-    if (cfg->api_key && cfg->api_key[0]) {
-        /* Never echo the key: say what is wrong with it, not what it is. */
-        if (strpbrk(cfg->api_key, "\r\n"))
-            FAIL("api_key must not contain CR or LF (it would inject HTTP headers)");
-        size_t kl = strlen(cfg->api_key);
-        char *h = malloc(kl + 32);
-        if (!h)
-            FAIL("out of memory");
-        snprintf(h, kl + 32, "Authorization: Bearer %s", cfg->api_key);
-        tmp = curl_slist_append(sl, h);
-        memset(h, 0, kl + 32);
-        free(h);
-        if (!tmp)
-            FAIL("out of memory");
-        sl = tmp;
-        e->headers = sl;
-    }
-    for (size_t i = 0; i < cfg->n_headers; i++) {
-        const char *h = cfg->headers[i];
-        if (!h || !strchr(h, ':') || h[0] == ':' || strpbrk(h, "\r\n"))
-            FAIL("header %zu must look like \"Name: value\" on one line", i);
-        ADD_HEADER(h);
-    }
-#undef ADD_HEADER
-
-    e->multi = curl_multi_init();
-    if (!e->multi)
-        FAIL("curl_multi_init failed");
-    curl_multi_setopt(e->multi, CURLMOPT_MAXCONNECTS,
-                      cfg->max_connections > 0 ? cfg->max_connections : 1024L);
-    if (cfg->max_connections > 0)
-        curl_multi_setopt(e->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, cfg->max_connections);
-
-    if (pthread_mutex_init(&e->mu, NULL) != 0)
-        FAIL("pthread_mutex_init failed");
-    mu_init = true;
-    if (pthread_mutex_init(&e->close_mu, NULL) != 0)
-        FAIL("pthread_mutex_init failed");
-    close_mu_init = true;
-    if (cfg->admit && bgh_admit_init(e, err, errlen) < 0)
-        goto fail;
-    e->rng = (uint64_t)bgh_now_ns() ^ ((uint64_t)(uintptr_t)e << 16) ^ 0x2545F4914F6CDD1Dull;
-    if (!e->rng)
-        e->rng = 1;
-    bg_sem_incref(cfg->count_sem);
-    if (cfg->token_sem)
-        bg_sem_incref(cfg->token_sem);
-
-    /* The engine thread takes no signals: Python's handlers run on the main thread. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&e->thread, NULL, engine_main, e);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-        bg_sem_decref(cfg->count_sem);
-        if (cfg->token_sem)
-            bg_sem_decref(cfg->token_sem);
-        FAIL("cannot start the engine thread: %s", strerror(rc));
-    }
-    e->thread_started = true;
-    return e;
-
-fail:
-    bgh_admit_cleanup(e); /* frees cfg->admit too */
-    if (e->multi)
-        curl_multi_cleanup(e->multi);
-    curl_slist_free_all(e->headers);
-    if (mu_init)
-        pthread_mutex_destroy(&e->mu);
-    if (close_mu_init)
-        pthread_mutex_destroy(&e->close_mu);
-    free(e->base_url);
-    free(e->url_completions);
-    free(e->url_chat);
-    free(e->url_tokenize);
-    free(e);
-    return NULL;
-#undef FAIL
-}
-
 int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n)
 {
     if (n == 0)
         return 0;
+    /* A request still live (submitted, not finished) would be in two places
+     * at once: refuse the whole call before changing anything. */
+    for (size_t i = 0; i < n; i++)
+        if (!bgr_legal(__atomic_load_n(&rs[i]->state, __ATOMIC_RELAXED), BGR_INBOX))
+            return -1;
     int64_t t = bgh_now_ns();
-    for (size_t i = 0; i < n; i++) {
-        bg_request *r = rs[i];
-        r->engine = e;
-        r->state = ST_INBOX;
-        r->kind = BG_RES_OK;
-        r->status = 0;
-        r->curl_code = 0;
-        r->message = NULL;
-        r->attempts = 0;
-        memset(&r->resp, 0, sizeof(r->resp));
-        r->t_submit_ns = t;
-        r->t_first_send_ns = r->t_done_ns = 0;
-        r->easy = NULL;
-        r->body = NULL;
-        r->tok_count = r->tok_max_model_len = -1;
-        r->held_count = r->held_tokens = r->cancel_req = r->oversize = r->in_hash = false;
-        r->hnext = NULL;
-    }
     pthread_mutex_lock(&e->mu);
     if (e->closing) {
         pthread_mutex_unlock(&e->mu);
         return -1;
     }
     STAT_ADD(e, st_submitted, n); /* before the engine can complete any of them */
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        (void)bgr_submitted(e, rs[i], t);
         bgh_list_push(&e->inbox, rs[i]);
+    }
     bool wake = mark_pending_locked(e);
     pthread_mutex_unlock(&e->mu);
     if (wake)
@@ -758,37 +412,12 @@ void bg_engine_close(bg_engine *e)
     pthread_mutex_unlock(&e->close_mu);
 }
 
-void bg_engine_destroy(bg_engine *e)
+#ifdef BG_TESTING
+uint64_t bg_engine_test_illegal(bg_engine *e)
 {
-    if (!e)
-        return;
-    bg_engine_close(e);
-    while (e->easy_pool) {
-        bg_easy *x = e->easy_pool;
-        e->easy_pool = x->next;
-        curl_easy_cleanup(x->h);
-        free(x->buf);
-        free(x);
-    }
-    bgh_admit_cleanup(e);
-    curl_multi_cleanup(e->multi);
-    curl_slist_free_all(e->headers);
-    bg_sem_decref(e->cfg.count_sem);
-    if (e->cfg.token_sem)
-        bg_sem_decref(e->cfg.token_sem);
-    pthread_mutex_destroy(&e->mu);
-    pthread_mutex_destroy(&e->close_mu);
-    free(e->cancel_ids);
-    free(e->cancel_groups);
-    free(e->buckets);
-    free(e->base_url);
-    free(e->url_completions);
-    free(e->url_chat);
-    free(e->url_tokenize);
-    free(e);
+    return __atomic_load_n(&e->st_illegal, __ATOMIC_RELAXED);
 }
 
-#ifdef BG_TESTING
 void bg_engine_test_fail_multi(bg_engine *e, int n)
 {
     pthread_mutex_lock(&e->mu);
@@ -799,14 +428,3 @@ void bg_engine_test_fail_multi(bg_engine *e, int n)
         curl_multi_wakeup(e->multi);
 }
 #endif
-
-void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out)
-{
-    out->submitted = __atomic_load_n(&e->st_submitted, __ATOMIC_RELAXED);
-    out->completed = __atomic_load_n(&e->st_completed, __ATOMIC_RELAXED);
-    out->attempts = __atomic_load_n(&e->st_attempts, __ATOMIC_RELAXED);
-    out->retries = __atomic_load_n(&e->st_retries, __ATOMIC_RELAXED);
-    out->in_flight = __atomic_load_n(&e->st_in_flight, __ATOMIC_RELAXED);
-    out->max_in_flight = __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED);
-    out->live = out->submitted - out->completed;
-}

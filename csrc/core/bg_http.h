@@ -91,7 +91,7 @@ struct bg_request {
     int64_t due_ns;          /* backoff deadline */
     double retry_after_s;    /* from the last response, -1 if none */
     int64_t weight_taken;
-    int state;
+    int state;               /* enum bgr_state (bg_http_request.h) */
     bool held_count, held_tokens, cancel_req, oversize, in_hash;
     int cancel_kind;
 };
@@ -141,8 +141,10 @@ void bg_engine_config_defaults(bg_engine_config *c);
  * engine takes a reference on each semaphore. curl_global_init must have run. */
 bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen);
 
-/* Queue requests (FIFO). Returns 0, or -1 if the engine is closing: then no
- * request was taken and on_done will not be called for them. */
+/* Queue requests (FIFO). Returns 0, or -1 if the engine is closing or one of
+ * the requests is still live (submitted and not yet handed back): then no
+ * request was taken and on_done will not be called for them. A finished
+ * request may be submitted again (to this or another engine). */
 int bg_engine_submit(bg_engine *e, bg_request *r);
 int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n);
 
@@ -191,6 +193,8 @@ void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
 /* Fault injection for the C tests: the next n curl_multi_perform calls
  * report CURLM_INTERNAL_ERROR. */
 void bg_engine_test_fail_multi(bg_engine *e, int n);
+/* Refused state moves and stray events so far (0 unless the engine has a bug). */
+uint64_t bg_engine_test_illegal(bg_engine *e);
 #endif
 
 /* ---- closed-loop admission (bg_http_admit.c) ---- */

@@ -140,10 +140,9 @@ static int64_t charge(bg_engine *e, const bg_request *r)
     return w < 1 ? 1 : w > max ? max : w;
 }
 
-/* Local list ops (bg_http.c keeps its own static). */
+/* The queue only: bg_http_request.c moved r to BGR_WAIT_ADMIT. */
 void bgh_admit_enqueue(bg_engine *e, bg_request *r)
 {
-    r->state = ST_WAIT_ADMIT;
     bgh_list_push(&e->admit_queue, r);
 }
 
@@ -161,12 +160,7 @@ void bgh_admit_pump(bg_engine *e)
     while (!e->admit_waiting && e->admit_queue.head) {
         bg_request *r = e->admit_queue.head;
         bgh_list_unlink(&e->admit_queue, r);
-        r->state = ST_NEW;
-        r->weight_taken = charge(e, r);
-        /* Cleared when it gets its blocks (at once in bgh_advance, or later in
-         * on_ready) or finishes; r may be gone after bgh_advance. */
-        e->admit_waiting = r;
-        bgh_advance(e, r);
+        bgr_admitted(e, r, charge(e, r)); /* r may be gone after this */
     }
 }
 

@@ -1,29 +1,28 @@
-/* bg_http_internal.h - private to bg_http.c (engine thread, lists, public
- * API) and bg_http_transfer.c (one HTTP attempt: easy handles, answers,
- * retry policy). Everything here runs on the engine thread unless noted. */
+/* bg_http_internal.h - private to the engine's files: bg_http.c (engine
+ * thread, lists, public API), bg_http_request.c (the request state machine),
+ * bg_http_transfer.c (curl glue for one HTTP attempt: easy handles, answers,
+ * retry policy) and bg_http_admit.c (closed-loop admission). Everything here
+ * runs on the engine thread unless noted. */
 #ifndef BATCHGATE_BG_HTTP_INTERNAL_H
 #define BATCHGATE_BG_HTTP_INTERNAL_H
 
 #include "bg_http.h"
+#include "bg_http_request.h"
 
 #include <curl/curl.h>
 #include <pthread.h>
 #include <time.h>
 
-enum req_state {
-    ST_NEW = 0,
-    ST_INBOX,      /* submitted, not yet seen by the engine thread */
-    ST_WAIT_TOKENS, /* queued on the token semaphore */
-    ST_WAIT_COUNT, /* queued on the count semaphore */
-    ST_FLIGHT,     /* transfer running */
-    ST_BACKOFF,    /* waiting to retry, no permits held */
-    ST_WAIT_ADMIT, /* in the admission queue, not yet charged (bg_http_admit.c) */
-    ST_DONE,
-};
-
 typedef struct bg_easy {
     CURL *h;
     struct bg_easy *next;
+    bg_request *req; /* carried now; the handle's PRIVATE and callback data is the bg_easy */
+    /* Options as last set on h, to skip unchanged ones (CURLOPT_URL copies
+     * the string each time). Only the engine's own URL and header list are
+     * remembered: a per-call bg_req_opts may be freed and its address reused. */
+    const char *set_url;
+    const struct curl_slist *set_headers;
+    long set_timeout_ms;
     char errbuf[CURL_ERROR_SIZE];
     /* Response body, reused by the handle's next transfers (no malloc per
      * request); freed when a big answer left it large. */
@@ -74,6 +73,7 @@ struct bg_engine {
     uint64_t *cancel_ids, *cancel_groups;
     size_t n_cancel_ids, cap_cancel_ids, n_cancel_groups, cap_cancel_groups;
     bool pending; /* something above is waiting: a wakeup is already on its way */
+    bool polling; /* the engine may be asleep in curl_multi_poll: wake it */
     bool closing;
 
     /* Engine thread only. */
@@ -88,7 +88,7 @@ struct bg_engine {
      * never held while calling into a semaphore. */
     pthread_mutex_t admit_mu;
     bool admit_mu_init;
-    req_list admit_queue;       /* engine thread: FIFO of ST_WAIT_ADMIT requests */
+    req_list admit_queue;       /* engine thread: FIFO of BGR_WAIT_ADMIT requests */
     bg_request *admit_waiting;  /* engine thread: the one queued on token_sem */
     char *metrics_url, *metrics_model;
     CURL *scrape;
@@ -102,6 +102,7 @@ struct bg_engine {
     /* Statistics (atomic). */
     uint64_t st_submitted, st_completed, st_attempts, st_retries, st_in_flight;
     uint64_t st_max_in_flight; /* written by the engine thread only */
+    uint64_t st_illegal;       /* refused state moves and stray events: a bug if not 0 */
 #ifdef BG_TESTING
     int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
 #endif
@@ -117,13 +118,14 @@ static inline int64_t bgh_now_ns(void)
 }
 
 /* bg_http.c */
-/* Take the next permit the request needs, or start it. */
-void bgh_advance(bg_engine *e, bg_request *r);
+void *bgh_engine_main(void *arg); /* the engine thread (started by bg_http_setup.c) */
 void bgh_backoff_insert(req_list *l, bg_request *r);
-void bgh_release_permits(bg_engine *e, bg_request *r);
+void bgh_hash_insert(bg_engine *e, bg_request *r);
+void bgh_hash_remove(bg_engine *e, bg_request *r);
+/* A semaphore granted a queued request (any thread, under the semaphore's
+ * lock): queue it on the ready list for bgr_granted. */
+void bgh_on_grant(bg_sem_waiter *w);
 void bgh_set_message(bg_request *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Hand the request back (on_done). It may be freed there: touch nothing after. */
-void bgh_finish(bg_engine *e, bg_request *r, int kind);
 
 /* bg_http_admit.c (engine thread unless noted) */
 int bgh_admit_init(bg_engine *e, char *err, size_t errlen); /* creating thread */
@@ -150,8 +152,26 @@ static inline int bgh_max_retries(const bg_engine *e, const bg_request *r)
 {
     return r->opts && r->opts->max_retries >= 0 ? r->opts->max_retries : e->cfg.max_retries;
 }
+/* The curl glue reports; it changes no request state. */
 void bgh_easy_put(bg_engine *e, bg_easy *x);
-void bgh_start_transfer(bg_engine *e, bg_request *r);
-void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code);
+/* Build the body if needed, take a pooled handle, set its options and add it
+ * to the multi. BG_RES_OK, or the kind to end with (message set). */
+int bgh_transfer_begin(bg_engine *e, bg_request *r);
+/* Take the ended transfer out of the multi: its request (status and
+ * curl_code recorded) and its handle (the answer still in its buffer). */
+bg_easy *bgh_transfer_detach(bg_engine *e, CURL *h, CURLcode code, bg_request **out);
+/* Abort a running transfer (cancel, close): handle back to the pool. */
+void bgh_transfer_abort(bg_engine *e, bg_request *r);
+enum bgh_verdict {
+    BGH_ANSWER, /* a 2xx answer to read with bgh_read_answer */
+    BGH_RETRY,  /* worth another attempt */
+    BGH_FINAL,  /* ends with *kind (message set) */
+};
+enum bgh_verdict bgh_judge(bg_engine *e, bg_request *r, const bg_easy *x, CURLcode code,
+                           int *kind);
+/* Parse a 2xx answer into r; the kind it ends with (message set if not OK). */
+int bgh_read_answer(bg_engine *e, bg_request *r, bg_easy *x);
+/* Seconds to wait before the next attempt (Retry-After, else jittered backoff). */
+double bgh_retry_delay(bg_engine *e, bg_request *r);
 
 #endif /* BATCHGATE_BG_HTTP_INTERNAL_H */

@@ -1,6 +1,8 @@
-/* bg_http_transfer.c - one HTTP attempt on the engine thread: pooled easy
- * handles, body and header callbacks, and what an answer means (success,
- * retry after a backoff or Retry-After, or a final error). */
+/* bg_http_transfer.c - the curl glue of one HTTP attempt on the engine
+ * thread: pooled easy handles, body and header callbacks, option setting,
+ * and what an answer means (read it, retry after a backoff or Retry-After,
+ * or a final error). It reports to bg_http_request.c and changes no
+ * request state itself. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* strncasecmp */
 #endif
@@ -17,8 +19,8 @@
 
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
-    bg_request *r = userp;
-    bg_easy *x = r->easy;
+    bg_easy *x = userp;
+    bg_request *r = x->req;
     size_t n = size * nmemb;
     size_t cap = r->engine->cfg.max_response_bytes;
     if (cap && (x->len + n > cap || x->len + n < x->len)) {
@@ -71,7 +73,7 @@ static double parse_retry_after(const char *v, size_t n)
 
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
-    bg_request *r = userp;
+    bg_request *r = ((bg_easy *)userp)->req;
     size_t n = size * nmemb;
     static const char key[] = "retry-after:";
     if (n > 5 && memcmp(data, "HTTP/", 5) == 0)
@@ -104,6 +106,10 @@ static bg_easy *easy_get(bg_engine *e)
     curl_easy_setopt(h, CURLOPT_POST, 1L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, x);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, x);
+    x->set_timeout_ms = -1; /* nothing set yet */
     curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -130,7 +136,7 @@ void bgh_easy_put(bg_engine *e, bg_easy *x)
     e->easy_pool = x;
 }
 
-void bgh_start_transfer(bg_engine *e, bg_request *r)
+int bgh_transfer_begin(bg_engine *e, bg_request *r)
 {
     if (!r->body) {
         if (r->endpoint == BG_EP_CHAT || (r->endpoint == BG_EP_TOKENIZE && r->messages_json))
@@ -140,15 +146,13 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
                                                r->prompt_as_list, &r->body_len);
         if (!r->body) {
             bgh_set_message(r, "out of memory building the request body");
-            bgh_finish(e, r, BG_RES_NOMEM);
-            return;
+            return BG_RES_NOMEM;
         }
     }
     bg_easy *x = easy_get(e);
     if (!x) {
         bgh_set_message(r, "out of memory creating a transfer");
-        bgh_finish(e, r, BG_RES_NOMEM);
-        return;
+        return BG_RES_NOMEM;
     }
     CURL *h = x->h;
     /* Handles are pooled across requests with different options: set them every time. */
@@ -160,14 +164,24 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
         url = r->endpoint == BG_EP_CHAT       ? o->url_chat
               : r->endpoint == BG_EP_TOKENIZE ? o->url_tokenize
                                               : o->url_completions;
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, o && o->headers ? o->headers : e->headers);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, bgh_timeout_ms(e, r));
+    bool own_url = !(o && o->url_chat);
+    if (!own_url || url != x->set_url) {
+        curl_easy_setopt(h, CURLOPT_URL, url);
+        x->set_url = own_url ? url : NULL;
+    }
+    const struct curl_slist *hdrs = o && o->headers ? o->headers : e->headers;
+    if (hdrs != e->headers || hdrs != x->set_headers) {
+        curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+        x->set_headers = hdrs == e->headers ? hdrs : NULL;
+    }
+    long timeout_ms = bgh_timeout_ms(e, r);
+    if (timeout_ms != x->set_timeout_ms) {
+        curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
+        x->set_timeout_ms = timeout_ms;
+    }
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
     curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
-    curl_easy_setopt(h, CURLOPT_PRIVATE, r);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    x->req = r;
     x->errbuf[0] = '\0';
     x->len = 0;
     r->oversize = false;
@@ -178,17 +192,46 @@ void bgh_start_transfer(bg_engine *e, bg_request *r)
         r->t_first_send_ns = bgh_now_ns();
     CURLMcode mc = curl_multi_add_handle(e->multi, h);
     if (mc != CURLM_OK) {
+        x->req = NULL;
         r->easy = NULL;
         bgh_easy_put(e, x);
         bgh_set_message(r, "curl_multi_add_handle: %s", curl_multi_strerror(mc));
-        bgh_finish(e, r, BG_RES_TRANSPORT);
-        return;
+        return BG_RES_TRANSPORT;
     }
-    r->state = ST_FLIGHT;
     STAT_ADD(e, st_attempts, 1);
     uint64_t inf = STAT_ADD(e, st_in_flight, 1);
     if (inf > __atomic_load_n(&e->st_max_in_flight, __ATOMIC_RELAXED))
         __atomic_store_n(&e->st_max_in_flight, inf, __ATOMIC_RELAXED);
+    return BG_RES_OK;
+}
+
+bg_easy *bgh_transfer_detach(bg_engine *e, CURL *h, CURLcode code, bg_request **out)
+{
+    bg_easy *x = NULL;
+    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&x);
+    bg_request *r = x->req;
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_multi_remove_handle(e->multi, h);
+    x->req = NULL;
+    r->easy = NULL;
+    STAT_ADD(e, st_in_flight, (uint64_t)-1);
+    r->status = status;
+    r->curl_code = (int)code;
+    *out = r;
+    return x;
+}
+
+void bgh_transfer_abort(bg_engine *e, bg_request *r)
+{
+    bg_easy *x = r->easy;
+    if (!x)
+        return;
+    curl_multi_remove_handle(e->multi, x->h);
+    x->req = NULL;
+    r->easy = NULL;
+    bgh_easy_put(e, x);
+    STAT_ADD(e, st_in_flight, (uint64_t)-1);
 }
 
 static bool retryable_status(long s)
@@ -223,9 +266,8 @@ static uint64_t rng_next(bg_engine *e)
     return e->rng = x;
 }
 
-static void schedule_retry(bg_engine *e, bg_request *r)
+double bgh_retry_delay(bg_engine *e, bg_request *r)
 {
-    bgh_release_permits(e, r);
     double d;
     if (r->retry_after_s >= 0) {
         d = r->retry_after_s < e->cfg.retry_after_max_s ? r->retry_after_s
@@ -244,103 +286,71 @@ static void schedule_retry(bg_engine *e, bg_request *r)
         d = 0;
     else if (d > 1e9)
         d = 1e9;
-    r->due_ns = bgh_now_ns() + (int64_t)(d * 1e9);
-    r->retry_status = r->status;
-    r->retry_curl = r->curl_code;
-    r->retry_wait_s += d;
-    r->state = ST_BACKOFF;
-    bgh_backoff_insert(&e->backoff, r);
-    STAT_ADD(e, st_retries, 1);
+    return d;
 }
 
-void bgh_transfer_done(bg_engine *e, CURL *h, CURLcode code)
+enum bgh_verdict bgh_judge(bg_engine *e, bg_request *r, const bg_easy *x, CURLcode code,
+                           int *kind)
 {
-    bg_request *r = NULL;
-    curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
-    long status = 0;
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    bg_easy *x = r->easy;
-    curl_multi_remove_handle(e->multi, h);
-    r->easy = NULL;
-    STAT_ADD(e, st_in_flight, (uint64_t)-1);
-    r->status = status;
-    r->curl_code = (int)code;
     bool can_retry = r->attempts <= bgh_max_retries(e, r);
-    size_t cap = e->cfg.max_response_bytes;
-
     if (code != CURLE_OK) {
-        char cmsg[CURL_ERROR_SIZE];
-        snprintf(cmsg, sizeof(cmsg), "%s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(code));
-        bgh_easy_put(e, x);
+        const char *cmsg = x->errbuf[0] ? x->errbuf : curl_easy_strerror(code);
         if (r->oversize || code == CURLE_FILESIZE_EXCEEDED) {
-            bgh_set_message(r, "response body exceeds max_response_bytes (%zu)", cap);
-            bgh_finish(e, r, BG_RES_MALFORMED);
+            bgh_set_message(r, "response body exceeds max_response_bytes (%zu)",
+                            e->cfg.max_response_bytes);
+            *kind = BG_RES_MALFORMED;
         } else if (code == CURLE_OPERATION_TIMEDOUT) {
-            if (e->cfg.retry_timeouts && can_retry) {
-                schedule_retry(e, r);
-                return;
-            }
+            if (e->cfg.retry_timeouts && can_retry)
+                return BGH_RETRY;
             bgh_set_message(r, "timed out after %d attempt(s): %s", r->attempts, cmsg);
-            bgh_finish(e, r, BG_RES_TIMEOUT);
+            *kind = BG_RES_TIMEOUT;
         } else if (retryable_curl(code) && can_retry) {
-            schedule_retry(e, r);
+            return BGH_RETRY;
         } else {
             bgh_set_message(r, "%s (curl error %d, %d attempt(s))", cmsg, (int)code, r->attempts);
-            bgh_finish(e, r, BG_RES_TRANSPORT);
+            *kind = BG_RES_TRANSPORT;
         }
-        return;
+        return BGH_FINAL;
     }
-    if (status >= 200 && status < 300) {
-        /* Permits go back before parsing so the next request starts meanwhile. */
-        bgh_release_permits(e, r);
-        if (r->endpoint == BG_EP_TOKENIZE) {
-            char terr[256];
-            int trc = bg_json_parse_tokenize(x->buf ? x->buf : "", x->len, &r->tok_count,
-                                             &r->tok_max_model_len, terr, sizeof(terr));
-            bgh_easy_put(e, x);
-            if (trc < 0) {
-                bgh_set_message(r, "%s", terr);
-                bgh_finish(e, r, BG_RES_MALFORMED);
-            } else {
-                bgh_finish(e, r, BG_RES_OK);
-            }
-            return;
-        }
-        size_t expected = 0;
-        if (r->endpoint == BG_EP_COMPLETIONS)
-            expected = r->n_prompts * (size_t)r->tmpl->n_per_prompt;
-        else
-            expected = (size_t)r->tmpl->n_per_prompt;
-        char err[256];
-        int rc = bg_json_parse_response(x->buf ? x->buf : "", x->len, r->endpoint, expected,
-                                        &r->resp, err, sizeof(err));
-        if (rc == 0 && r->opts && r->opts->keep_raw && x->buf) {
-            r->raw = x->buf; /* hand the buffer over: no copy; the handle grows a new one */
-            r->raw_len = x->len;
-            x->buf = NULL;
-            x->len = x->cap = 0;
-        }
-        bgh_easy_put(e, x);
-        if (rc < 0) {
-            bgh_set_message(r, "%s", err);
-            bgh_finish(e, r, BG_RES_MALFORMED);
-        } else {
-            bgh_finish(e, r, BG_RES_OK);
-        }
-        return;
-    }
-    if (status == 429 || status == 503)
-        bgh_admit_overload(e); /* the server's queue limits: admission backs off */
-    if (retryable_status(status) && can_retry) {
-        bgh_easy_put(e, x);
-        schedule_retry(e, r);
-        return;
-    }
+    if (r->status >= 200 && r->status < 300)
+        return BGH_ANSWER;
+    if (retryable_status(r->status) && can_retry)
+        return BGH_RETRY;
     /* The server's own words; callers add status and attempts. */
     free(r->message);
     r->message = bg_json_error_message(x->buf, x->len, 1000);
-    bgh_easy_put(e, x);
-    bgh_finish(e, r, BG_RES_HTTP);
+    *kind = BG_RES_HTTP;
+    return BGH_FINAL;
+}
+
+int bgh_read_answer(bg_engine *e, bg_request *r, bg_easy *x)
+{
+    (void)e;
+    char err[256];
+    if (r->endpoint == BG_EP_TOKENIZE) {
+        if (bg_json_parse_tokenize(x->buf ? x->buf : "", x->len, &r->tok_count,
+                                   &r->tok_max_model_len, err, sizeof(err)) < 0) {
+            bgh_set_message(r, "%s", err);
+            return BG_RES_MALFORMED;
+        }
+        return BG_RES_OK;
+    }
+    size_t expected = r->endpoint == BG_EP_COMPLETIONS
+                          ? r->n_prompts * (size_t)r->tmpl->n_per_prompt
+                          : (size_t)r->tmpl->n_per_prompt;
+    int rc = bg_json_parse_response(x->buf ? x->buf : "", x->len, r->endpoint, expected,
+                                    &r->resp, err, sizeof(err));
+    if (rc < 0) {
+        bgh_set_message(r, "%s", err);
+        return BG_RES_MALFORMED;
+    }
+    if (r->opts && r->opts->keep_raw && x->buf) {
+        r->raw = x->buf; /* hand the buffer over: no copy; the handle grows a new one */
+        r->raw_len = x->len;
+        x->buf = NULL;
+        x->len = x->cap = 0;
+    }
+    return BG_RES_OK;
 }
 
 /* ---- per-call options -------------------------------------------------- */

@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <string.h>
 
-static int failures;
+/* One counter per test program, shared by its files (a test and its fixture):
+ * weak, so every file may include this header. */
+__attribute__((weak)) int failures;
 
 #define CHECK(cond)                                                                   \
     do {                                                                              \

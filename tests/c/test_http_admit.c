@@ -6,8 +6,7 @@
  * Usage: test_http_admit [path/to/fake_vllm.py]
  */
 #define _GNU_SOURCE
-#include "bg_http.h"
-#include "check.h"
+#include "http_fixture.h"
 
 #include <arpa/inet.h>
 #include <curl/curl.h>
@@ -23,43 +22,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
-}
-
-/* ---- fake_vllm child (completions) ---------------------------------- */
-
-static pid_t vllm_pid;
-static char base_url[64];
-
-static void start_vllm(const char *script)
-{
-    int fds[2];
-    if (pipe(fds) != 0)
-        exit(2);
-    vllm_pid = fork();
-    if (vllm_pid == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        close(fds[1]);
-        execlp("python3", "python3", script, "--port", "0", (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    FILE *f = fdopen(fds[0], "r");
-    char line[128];
-    int port;
-    if (!f || !fgets(line, sizeof(line), f) || sscanf(line, "PORT %d", &port) != 1) {
-        fprintf(stderr, "fake server did not start\n");
-        kill(vllm_pid, SIGTERM);
-        exit(2);
-    }
-    fclose(f);
-    snprintf(base_url, sizeof(base_url), "http://127.0.0.1:%d/v1", port);
-}
 
 /* ---- metrics server thread ------------------------------------------ */
 
@@ -144,49 +106,15 @@ typedef struct {
     bg_str prompt;
     char text[64];
     int seen;
-} item;
-
-static pthread_mutex_t done_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
-static size_t ndone, ndup;
-
-static void on_done(bg_request *r, void *ctx)
-{
-    (void)ctx;
-    item *it = r->user;
-    pthread_mutex_lock(&done_mu);
-    if (it->seen++)
-        ndup++;
-    ndone++;
-    pthread_cond_broadcast(&done_cv);
-    pthread_mutex_unlock(&done_mu);
-}
-
-static size_t done_count(void)
-{
-    pthread_mutex_lock(&done_mu);
-    size_t n = ndone;
-    pthread_mutex_unlock(&done_mu);
-    return n;
-}
-
-static bool wait_done(size_t n, double timeout_s)
-{
-    for (double t = 0; t < timeout_s; t += 0.01) {
-        if (done_count() >= n)
-            return true;
-        sleep_s(0.01);
-    }
-    return done_count() >= n;
-}
+} admit_item;
 
 typedef struct {
     bg_engine *e;
     bg_sem *count, *tokens;
     bg_tmpl *tmpl;
-} fixture;
+} admit_fx;
 
-static void fx_open(fixture *fx)
+static void admit_open(admit_fx *fx)
 {
     char err[256];
     memset(fx, 0, sizeof(*fx));
@@ -208,22 +136,15 @@ static void fx_open(fixture *fx)
     c.count_sem = fx->count;
     c.token_sem = fx->tokens;
     c.token_cap = 256;
-    c.on_done = on_done;
     c.admit = a;
     c.metrics_url = metrics_url;
     c.metrics_interval_ms = 50;
     c.max_retries = 0;
-    fx->e = bg_engine_create(&c, err, sizeof(err));
-    if (!fx->e) {
-        fprintf(stderr, "engine: %s\n", err);
-        exit(2);
-    }
-    pthread_mutex_lock(&done_mu);
-    ndone = ndup = 0;
-    pthread_mutex_unlock(&done_mu);
+    fx->e = engine_on_collector(&c);
+    coll_reset();
 }
 
-static void fx_close(fixture *fx)
+static void admit_close(admit_fx *fx)
 {
     bg_engine_destroy(fx->e);
     bg_sem_decref(fx->count);
@@ -231,9 +152,9 @@ static void fx_close(fixture *fx)
     bg_tmpl_decref(fx->tmpl);
 }
 
-static item *make_items(fixture *fx, size_t n)
+static admit_item *admit_items(admit_fx *fx, size_t n)
 {
-    item *v = calloc(n, sizeof(*v));
+    admit_item *v = calloc(n, sizeof(*v));
     for (size_t i = 0; i < n; i++) {
         snprintf(v[i].text, sizeof(v[i].text), "prompt %zu", i);
         v[i].prompt.ptr = v[i].text;
@@ -244,12 +165,12 @@ static item *make_items(fixture *fx, size_t n)
         v[i].r.n_prompts = 1;
         v[i].r.prompt_est = 50;
         v[i].r.max_tokens = 100;
-        v[i].r.user = &v[i];
+        v[i].r.user = &v[i].seen;
     }
     return v;
 }
 
-static void free_items(item *v, size_t n)
+static void admit_free(admit_item *v, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         bg_request_clear(&v[i].r);
@@ -269,14 +190,14 @@ static bool wait_stale(bg_engine *e, bool want, double timeout_s)
 
 static void test_scrape_and_learn(void)
 {
-    fixture fx;
-    fx_open(&fx);
+    admit_fx fx;
+    admit_open(&fx);
     const size_t n = 200;
-    item *v = make_items(&fx, n);
+    admit_item *v = admit_items(&fx, n);
     for (size_t i = 0; i < n; i++)
         CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
-    CHECK(wait_done(n, 60));
-    CHECK(ndup == 0);
+    CHECK(wait_done(&coll, n, 60));
+    CHECK(coll.dup == 0);
     for (size_t i = 0; i < n; i++)
         CHECK(v[i].r.kind == BG_RES_OK);
     sleep_s(0.2);
@@ -289,27 +210,27 @@ static void test_scrape_and_learn(void)
     CHECK(in.ctl.kv_usage == 0.1);
     bg_admit_event ev[8];
     (void)bg_engine_admit_events(fx.e, ev, 8);
-    fx_close(&fx);
-    free_items(v, n);
+    admit_close(&fx);
+    admit_free(v, n);
 }
 
 static void test_stale_holds_then_resumes(void)
 {
-    fixture fx;
-    fx_open(&fx);
+    admit_fx fx;
+    admit_open(&fx);
     CHECK(wait_stale(fx.e, false, 2));
     atomic_store(&metrics_mode, 1);
     CHECK(wait_stale(fx.e, true, 5));
-    item *v = make_items(&fx, 3);
+    admit_item *v = admit_items(&fx, 3);
     for (size_t i = 0; i < 3; i++)
         CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
     sleep_s(0.5);
-    CHECK(done_count() == 0); /* nothing admitted while the metrics are stale */
+    CHECK(coll_done() == 0); /* nothing admitted while the metrics are stale */
     bg_engine_admit_info in;
     CHECK(bg_engine_admit_info_get(fx.e, &in));
     CHECK(in.scrapes_failed > 0 && strstr(in.last_error, "500") != NULL);
     atomic_store(&metrics_mode, 0);
-    CHECK(wait_done(3, 10));
+    CHECK(wait_done(&coll, 3, 10));
     for (size_t i = 0; i < 3; i++)
         CHECK(v[i].r.kind == BG_RES_OK);
     bg_admit_event ev[16];
@@ -320,54 +241,45 @@ static void test_stale_holds_then_resumes(void)
         fresh |= ev[i].reason == BG_ADMIT_FRESH;
     }
     CHECK(stale && fresh);
-    fx_close(&fx);
-    free_items(v, 3);
+    admit_close(&fx);
+    admit_free(v, 3);
 }
 
 /* Requests still in the admission queue: cancel reaches one, close the rest. */
 static void test_cancel_and_close_queued(void)
 {
-    fixture fx;
-    fx_open(&fx);
+    admit_fx fx;
+    admit_open(&fx);
     atomic_store(&metrics_mode, 1);
     CHECK(wait_stale(fx.e, true, 5));
     const size_t n = 20;
-    item *v = make_items(&fx, n);
+    admit_item *v = admit_items(&fx, n);
     for (size_t i = 0; i < n; i++)
         CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
     sleep_s(0.1);
     bg_engine_cancel(fx.e, v[0].r.id); /* the one waiting on the semaphore */
     bg_engine_cancel(fx.e, v[7].r.id); /* one in the admission queue */
-    CHECK(wait_done(2, 5));
+    CHECK(wait_done(&coll, 2, 5));
     CHECK(v[0].r.kind == BG_RES_CANCELLED && v[7].r.kind == BG_RES_CANCELLED);
     bg_engine_close(fx.e);
-    CHECK(done_count() == n && ndup == 0);
+    CHECK(coll_done() == n && coll.dup == 0);
     for (size_t i = 1; i < n; i++)
         if (i != 7)
             CHECK(v[i].r.kind == BG_RES_CLOSED);
     atomic_store(&metrics_mode, 0);
-    fx_close(&fx);
-    free_items(v, n);
+    admit_close(&fx);
+    admit_free(v, n);
 }
 
 int main(int argc, char **argv)
 {
-    const char *script = argc > 1 ? argv[1] : "../fake_vllm.py";
-    signal(SIGPIPE, SIG_IGN);
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    start_vllm(script);
+    static const test_case tests[] = {
+        {"scrape_and_learn", test_scrape_and_learn},
+        {"stale_holds_then_resumes", test_stale_holds_then_resumes},
+        {"cancel_and_close_queued", test_cancel_and_close_queued},
+    };
     start_metrics();
-    test_scrape_and_learn();
-    test_stale_holds_then_resumes();
-    test_cancel_and_close_queued();
+    int rc = run_tests("test_http_admit", tests, sizeof(tests) / sizeof(tests[0]), argc, argv);
     stop_metrics();
-    kill(vllm_pid, SIGTERM);
-    waitpid(vllm_pid, NULL, 0);
-    curl_global_cleanup();
-    if (failures) {
-        fprintf(stderr, "test_http_admit: %d failure(s)\n", failures);
-        return 1;
-    }
-    printf("test_http_admit: ok\n");
-    return 0;
+    return rc;
 }

@@ -1,0 +1,371 @@
+/* test_http_limits.c - the libcurl engine (bg_http) against tests/fake_vllm.py:
+ * permits and lifecycle. Token budgets, /tokenize, cancellation by id and
+ * group, close with requests in flight, semaphores shared between engines
+ * and pre-held permits, multi errors and refused configurations.
+ * Usage: test_http_limits [path/to/fake_vllm.py]
+ */
+#define _GNU_SOURCE
+#include "http_fixture.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void test_token_budget(void)
+{
+    fixture fx;
+    fx_open(&fx, 16, NULL, "{\"max_tokens\":30}");
+    bg_engine_destroy(fx.e);
+    /* Rebuild with a token semaphore of 100: at most 3 requests of weight 30. */
+    fx.tokens = bg_sem_create(100, 100);
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = fx.count;
+    c.token_sem = fx.tokens;
+    c.on_done = on_done;
+    c.done_ctx = &coll;
+    char err[200];
+    fx.e = bg_engine_create(&c, err, sizeof(err));
+    const size_t n = 60;
+    item *v = make_items(&fx, n, "tok %d [[delay=0.02]]");
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.token_weight = 30;
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    }
+    /* One request heavier than the whole budget still runs (alone). */
+    item *big = make_items(&fx, 1, "big");
+    big->r.id = 999;
+    big->r.token_weight = 1000;
+    CHECK(bg_engine_submit(fx.e, &big->r) == 0);
+    CHECK(wait_done(&coll, n + 1, 60));
+    for (size_t i = 0; i < n; i++)
+        expect_ok_text(&v[i]);
+    expect_ok_text(big);
+    long maxtok = stat_int("max_in_flight_tokens");
+    long maxc = stat_int("max_in_flight");
+    printf("  token budget 100 (weight 30): server max tokens in flight=%ld, requests=%ld\n",
+           maxtok, maxc);
+    CHECK(maxtok >= 60 && maxtok <= 90);
+    CHECK(maxc <= 3);
+    CHECK(bg_sem_value(fx.tokens) == 100);
+    free_items(v, n);
+    free_items(big, 1);
+    fx_close(&fx);
+}
+
+/* /tokenize at the server root: count permits only (the token budget is
+ * exhausted on purpose and must not matter), the count cap bounds the
+ * concurrency, errors keep the server's status. */
+static void test_tokenize(void)
+{
+    fixture fx;
+    fx_open(&fx, 4, NULL, "{\"add_special_tokens\":true}");
+    bg_engine_destroy(fx.e);
+    fx.tokens = bg_sem_create(10, 10);
+    CHECK(bg_sem_try_acquire(fx.tokens, 10)); /* no token permit left for anyone */
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = fx.count;
+    c.token_sem = fx.tokens;
+    c.on_done = on_done;
+    c.done_ctx = &coll;
+    char err[200];
+    fx.e = bg_engine_create(&c, err, sizeof(err));
+    CHECK(fx.e != NULL);
+    const size_t n = 40;
+    item *v = make_items(&fx, n, "count these %d words [[delay=0.02]]");
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.endpoint = BG_EP_TOKENIZE;
+        v[i].r.token_weight = 5;
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    }
+    item *bad = make_items(&fx, 1, "x [[status=400,msg=bad]]");
+    bad->r.id = 999;
+    bad->r.endpoint = BG_EP_TOKENIZE;
+    CHECK(bg_engine_submit(fx.e, &bad->r) == 0);
+    CHECK(wait_done(&coll, n + 1, 60));
+    for (size_t i = 0; i < n; i++) {
+        CHECK(v[i].r.kind == BG_RES_OK);
+        CHECK(v[i].r.tok_count == 5); /* the fake counts words: "count these N words [[..]]" */
+        CHECK(v[i].r.tok_max_model_len == 4096);
+    }
+    CHECK(bad->r.kind == BG_RES_HTTP && bad->r.status == 400);
+    CHECK_CONTAINS(bad->r.message, "bad");
+    long maxc = stat_int("max_in_flight");
+    printf("  %zu tokenize requests, count cap 4: server max_in_flight=%ld\n", n, maxc);
+    CHECK(maxc >= 2 && maxc <= 4);
+    CHECK(bg_sem_value(fx.tokens) == 0); /* never touched */
+    bg_sem_release(fx.tokens, 10);
+    free_items(v, n);
+    free_items(bad, 1);
+    fx_close(&fx);
+}
+
+static uint64_t rnd_state = 88172645463325252ull;
+static uint64_t rnd(void)
+{
+    rnd_state ^= rnd_state << 13;
+    rnd_state ^= rnd_state >> 7;
+    rnd_state ^= rnd_state << 17;
+    return rnd_state;
+}
+
+static void test_cancel_half(void)
+{
+    fixture fx;
+    fx_open(&fx, 16, NULL, NULL);
+    const size_t n = 3000;
+    item *v = make_items(&fx, n, "c %d [[delay=0.01]]");
+    bg_request **rs = malloc(n * sizeof(*rs));
+    for (size_t i = 0; i < n; i++)
+        rs[i] = &v[i].r;
+    /* A few also fail and back off, to cancel in that state too. */
+    for (size_t i = 0; i < n; i += 97) {
+        snprintf(v[i].text, sizeof(v[i].text), "c %d [[status=503,times=1]]", (int)i);
+        v[i].p.len = strlen(v[i].text);
+    }
+    CHECK(bg_engine_submit_many(fx.e, rs, n) == 0);
+    bool *want_cancel = calloc(n, sizeof(bool));
+    size_t ncancel = 0;
+    for (size_t k = 0; k < n; k++) {
+        size_t i = (size_t)(rnd() % n);
+        if (!want_cancel[i]) {
+            want_cancel[i] = true;
+            ncancel++;
+            bg_engine_cancel(fx.e, v[i].r.id);
+        }
+        if (k % 200 == 0)
+            usleep(2000);
+    }
+    bg_engine_cancel(fx.e, 123456789); /* unknown: ignored */
+    CHECK(wait_done(&coll, n, 120));
+    CHECK(coll.dup == 0);
+    size_t ok = 0, cancelled = 0, other = 0;
+    for (size_t i = 0; i < n; i++) {
+        CHECK(v[i].seen == 1);
+        if (v[i].r.kind == BG_RES_OK) {
+            ok++;
+            expect_ok_text(&v[i]);
+        } else if (v[i].r.kind == BG_RES_CANCELLED) {
+            cancelled++;
+            CHECK(want_cancel[i]);
+        } else {
+            other++;
+        }
+    }
+    printf("  cancel: %zu asked, %zu cancelled, %zu ok, %zu other\n", ncancel, cancelled, ok,
+           other);
+    CHECK(other == 0 && cancelled > ncancel / 2 && ok + cancelled == n);
+    /* The server may still count aborted requests, so ask the engine. */
+    bg_engine_stats st;
+    bg_engine_get_stats(fx.e, &st);
+    CHECK(st.max_in_flight <= 16 && st.max_in_flight >= 8);
+    free(want_cancel);
+    free(rs);
+    fx_close(&fx);
+    free_items(v, n);
+}
+
+static void test_cancel_group(void)
+{
+    fixture fx;
+    fx_open(&fx, 4, NULL, NULL);
+    const size_t n = 200;
+    item *v = make_items(&fx, n, "g %d [[delay=0.05]]");
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.group = (i % 2) ? 7 : 8;
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    }
+    bg_engine_cancel_group(fx.e, 7);
+    CHECK(wait_done(&coll, n, 60));
+    size_t cancelled_odd = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i % 2 == 0)
+            CHECK(v[i].r.kind == BG_RES_OK);
+        else
+            cancelled_odd += v[i].r.kind == BG_RES_CANCELLED;
+    }
+    CHECK(cancelled_odd >= n / 2 - 4);
+    fx_close(&fx);
+    free_items(v, n);
+}
+
+static void test_close_in_flight(void)
+{
+    fixture fx;
+    fx_open(&fx, 8, NULL, NULL);
+    const size_t n = 400;
+    item *v = make_items(&fx, n, "close %d [[delay=0.3]]");
+    for (size_t i = 0; i < n; i++)
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    usleep(100 * 1000);
+    double t0 = now_s();
+    bg_engine_close(fx.e);
+    double dt = now_s() - t0;
+    CHECK(dt < 1.0);
+    CHECK(coll.done == n && coll.dup == 0);
+    size_t closed = 0;
+    for (size_t i = 0; i < n; i++) {
+        CHECK(v[i].seen == 1);
+        closed += v[i].r.kind == BG_RES_CLOSED;
+    }
+    CHECK(closed == n);
+    item *late = make_items(&fx, 1, "late");
+    CHECK(bg_engine_submit(fx.e, &late->r) == -1);
+    CHECK(late->seen == 0);
+    free_items(late, 1);
+    printf("  close with %zu pending took %.3fs\n", n, dt);
+    /* The server still sleeps in the aborted requests' handlers: let them end
+     * before the next test resets its counters (or in_flight goes negative). */
+    for (int i = 0; i < 300 && stat_int("in_flight") > 0; i++)
+        usleep(10 * 1000);
+    fx_close(&fx);
+    free_items(v, n);
+}
+
+/* A persistent curl_multi error ends what is in flight instead of spinning. */
+static void test_multi_error(void)
+{
+    fixture fx;
+    fx_open(&fx, 4, NULL, NULL);
+    item *v = make_items(&fx, 4, "stuck %d [[delay=2]]");
+    for (size_t i = 0; i < 4; i++)
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    usleep(200 * 1000); /* all four in flight */
+    double t0 = now_s();
+    bg_engine_test_fail_multi(fx.e, 1000000);
+    CHECK(wait_done(&coll, 4, 10));
+    CHECK(now_s() - t0 < 1.5); /* before the server would have answered */
+    for (size_t i = 0; i < 4; i++) {
+        CHECK(v[i].r.kind == BG_RES_TRANSPORT);
+        CHECK_CONTAINS(v[i].r.message, "curl_multi_perform failed");
+    }
+    /* The error pauses the loop instead of spinning: ~10 ms per round. */
+    bg_engine_test_fail_multi(fx.e, 0);
+    item *after = run_one(&fx, "after");
+    expect_ok_text(after);
+    free_items(after, 1);
+    fx_close(&fx);
+    free_items(v, 4);
+}
+
+/* Secrets and header injection are refused before anything is sent. */
+static void test_config_rejects(void)
+{
+    bg_sem *s = bg_sem_create(1, 1);
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = s;
+    c.on_done = on_done;
+    char err[256] = "";
+    c.api_key = "sk-secret\r\nX-Injected: 1";
+    CHECK(bg_engine_create(&c, err, sizeof(err)) == NULL);
+    CHECK_CONTAINS(err, "api_key must not contain CR or LF");
+    CHECK(strstr(err, "sk-secret") == NULL);
+    c.api_key = NULL;
+    const char *bad[] = {"X-A: 1\r\nX-B: 2"};
+    c.headers = bad;
+    c.n_headers = 1;
+    CHECK(bg_engine_create(&c, err, sizeof(err)) == NULL);
+    CHECK_CONTAINS(err, "header 0");
+    bg_sem_decref(s);
+}
+
+/* An unbounded semaphore refuses to count past INT64_MAX. */
+static void test_sem_overflow(void)
+{
+    bg_sem *s = bg_sem_create(INT64_MAX - 1, -1);
+    CHECK(bg_sem_release(s, 1) == 0);
+    CHECK(bg_sem_release(s, 1) == -1 && bg_sem_value(s) == INT64_MAX);
+    bg_sem_decref(s);
+}
+
+static void test_shared_semaphore(void)
+{
+    /* Two engines and a plain thread share one cap of 6. */
+    fixture a, b;
+    fx_open(&a, 6, NULL, NULL);
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = a.count;
+    c.on_done = on_done;
+    c.done_ctx = &coll;
+    char err[200];
+    b = a;
+    b.e = bg_engine_create(&c, err, sizeof(err));
+    bg_sem_incref(a.count);
+    bg_tmpl_incref(a.tmpl);
+    const size_t n = 200;
+    item *va = make_items(&a, n, "A %d [[delay=0.01]]");
+    item *vb = make_items(&b, n, "B %d [[delay=0.01]]");
+    CHECK(bg_sem_acquire_blocking(a.count, 2, -1) == 1); /* a "Python" holder */
+    for (size_t i = 0; i < n; i++) {
+        CHECK(bg_engine_submit(a.e, &va[i].r) == 0);
+        CHECK(bg_engine_submit(b.e, &vb[i].r) == 0);
+    }
+    usleep(50 * 1000);
+    bg_sem_release(a.count, 2);
+    CHECK(wait_done(&coll, 2 * n, 60));
+    for (size_t i = 0; i < n; i++) {
+        expect_ok_text(&va[i]);
+        expect_ok_text(&vb[i]);
+    }
+    long maxc = stat_int("max_in_flight");
+    printf("  shared cap 6 over two engines: server max_in_flight=%ld\n", maxc);
+    CHECK(maxc <= 6 && maxc >= 3);
+    fx_close(&b);
+    fx_close(&a);
+    free_items(va, n);
+    free_items(vb, n);
+}
+
+/* A submitter that already holds every count permit (a task inside
+ * `async with sem`) marks its requests count_preheld: they run without taking
+ * a permit, retry without releasing one, and leave the count untouched. */
+static void test_count_preheld(void)
+{
+    fixture fx;
+    fx_open(&fx, 2, NULL, NULL);
+    CHECK(bg_sem_try_acquire(fx.count, 2)); /* the "task" holds both */
+    const size_t n = 6;
+    item *v = make_items(&fx, n, "ride %d");
+    snprintf(v[0].text, sizeof(v[0].text), "ride retry [[status=503,times=2]]");
+    v[0].p.len = strlen(v[0].text);
+    bg_request *rs[6];
+    for (size_t i = 0; i < n; i++) {
+        v[i].r.count_preheld = true;
+        rs[i] = &v[i].r;
+    }
+    CHECK(bg_engine_submit_many(fx.e, rs, n) == 0);
+    CHECK(wait_done(&coll, n, 20)); /* without the flag: stuck forever */
+    for (size_t i = 0; i < n; i++)
+        expect_ok_text(&v[i]);
+    CHECK(v[0].r.attempts == 3);
+    CHECK(bg_sem_value(fx.count) == 0); /* nothing taken, nothing given back */
+    CHECK(bg_sem_release(fx.count, 2) == 0);
+    fx_close(&fx);
+    free_items(v, n);
+}
+
+int main(int argc, char **argv)
+{
+    static const test_case tests[] = {
+        {"token_budget", test_token_budget},
+        {"tokenize", test_tokenize},
+        {"cancel_half", test_cancel_half},
+        {"cancel_group", test_cancel_group},
+        {"close_in_flight", test_close_in_flight},
+        {"shared_semaphore", test_shared_semaphore},
+        {"count_preheld", test_count_preheld},
+        {"multi_error", test_multi_error},
+        {"config_rejects", test_config_rejects},
+        {"sem_overflow", test_sem_overflow},
+    };
+    return run_tests("test_http_limits", tests, sizeof(tests) / sizeof(tests[0]), argc, argv);
+}
