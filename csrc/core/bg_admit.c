@@ -30,6 +30,16 @@ struct bg_admit {
     double use_ratio;
     int64_t ceiling; /* current bound on L: high * N, times the overbooking */
 
+    /* Requests charged before learning, while they hold their charge: a
+     * small array (swap-remove); credit = what they were charged beyond
+     * their charge at today's knowledge, lent to the effective limit. */
+    struct cold_hold {
+        uint64_t key;
+        int64_t blocks, prompt_est, n_prompts, n_per_prompt, max_tokens;
+    } *cold;
+    size_t cold_n, cold_cap;
+    int64_t credit;
+
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
     size_t out_n, out_pos, out_since;
@@ -148,6 +158,8 @@ void bg_admit_start(bg_admit *a, double usage, double waiting)
 
 void bg_admit_free(bg_admit *a)
 {
+    if (a)
+        free(a->cold);
     free(a);
 }
 
@@ -178,10 +190,12 @@ size_t bg_admit_pop_events(bg_admit *a, bg_admit_event *out, size_t n)
 
 /* ---- the control law ----------------------------------------------------- */
 
-static void cut(bg_admit *a, double now, int reason)
+/* factor: the multiplicative decrease, or for a cut on the KV gauge the
+ * share that brings usage back to the target (see bg_admit_on_sample). */
+static void cut_by(bg_admit *a, double now, int reason, double factor)
 {
     int64_t from = (int64_t)a->limit;
-    a->limit *= a->p.decrease;
+    a->limit *= factor;
     if (a->limit < (double)a->min_limit)
         a->limit = (double)a->min_limit;
     a->last_cut_t = now;
@@ -189,7 +203,13 @@ static void cut(bg_admit *a, double now, int reason)
     push_event(a, now, from, (int64_t)a->limit, reason);
 }
 
+static void cut(bg_admit *a, double now, int reason)
+{
+    cut_by(a, now, reason, a->p.decrease);
+}
+
 static bool learned(const bg_admit *a);
+static void update_credit(bg_admit *a);
 
 /* The overbooking ceiling C (bg_admit.h): after turnover, high_usage * N
  * times the inverse of the measured share of the charges the server holds. */
@@ -237,6 +257,7 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     a->st.waiting = (s->found & BG_PROM_WAITING) ? s->waiting : -1;
     if (u > a->st.peak_kv_usage)
         a->st.peak_kv_usage = u;
+    update_credit(a); /* the room to the target moved */
 
     /* New arrivals wait one engine step (tens of ms) even on an idle server,
      * so a snapshot of the queue is noisy: only a queue above the allowance
@@ -258,8 +279,18 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     else if (queue)
         reason = BG_ADMIT_CUT_QUEUE;
     if (reason >= 0) {
+        /* A preemption, a queue or a refusal says only that we sent too
+         * much: cut by the fixed factor. The KV gauge also says by how much:
+         * scale L by target / usage (never less than the fixed factor), so
+         * a usage of 0.95 costs 10% of the limit, not 30%. Requests that
+         * finish in bursts (short answers to long prompts) swing usage well
+         * past the watermark for a moment; a 30% cut, held for holdoff_s,
+         * cost more than the burst. */
+        double f = a->p.decrease;
+        if (reason == BG_ADMIT_CUT_HIGH && a->p.target_usage / u > f)
+            f = a->p.target_usage / u;
         if (!in_holdoff)
-            cut(a, now, reason);
+            cut_by(a, now, reason, f);
         return;
     }
     update_ceiling(a, u, held);
@@ -298,10 +329,19 @@ void bg_admit_on_overload(bg_admit *a, double now)
         cut(a, now, BG_ADMIT_CUT_OVERLOAD);
 }
 
+int64_t bg_admit_max_effective(const bg_admit *a)
+{
+    /* L <= overbook_max * high * N; the credit <= target * N (the room). */
+    return (int64_t)ceil(a->p.overbook_max * (double)a->max_limit) +
+           (int64_t)ceil(a->p.target_usage * (double)a->n_blocks);
+}
+
 int64_t bg_admit_effective(bg_admit *a, double now)
 {
     bool stale = now - a->last_sample_t > a->p.stale_s;
-    int64_t eff = stale ? 0 : (int64_t)a->limit;
+    int64_t eff = stale ? 0 : (int64_t)a->limit + a->credit;
+    if (eff > bg_admit_max_effective(a))
+        eff = bg_admit_max_effective(a);
     if (stale != a->stale) {
         a->stale = stale;
         if (stale)
@@ -383,6 +423,7 @@ void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
         if (++a->ratio_since >= RECOMPUTE_EVERY || a->ratio_n <= 64)
             recompute_ratio(a);
     }
+    update_credit(a); /* the reserve or the prompt ratio may have moved */
 }
 
 static bool learned(const bg_admit *a)
@@ -400,8 +441,10 @@ static int64_t reserve_tokens(const bg_admit *a)
     return (int64_t)ceil(a->out_q * (1 + m)) + 1;
 }
 
-int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
-                        int64_t n_per_prompt, int64_t max_tokens)
+/* The charge in blocks with `res` output tokens reserved per sequence (< 0:
+ * nothing learned, the whole max_tokens). */
+static int64_t charge_with(const bg_admit *a, int64_t res, int64_t prompt_est,
+                           int64_t n_prompts, int64_t n_per_prompt, int64_t max_tokens)
 {
     if (n_prompts < 1)
         n_prompts = 1;
@@ -419,7 +462,6 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
         out = mml - per_prompt > 1 ? mml - per_prompt : 1;
     else
         out = 4096; /* no max_tokens, no max_model_len: a cautious guess */
-    int64_t res = reserve_tokens(a);
     if (res >= 0 && (double)res < out)
         out = (double)res;
     if (mml > 0 && per_prompt + out > mml)
@@ -434,6 +476,66 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
     return (int64_t)blocks;
 }
 
+int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
+                        int64_t n_per_prompt, int64_t max_tokens)
+{
+    return charge_with(a, reserve_tokens(a), prompt_est, n_prompts, n_per_prompt, max_tokens);
+}
+
+/* ---- re-pricing what was charged before learning ------------------------- */
+
+/* Sum over the cold holds of their charge minus their charge now, at most
+ * the room to the target seen at the last sample (the estimate may be off;
+ * the gauge is not). */
+static void update_credit(bg_admit *a)
+{
+    int64_t res = reserve_tokens(a);
+    a->credit = 0;
+    if (res < 0 || a->cold_n == 0 || a->st.kv_usage < 0)
+        return;
+    double excess = 0;
+    for (size_t i = 0; i < a->cold_n; i++) {
+        const struct cold_hold *c = &a->cold[i];
+        excess += (double)(c->blocks - charge_with(a, res, c->prompt_est, c->n_prompts,
+                                                   c->n_per_prompt, c->max_tokens));
+    }
+    double room = floor((a->p.target_usage - a->st.kv_usage) * (double)a->n_blocks);
+    if (excess > room)
+        excess = room;
+    a->credit = excess > 0 ? (int64_t)excess : 0;
+}
+
+void bg_admit_forget(bg_admit *a, uint64_t key)
+{
+    for (size_t i = 0; i < a->cold_n; i++) {
+        if (a->cold[i].key == key) {
+            a->cold[i] = a->cold[--a->cold_n];
+            update_credit(a);
+            return;
+        }
+    }
+}
+
+int64_t bg_admit_charge_held(bg_admit *a, uint64_t key, int64_t prompt_est, int64_t n_prompts,
+                             int64_t n_per_prompt, int64_t max_tokens)
+{
+    bg_admit_forget(a, key); /* a retry: the first charge was given back */
+    int64_t w = bg_admit_charge(a, prompt_est, n_prompts, n_per_prompt, max_tokens);
+    if (learned(a))
+        return w;
+    if (a->cold_n == a->cold_cap) {
+        size_t cap = a->cold_cap ? 2 * a->cold_cap : 64;
+        struct cold_hold *c = realloc(a->cold, cap * sizeof(*c));
+        if (!c)
+            return w; /* no credit for this one: only less admitted, never more */
+        a->cold = c;
+        a->cold_cap = cap;
+    }
+    a->cold[a->cold_n++] = (struct cold_hold){key, w, prompt_est, n_prompts, n_per_prompt,
+                                              max_tokens};
+    return w;
+}
+
 void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
 {
     *out = a->st;
@@ -442,6 +544,8 @@ void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
     out->max_model_len = a->max_model_len;
     out->limit = (int64_t)a->limit;
     out->ceiling = a->ceiling;
+    out->credit = a->credit;
+    out->cold_holds = (int64_t)a->cold_n;
     out->used_share = a->use_ratio;
     out->effective = a->effective;
     out->stale = a->stale;

@@ -182,9 +182,26 @@ void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
 int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
                         int64_t n_per_prompt, int64_t max_tokens);
 
-/* The limit admission should use at `now` (0 while metrics are stale). Also
- * records the stale/fresh transitions. */
+/* bg_admit_charge for a request the caller will hold the charge for, named
+ * by `key` (unique among requests in flight). A charge made before output
+ * lengths are learned (a cold charge: the whole max_tokens) is remembered
+ * until bg_admit_forget(key), which the caller must call when the request
+ * gives its charge back (finished, failed, cancelled); charging the same key
+ * again (a retry) forgets the first charge. Once learned, the cold charges
+ * held are re-priced: what they were charged beyond their charge now is lent
+ * to the effective limit (the credit), at most the room to target_usage seen
+ * at the last sample. */
+int64_t bg_admit_charge_held(bg_admit *a, uint64_t key, int64_t prompt_est, int64_t n_prompts,
+                             int64_t n_per_prompt, int64_t max_tokens);
+void bg_admit_forget(bg_admit *a, uint64_t key);
+
+/* The limit admission should use at `now`: L plus the credit (0 while
+ * metrics are stale). Also records the stale/fresh transitions. */
 int64_t bg_admit_effective(bg_admit *a, double now);
+/* The largest value bg_admit_effective can return: the bound to give the
+ * semaphore the limit is applied to (above the KV size: overbooking and the
+ * credit count charges, which exceed what the server holds). */
+int64_t bg_admit_max_effective(const bg_admit *a);
 
 typedef struct {
     int64_t kv_blocks, block_size, max_model_len;
@@ -192,6 +209,8 @@ typedef struct {
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
     int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
+    int64_t credit;         /* re-priced cold charges lent to the effective limit */
+    int64_t cold_holds;     /* requests holding a cold charge */
     double used_share;      /* measured usage / charged blocks (-1 before turnover) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;

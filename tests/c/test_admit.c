@@ -150,7 +150,7 @@ static void test_cuts(void)
     /* Usage over the high watermark. */
     s = sample(0.95, 10, 0, 3);
     bg_admit_on_sample(a, 1.9, &s, 586);
-    CHECK(limit_of(a) == 410); /* 586.25 * 0.7 */
+    CHECK(limit_of(a) == 524); /* 586.25 * 0.85 / 0.95: back to the target */
     /* A queue must persist for three samples and not drain; the allowance
      * is max(2, 10% of running). held = 0 keeps growth out of the way. */
     bg_admit *b = make(1000);
@@ -290,7 +290,98 @@ static void test_overbook(void)
     /* Usage over high still cuts, overbooked or not. */
     s = sample(0.95, 20, 0, 0);
     bg_admit_on_sample(a, 5.0, &s, 920);
-    CHECK(limit_of(a) == 644);
+    CHECK(limit_of(a) == 823); /* 920 * 0.85 / 0.95 */
+    bg_admit_free(a);
+}
+
+/* A cut on the KV gauge is sized by it (L * target / usage), never deeper
+ * than the fixed factor; loss signals keep the fixed factor. */
+static void test_high_cut_proportional(void)
+{
+    bg_admit *a = make(1000);
+    bg_admit_start(a, 0, 0); /* 850 */
+    bg_prom_sample s = sample(1.0, 10, 0, 0);
+    bg_admit_on_sample(a, 0.1, &s, 850);
+    CHECK(limit_of(a) == 722); /* 850 * 0.85 */
+    s = sample(1.0, 10, 0, 1); /* a preemption, past the holdoff */
+    bg_admit_on_sample(a, 1.2, &s, 722);
+    CHECK(limit_of(a) == 505); /* 722.5 * 0.7 */
+    bg_admit_free(a);
+
+    bg_admit_params p;
+    bg_admit_params_defaults(&p);
+    p.target_usage = 0.5;
+    p.high_usage = 0.6;
+    a = bg_admit_new(&p, 1000, 16, 4096, 0.0); /* 500 */
+    s = sample(1.0, 10, 0, 0);
+    bg_admit_on_sample(a, 0.1, &s, 500);
+    CHECK(limit_of(a) == 350); /* 0.5 / 1.0 would halve it: the factor's floor, 0.7 */
+    bg_admit_free(a);
+}
+
+/* Requests charged before learning reserved their whole max_tokens; once
+ * lengths are learned, what they were charged beyond their charge now is lent
+ * to the effective limit while they hold it, at most the room to the target. */
+static void test_cold_credit(void)
+{
+    bg_admit *a = make(1000);
+    bg_admit_start(a, 0, 0); /* L = 850 */
+    int64_t c = bg_admit_charge_held(a, 1, 100, 1, 1, 1000);
+    CHECK(c == (100 + 1000 + 15) / 16); /* 69 */
+    for (uint64_t k = 2; k <= 10; k++)
+        CHECK(bg_admit_charge_held(a, k, 100, 1, 1, 1000) == c);
+    CHECK(bg_admit_charge_held(a, 10, 100, 1, 1, 1000) == c); /* a retry: still ten */
+    bg_admit_stats st;
+    bg_admit_get_stats(a, &st);
+    CHECK(st.cold_holds == 10 && st.credit == 0);
+    bg_prom_sample s = sample(0.3, 10, 0, 0);
+    bg_admit_on_sample(a, 0.1, &s, 400); /* demand-limited: L stays 850 */
+    CHECK(bg_admit_effective(a, 0.1) == 850); /* nothing learned: no credit */
+    for (int i = 0; i < 4; i++)
+        bg_admit_on_finish(a, 100, 100, 100, 1);
+    /* reserve ceil(100 * 1.6) + 1 = 161: now 100 + 161 -> 17 blocks, so
+     * 10 * (69 - 17) = 520, under the room (0.85 - 0.3) * 1000 = 550 */
+    CHECK(bg_admit_charge(a, 100, 1, 1, 1000) == 17);
+    CHECK(bg_admit_effective(a, 0.2) == 850 + 520);
+    /* Learned: new charges are not remembered. */
+    CHECK(bg_admit_charge_held(a, 11, 100, 1, 1, 1000) == 17);
+    bg_admit_get_stats(a, &st);
+    CHECK(st.cold_holds == 10 && st.credit == 520);
+    s = sample(0.6, 10, 0, 0);
+    bg_admit_on_sample(a, 0.3, &s, 400);
+    CHECK(bg_admit_effective(a, 0.3) == 850 + 250); /* the room to the target */
+    s = sample(0.3, 10, 0, 0);
+    bg_admit_on_sample(a, 0.4, &s, 400);
+    for (uint64_t k = 1; k <= 5; k++)
+        bg_admit_forget(a, k); /* five gave their charge back */
+    bg_admit_forget(a, 99);    /* unknown: nothing */
+    CHECK(bg_admit_effective(a, 0.4) == 850 + 260);
+    for (uint64_t k = 6; k <= 10; k++)
+        bg_admit_forget(a, k);
+    CHECK(bg_admit_effective(a, 0.5) == 850);
+    bg_admit_free(a);
+
+    /* Stale metrics: nothing, credit or not. */
+    a = make(1000);
+    bg_admit_start(a, 0, 0);
+    for (uint64_t k = 1; k <= 10; k++)
+        bg_admit_charge_held(a, k, 100, 1, 1, 1000);
+    s = sample(0.3, 10, 0, 0);
+    bg_admit_on_sample(a, 0.1, &s, 400);
+    for (int i = 0; i < 4; i++)
+        bg_admit_on_finish(a, 100, 100, 100, 1);
+    CHECK(bg_admit_effective(a, 0.2) == 850 + 520);
+    CHECK(bg_admit_effective(a, 3.0) == 0);
+    bg_admit_free(a);
+}
+
+/* The effective limit counts charges, so an overbooked limit plus the credit
+ * exceed the KV size: the semaphore it is applied to must allow that. */
+static void test_max_effective(void)
+{
+    bg_admit *a = make(1000);
+    CHECK(bg_admit_max_effective(a) == 1380 + 850); /* 1.5 * 920 + 0.85 * 1000 */
+    CHECK(bg_admit_max_effective(a) > 1000);
     bg_admit_free(a);
 }
 
@@ -497,6 +588,9 @@ int main(void)
     test_stale();
     test_start();
     test_overbook();
+    test_high_cut_proportional();
+    test_cold_credit();
+    test_max_effective();
     test_charge_and_learning();
     test_replay();
     test_closed_loop();
