@@ -189,12 +189,13 @@ PyObject *bg_dsp_admit_stats(Core *self)
         Py_RETURN_NONE;
     const bg_admit_stats *s = &in.ctl;
     PyObject *d = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
         "kv_blocks", (long long)s->kv_blocks, "block_size", (long long)s->block_size,
         "kv_tokens", (long long)(s->kv_blocks * s->block_size), "max_model_len",
         (long long)s->max_model_len, "limit_blocks", (long long)s->effective,
         "limit_tokens", (long long)(s->effective * s->block_size), "peak_limit_blocks",
-        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "credit_blocks",
+        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "limit_max_blocks",
+        (long long)bg_sem_max_value(self->tokens), "credit_blocks",
         (long long)s->credit, "cold_holds", (long long)s->cold_holds, "used_share",
         s->used_share, "held_blocks", (long long)in.held_blocks, "kv_usage",
         s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",

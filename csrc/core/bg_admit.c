@@ -12,7 +12,7 @@
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
-#define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
+#define RATIO_EWMA 0.3       /* weight of a lower sample in the used share */
 
 struct bg_admit {
     bg_admit_params p;
@@ -220,7 +220,17 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
         held < 1 || (double)held * 2 < a->limit)
         return;
     double r = u * (double)a->n_blocks / (double)held;
-    a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
+    /* Fast attack, slow decay: a higher share counts at once, a lower one
+     * through the EWMA. The share is a peak-to-plan ratio, and a sample can
+     * only under-read it: a request the server has finished but whose answer
+     * is still on its way, or one admitted but not yet arrived, is charged
+     * but holds nothing. With short answers to long prompts (completions in
+     * bursts) a plain average read 0.65 where the peak was 1.0, and the
+     * overbooking it allowed preempted. */
+    if (a->use_ratio < 0 || r > a->use_ratio)
+        a->use_ratio = r;
+    else
+        a->use_ratio += RATIO_EWMA * (r - a->use_ratio);
     double over = a->use_ratio > 0 ? 1 / a->use_ratio : a->p.overbook_max;
     if (over < 1)
         over = 1;

@@ -274,13 +274,20 @@ static void test_overbook(void)
     bg_admit_get_stats(a, &st);
     CHECK(st.ceiling == 1380 && fabs(st.used_share - 500.0 / 920) < 1e-9);
     CHECK(st.limit == 1007); /* 920 + min(0.25 * 350, 350) = 1007.5 */
-    /* Usage 0.8 on 1000 charged: share EWMA 0.543 + 0.3 * (0.8 - 0.543) =
-     * 0.62, ceiling 920 / 0.62 = 1483 -> still 1380; at the cap, a share
-     * near 1 pulls the ceiling (and the limit) back toward 920. */
+    /* Usage 0.8 on 1000 charged: a higher share counts at once (fast
+     * attack), ceiling 920 / 0.8 = 1150; a share near 1 pulls the ceiling
+     * (and the limit) back to 920. */
     s = sample(0.8, 20, 0, 0);
     bg_admit_on_sample(a, 1.2, &s, 1000);
     bg_admit_get_stats(a, &st);
-    CHECK(st.ceiling == 1380 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
+    CHECK(fabs(st.used_share - 0.8) < 1e-9);
+    CHECK(st.ceiling == 1150 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
+    /* A lower share only through the EWMA (slow decay): 0.8 + 0.3 * (0.6 -
+     * 0.8) = 0.74, not 0.6. */
+    s = sample(0.6, 20, 0, 0);
+    bg_admit_on_sample(a, 1.25, &s, 1000);
+    bg_admit_get_stats(a, &st);
+    CHECK(fabs(st.used_share - 0.74) < 1e-9);
     s = sample(0.84, 20, 0, 0);
     for (int i = 0; i < 20; i++)
         bg_admit_on_sample(a, 1.3 + 0.1 * i, &s, 840);
