@@ -38,7 +38,8 @@ struct bg_admit {
         int64_t blocks, prompt_est, n_prompts, n_per_prompt, max_tokens;
     } *cold;
     size_t cold_n, cold_cap;
-    int64_t credit;
+    int64_t excess; /* their charges minus their charges now (>= 0) */
+    int64_t credit; /* the excess, at most the room to the target seen */
 
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
@@ -268,6 +269,13 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     if (u > a->st.peak_kv_usage)
         a->st.peak_kv_usage = u;
     update_credit(a); /* the room to the target moved */
+    /* The limit bounds charges at today's prices: cold charges held count at
+     * their re-priced size (held minus their excess). Otherwise the share
+     * (usage / held) would read low and overbook, and growth would run ahead
+     * of the memory seen free. */
+    held -= a->excess;
+    if (held < 0)
+        held = 0;
 
     /* New arrivals wait one engine step (tens of ms) even on an idle server,
      * so a snapshot of the queue is noisy: only a queue above the allowance
@@ -500,8 +508,8 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
 static void update_credit(bg_admit *a)
 {
     int64_t res = reserve_tokens(a);
-    a->credit = 0;
-    if (res < 0 || a->cold_n == 0 || a->st.kv_usage < 0)
+    a->credit = a->excess = 0;
+    if (res < 0 || a->cold_n == 0)
         return;
     double excess = 0;
     for (size_t i = 0; i < a->cold_n; i++) {
@@ -509,7 +517,9 @@ static void update_credit(bg_admit *a)
         excess += (double)(c->blocks - charge_with(a, res, c->prompt_est, c->n_prompts,
                                                    c->n_per_prompt, c->max_tokens));
     }
-    double room = floor((a->p.target_usage - a->st.kv_usage) * (double)a->n_blocks);
+    a->excess = excess > 0 ? (int64_t)excess : 0;
+    double room = a->st.kv_usage < 0 ? 0
+                  : floor((a->p.target_usage - a->st.kv_usage) * (double)a->n_blocks);
     if (excess > room)
         excess = room;
     a->credit = excess > 0 ? (int64_t)excess : 0;

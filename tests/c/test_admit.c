@@ -382,6 +382,29 @@ static void test_cold_credit(void)
     bg_admit_free(a);
 }
 
+/* The controller works at today's prices: cold charges held count at their
+ * re-priced size in the measured share and in the growth bound. */
+static void test_cold_held_repriced(void)
+{
+    bg_admit *a = make(1000);
+    bg_admit_start(a, 0, 0); /* 850 */
+    for (uint64_t k = 1; k <= 10; k++)
+        bg_admit_charge_held(a, k, 100, 1, 1, 1000); /* 69 each */
+    for (int i = 0; i < 4; i++)
+        bg_admit_on_finish(a, 100, 100, 100, 1); /* excess 10 * (69 - 17) = 520 */
+    /* 690 cold + 400 learned charged = 1090, 570 at today's prices; 4
+     * finished >= 2 running: turnover. Share 0.456 * 1000 / 570 = 0.8. */
+    bg_prom_sample s = sample(0.456, 2, 0, 0);
+    bg_admit_on_sample(a, 0.1, &s, 1090);
+    bg_admit_stats st;
+    bg_admit_get_stats(a, &st);
+    CHECK(fabs(st.used_share - 0.8) < 1e-9);
+    CHECK(st.ceiling == 1150);
+    /* Growth: 850 + min(0.25 * 394, 570 + 394 - 850) = 948.5 */
+    CHECK(st.limit == 948);
+    bg_admit_free(a);
+}
+
 /* The effective limit counts charges, so an overbooked limit plus the credit
  * exceed the KV size: the semaphore it is applied to must allow that. */
 static void test_max_effective(void)
@@ -597,6 +620,7 @@ int main(void)
     test_overbook();
     test_high_cut_proportional();
     test_cold_credit();
+    test_cold_held_repriced();
     test_max_effective();
     test_charge_and_learning();
     test_replay();
