@@ -65,8 +65,32 @@
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
  *            costs nothing once the share is known.
+ *            The share is estimated fast-attack / slow-decay: a higher
+ *            reading replaces it, a lower one enters the EWMA. A sample can
+ *            only under-read the share (a request finished at the server but
+ *            whose answer is still in transit, or admitted but not arrived,
+ *            is charged and holds nothing), and with short answers to long
+ *            prompts that finish in bursts the plain average read 0.65 where
+ *            the peak was 1.0.
+ *   high cut the cut on usage > high_usage is sized by the gauge: L * target /
+ *            usage (never below the decrease factor). A preemption, a queue
+ *            or a refusal carry no magnitude and keep the fixed factor.
+ *   re-price requests charged before learning (cold charges: the whole
+ *            max_tokens) are remembered while they hold their charge
+ *            (bg_admit_charge_held / bg_admit_forget). Once lengths are
+ *            learned, their excess (charge - what they would be charged now)
+ *            is lent to the effective limit: effective = L + credit, credit =
+ *            min(excess, room to target_usage at the last sample). The limit
+ *            thus bounds charges at today's prices, and the controller uses
+ *            held - excess wherever it reads held (share, growth). Runs of a
+ *            few seconds spend a third of their time with cold charges in
+ *            flight: without this, a 200-token summary asked with
+ *            max_tokens=1024 held five times its size until it finished.
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
+ * The semaphore the limit is applied to must be bounded by
+ * bg_admit_max_effective, not by N: L and the credit count charges, which
+ * exceed what the server holds when overbooked.
  * The engine charges a request when it reaches the head of its admission
  * queue, not when it was submitted, so what was learned meanwhile counts.
  *
