@@ -43,6 +43,8 @@ struct bg_admit {
 
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
+    bool cut_ring[OUT_WINDOW]; /* that answer stopped at its max_tokens */
+    size_t out_cut;            /* how many in the window did */
     size_t out_n, out_pos, out_since;
     double out_q, out_p50;
     float ratio_ring[RATIO_WINDOW];
@@ -418,12 +420,23 @@ static void recompute_ratio(bg_admit *a)
 void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
                         int64_t completion_tokens, int64_t seqs)
 {
+    bg_admit_on_finish_capped(a, prompt_est, prompt_tokens, completion_tokens, seqs, -1);
+}
+
+void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
+                               int64_t completion_tokens, int64_t seqs, int64_t max_tokens)
+{
     if (seqs < 1)
         return;
     if (completion_tokens >= 0) {
         int64_t per = (completion_tokens + seqs - 1) / seqs;
         if (per > INT32_MAX)
             per = INT32_MAX;
+        bool cut = max_tokens > 0 && per >= max_tokens;
+        if (a->out_n == OUT_WINDOW && a->cut_ring[a->out_pos])
+            a->out_cut--; /* the answer it replaces */
+        a->cut_ring[a->out_pos] = cut;
+        a->out_cut += cut;
         a->out_ring[a->out_pos] = (int32_t)per;
         a->out_pos = (a->out_pos + 1) % OUT_WINDOW;
         if (a->out_n < OUT_WINDOW)
@@ -444,9 +457,20 @@ void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
     update_credit(a); /* the reserve or the prompt ratio may have moved */
 }
 
+/* An answer that stopped at its max_tokens says only that it wanted at
+ * least that many. When more of the window did than the quantile leaves
+ * out, the quantile is not known (it may lie beyond every max_tokens seen):
+ * charges go back to the whole max_tokens, as before learning. Without
+ * this, short-capped answers (max_tokens=48) taught a reserve that
+ * under-charged the long-capped ones of the same run. */
+static bool censored(const bg_admit *a)
+{
+    return (double)a->out_cut > (1 - a->p.out_quantile) * (double)a->out_n;
+}
+
 static bool learned(const bg_admit *a)
 {
-    return a->st.finished_seqs >= (uint64_t)a->p.warmup && a->out_n > 0;
+    return a->st.finished_seqs >= (uint64_t)a->p.warmup && a->out_n > 0 && !censored(a);
 }
 
 static int64_t reserve_tokens(const bg_admit *a)

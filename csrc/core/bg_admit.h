@@ -199,6 +199,12 @@ void bg_admit_on_overload(bg_admit *a, double now);
  * seqs = sequences it produced (prompts * n). */
 void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
                         int64_t completion_tokens, int64_t seqs);
+/* The same, knowing the request's max_tokens (<= 0: none): an answer of
+ * max_tokens per sequence was cut there, so its length is only a lower
+ * bound. While more than 1 - out_quantile of the window was cut, nothing
+ * counts as learned (charges reserve the whole max_tokens). */
+void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
+                               int64_t completion_tokens, int64_t seqs, int64_t max_tokens);
 
 /* Blocks to charge a request (1..N). prompt_est: estimated prompt tokens
  * summed over its prompts; max_tokens < 0: none given (max_model_len -

@@ -264,8 +264,9 @@ void bgh_admit_finished(bg_engine *e, const bg_request *r, int kind)
      * stops counting toward the credit. */
     bg_admit_forget(e->cfg.admit, (uint64_t)(uintptr_t)r);
     if (kind == BG_RES_OK && r->resp.usage.present)
-        bg_admit_on_finish(e->cfg.admit, r->prompt_est, r->resp.usage.prompt_tokens,
-                           r->resp.usage.completion_tokens, (int64_t)r->resp.n_choices);
+        bg_admit_on_finish_capped(e->cfg.admit, r->prompt_est, r->resp.usage.prompt_tokens,
+                                  r->resp.usage.completion_tokens,
+                                  (int64_t)r->resp.n_choices, r->max_tokens);
     int64_t cap = bg_admit_effective(e->cfg.admit, secs(now));
     pthread_mutex_unlock(&e->admit_mu);
     /* Lower at once, so the credit that just left is not granted again

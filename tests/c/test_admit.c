@@ -405,6 +405,36 @@ static void test_cold_held_repriced(void)
     bg_admit_free(a);
 }
 
+/* Answers cut at their max_tokens are lower bounds: while more than 5% of
+ * the window was cut, the quantile is unknown and charges are cold again. */
+static void test_cut_answers_are_censored(void)
+{
+    bg_admit *a = make(1000);
+    for (int i = 0; i < 10; i++)
+        bg_admit_on_finish_capped(a, 100, 100, 48, 1, 48); /* all cut at 48 */
+    bg_admit_stats st;
+    bg_admit_get_stats(a, &st);
+    CHECK(!st.learned && st.reserve_out == -1);
+    CHECK(bg_admit_charge(a, 100, 1, 1, 192) == (100 + 192 + 15) / 16); /* not 48-based */
+    CHECK(bg_admit_charge_held(a, 7, 100, 1, 1, 192) == 19); /* a cold hold again */
+    bg_admit_get_stats(a, &st);
+    CHECK(st.cold_holds == 1);
+    /* 190 answers that stopped by themselves: 10 cut of 200 = 5%, not more. */
+    for (int i = 0; i < 190; i++)
+        bg_admit_on_finish_capped(a, 100, 100, 40, 1, 192);
+    bg_admit_get_stats(a, &st);
+    CHECK(st.learned && st.reserve_out > 0);
+    CHECK(bg_admit_charge(a, 100, 1, 1, 192) < 19);
+    /* Without max_tokens, or below it, nothing is cut. */
+    bg_admit *b = make(1000);
+    for (int i = 0; i < 10; i++)
+        bg_admit_on_finish_capped(b, 100, 100, 48, 1, -1);
+    bg_admit_get_stats(b, &st);
+    CHECK(st.learned);
+    bg_admit_free(b);
+    bg_admit_free(a);
+}
+
 /* The effective limit counts charges, so an overbooked limit plus the credit
  * exceed the KV size: the semaphore it is applied to must allow that. */
 static void test_max_effective(void)
@@ -621,6 +651,7 @@ int main(void)
     test_high_cut_proportional();
     test_cold_credit();
     test_cold_held_repriced();
+    test_cut_answers_are_censored();
     test_max_effective();
     test_charge_and_learning();
     test_replay();
