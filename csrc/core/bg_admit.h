@@ -100,7 +100,10 @@
  * is the out_quantile (p95) of usage.completion_tokens per sequence over the
  * last n <= 512 finished sequences: +60% over q after 4 answers, +20% after
  * 100, +14% with a full window (the first answers to come back are the
- * shortest of their burst, so few answers get a wide margin). A workload
+ * shortest of their burst, so few answers get a wide margin). An answer
+ * that stopped at its max_tokens is only a lower bound: while more than
+ * 1 - out_quantile of the window did, nothing counts as learned and charges
+ * reserve the whole max_tokens (bg_admit_on_finish_capped). A workload
  * that turns longer is caught twice: the window's quantile moves within a
  * few dozen answers, and meanwhile the real usage rises, which stops growth
  * at target_usage, lowers the ceiling and cuts at high_usage, whatever the
