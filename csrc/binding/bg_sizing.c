@@ -180,8 +180,8 @@ static PyObject *estimate_tokens(PyObject *module, PyObject *const *args, Py_ssi
 /* Large lists hold str objects scattered over the heap: without help every
  * item starts with a cache miss on its header. Ask for the header a few items
  * ahead, and for the code points once that header has arrived. */
-#define PREFETCH_HEADER_AHEAD 16
-#define PREFETCH_DATA_AHEAD 8
+#define PREFETCH_HEADER_AHEAD 32
+#define PREFETCH_DATA_AHEAD 16
 #define PREFETCH_MAX_LINES 8
 
 /* GCC 12's dead-code pass was seen to drop __builtin_prefetch in this loop at
