@@ -94,9 +94,12 @@ def original_fixed_batches(texts, size_fn):
 # ---- harness -----------------------------------------------------------------
 
 def timed(fn, repeats):
+    """Median wall time of fn(); the previous run's result is freed before
+    the clock starts, so no run pays for freeing another's batches."""
     times = []
     result = None
     for _ in range(repeats):
+        result = None
         gc.collect()
         t0 = time.perf_counter()
         result = fn()
