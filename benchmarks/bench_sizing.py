@@ -2,7 +2,9 @@
 
     python benchmarks/bench_sizing.py [--reviews 1000000] [--per-restaurant 500] [--repeats 5]
 
-Rows (each plans every restaurant's reviews; medians of --repeats runs):
+Rows (each plans every restaurant's reviews; medians of --repeats runs; the Python regex
+and batchgate rows run interleaved, and their ratio is also given as the median of
+back-to-back pairs, which a shared machine's changing load disturbs least):
   original formula, Python   the original Config.calculate_dynamic_batch_size + fixed slices
   original formula, batchgate the same numbers from batchgate.calculate_dynamic_batch_size
   budget plan, Python regex  per-item script-aware estimate with re + greedy budget split:
@@ -94,9 +96,12 @@ def original_fixed_batches(texts, size_fn):
 # ---- harness -----------------------------------------------------------------
 
 def timed(fn, repeats):
+    """Median wall time of fn(); the previous run's result is freed before
+    the clock starts, so no run pays for freeing another's batches."""
     times = []
     result = None
     for _ in range(repeats):
+        result = None
         gc.collect()
         t0 = time.perf_counter()
         result = fn()
@@ -139,12 +144,27 @@ def main() -> None:
         args.repeats)
     assert py_orig == bg_orig, "batchgate's formula disagrees with the original"
 
-    run("budget plan, Python regex", lambda: [py_greedy_plan(g, py_regex_estimate) for g in groups],
-        args.python_repeats)
+    # The headline pair runs interleaved: each Python run is followed by a
+    # batchgate run, so each ratio compares two runs under the same load
+    # (other jobs come and go on a shared machine within a minute).
+    py_times, bg_times, pair_ratios = [], [], []
+    bg_plans = None
+    for k in range(max(args.python_repeats, args.repeats)):
+        if k < args.python_repeats:
+            py_times.append(timed(lambda: [py_greedy_plan(g, py_regex_estimate)
+                                           for g in groups], 1)[0])
+        secs, bg_plans = timed(lambda: [batchgate.plan_batches(g, BUDGET) for g in groups], 1)
+        bg_times.append(secs)
+        if k < args.python_repeats:
+            pair_ratios.append(py_times[-1] / secs)
+    n_plan_batches = sum(len(p) for p in bg_plans)
+    for name, times in (("budget plan, Python regex", py_times),
+                        ("budget plan, batchgate", bg_times)):
+        rows.append((name, statistics.median(times), n_plan_batches))
+        print(f"  {name:<34} {statistics.median(times):9.3f}s  {n_plan_batches:>9,} batches"
+              f"  (runs: {', '.join(f'{t:.3f}' for t in times)})", flush=True)
     run("budget plan, Python chars/3.5", lambda: [py_greedy_plan(g, py_chars_estimate)
                                                   for g in groups], args.python_repeats)
-    bg_plans = run("budget plan, batchgate", lambda: [
-        batchgate.plan_batches(g, BUDGET) for g in groups], args.repeats)
     run("budget plan, batchgate chars", lambda: [
         batchgate.plan_batches(g, BUDGET, method="chars") for g in groups], args.repeats)
     run("budget plan, batchgate x1 call", lambda: batchgate.plan_batches(texts, BUDGET),
@@ -169,6 +189,9 @@ def main() -> None:
           f"{t['original formula, Python'] / t['original formula, batchgate']:8.1f}x")
     print(f"  budget plan vs Python regex estimator:                "
           f"{t['budget plan, Python regex'] / bg:8.1f}x   (target >= 50x)")
+    print(f"    same, median of {len(pair_ratios)} back-to-back pairs:            "
+          f"{statistics.median(pair_ratios):8.1f}x   "
+          f"(pairs: {', '.join(f'{r:.1f}' for r in pair_ratios)})")
     print(f"  budget plan vs Python per-char estimator:             "
           f"{t['budget plan, Python per-char (scaled)'] / bg:8.1f}x")
     print(f"  chars rule: Python / batchgate                        "

@@ -177,6 +177,44 @@ static PyObject *estimate_tokens(PyObject *module, PyObject *const *args, Py_ssi
     return PyLong_FromUnsignedLongLong(bg_estimate_ucs(data, len, width, method));
 }
 
+/* Large lists hold str objects scattered over the heap: without help every
+ * item starts with a cache miss on its header. Ask for the header a few items
+ * ahead, and for the code points once that header has arrived. */
+#define PREFETCH_HEADER_AHEAD 32
+#define PREFETCH_DATA_AHEAD 16
+#define PREFETCH_MAX_LINES 8
+
+/* GCC 12's dead-code pass was seen to drop __builtin_prefetch in this loop at
+ * -O1 and above (with NDEBUG), so x86-64 states the instruction itself. */
+static inline void prefetch_line(const void *p)
+{
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
+#elif defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+}
+
+static inline void prefetch_text(PyObject *const *items, Py_ssize_t i, Py_ssize_t n)
+{
+    if (i + PREFETCH_HEADER_AHEAD < n)
+        prefetch_line(items[i + PREFETCH_HEADER_AHEAD]);
+    if (i + PREFETCH_DATA_AHEAD < n) {
+        PyObject *o = items[i + PREFETCH_DATA_AHEAD];
+        if (PyUnicode_CheckExact(o) && PyUnicode_IS_COMPACT(o)) {
+            const char *data = PyUnicode_DATA(o);
+            size_t bytes = (size_t)PyUnicode_GET_LENGTH(o) * PyUnicode_KIND(o);
+            size_t lines = (((uintptr_t)data & 63) + bytes + 63) / 64;
+            if (lines > PREFETCH_MAX_LINES)
+                lines = PREFETCH_MAX_LINES;
+            for (size_t k = 0; k < lines; k++)
+                prefetch_line(data + 64 * k - ((uintptr_t)data & 63));
+        }
+    }
+}
+
 /* Estimates for every item into a malloc'd array (caller frees). */
 static uint64_t *estimate_all(PyObject **items, Py_ssize_t n, const char *what,
                               enum bg_est_method method)
@@ -187,6 +225,7 @@ static uint64_t *estimate_all(PyObject **items, Py_ssize_t n, const char *what,
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_text(items, i, n);
         const void *data;
         size_t len;
         int width;

@@ -79,6 +79,65 @@ static void test_utf8_matches_ucs(void)
     }
 }
 
+/* The estimate (one table step per code point) against the plain sum of
+ * features x weights, on review-like text: long Hangul/ASCII stretches with
+ * everything else mixed in, at every length and storage width. */
+static uint64_t estimate_from_features(const void *data, size_t n, int width)
+{
+    if (n == 0)
+        return 0;
+    bg_features f;
+    bg_features_ucs(data, n, width, &f);
+    int64_t milli = 0;
+    for (int k = 0; k < BG_NFEATURES; k++)
+        milli += (int64_t)f.f[k] * bg_est_weights[k];
+    return milli <= 1000 ? 1 : (uint64_t)((milli + 999) / 1000);
+}
+
+static uint32_t review_cp(void)
+{
+    static const uint32_t common[] = {0xAC00, 0xB9DB, 0xC788, 0xC5B4, 0xC694, 0xD7A3, ' ',
+                                      ' ', 'a', 'Z', 'q', '0', '9', '.', '!', '~', '\n',
+                                      0x314B, 0x3131};
+    if (rnd() % 8)
+        return common[rnd() % (sizeof common / sizeof common[0])];
+    return random_cp();
+}
+
+static void test_estimate_matches_features(void)
+{
+    for (int iter = 0; iter < 3000; iter++) {
+        size_t n = iter < 80 ? (size_t)iter : rnd() % 700;
+        uint32_t *ucs4 = malloc((n + 1) * sizeof *ucs4);
+        uint16_t *ucs2 = malloc((n + 1) * sizeof *ucs2);
+        uint8_t *ucs1 = malloc(n + 1);
+        int narrow1 = 1, narrow2 = 1;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t cp = review_cp();
+            if (iter % 5 == 0)
+                cp &= 0xFF;
+            if (iter % 7 == 0 && cp >= 0x10000)
+                cp = 0xD800 + (cp & 0x7FF); /* lone surrogates, as CPython can hold */
+            ucs4[i] = cp;
+            narrow1 &= cp < 0x100;
+            narrow2 &= cp < 0x10000;
+            ucs2[i] = (uint16_t)cp;
+            ucs1[i] = (uint8_t)cp;
+        }
+        uint64_t want = estimate_from_features(ucs4, n, 4);
+        CHECK(bg_estimate_ucs(ucs4, n, 4, BG_EST_SCRIPT) == want);
+        if (narrow2) {
+            CHECK(estimate_from_features(ucs2, n, 2) == want);
+            CHECK(bg_estimate_ucs(ucs2, n, 2, BG_EST_SCRIPT) == want);
+        }
+        if (narrow1) {
+            CHECK(estimate_from_features(ucs1, n, 1) == want);
+            CHECK(bg_estimate_ucs(ucs1, n, 1, BG_EST_SCRIPT) == want);
+        }
+        free(ucs4); free(ucs2); free(ucs1);
+    }
+}
+
 static void test_invalid_utf8(void)
 {
     static const char *bad[] = {"\x80", "ab\xC3", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80",
@@ -185,6 +244,7 @@ int main(void)
 {
     test_features();
     test_utf8_matches_ucs();
+    test_estimate_matches_features();
     test_invalid_utf8();
     test_planner_edges();
     test_planner_random();
