@@ -59,6 +59,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import random
 import sys
 import time
@@ -434,6 +435,8 @@ def main() -> int:
     if repeats < 1:
         ap.error("--repeats must be >= 1")
     logging.basicConfig(level=logging.WARNING)
+    # A kill (timeout, CI) must still stop the simulator children in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     if args.quick:
         n_json, n_summary = 120, 80
