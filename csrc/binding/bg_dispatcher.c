@@ -254,7 +254,7 @@ static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 static void core_on_wake(bg_notify_node *node, bg_loop_work *wl)
 {
     int current;
-    Core *self = bg_loop_source_claim(node->payload, wl, &current);
+    Core *self = bg_loop_source_claim(node, wl, &current);
     if (!self || !current || CORE_FORKED(self))
         return;
     Py_INCREF(self);
@@ -289,8 +289,11 @@ static PyObject *core_bind(Core *self, PyObject *loop)
             __atomic_store_n(&self->wake, w, __ATOMIC_RELEASE);
         }
     }
-    if (self->wake)
-        bg_loop_source_bind(self->wake, bridge);
+    if (self->wake && bg_loop_source_bind(self->wake, bridge) < 0) {
+        Py_XDECREF(cs);
+        Py_XDECREF(bridge);
+        return NULL;
+    }
     Py_XDECREF(bridge);
     Py_XSETREF(self->call_soon, cs);
     self->resched = 0;

@@ -448,20 +448,41 @@ int bg_loop_bridge_stale(PyObject *bridge)
 }
 
 /* ---- wake sources ----
- * The producer's queue and the "node posted" flag share one short mutex,
+ * The producer's queue and the wake node's state share one short mutex,
  * never held with the GIL wanted: the engine thread pushes under it without
- * the GIL, the loop thread takes it with the GIL but calls nothing inside. */
+ * the GIL, the loop thread takes it with the GIL but calls nothing inside.
+ * A node posted to a bridge stays there until that bridge runs or dies; when
+ * the source is rebound meanwhile (e.g. the old loop closed first), the old
+ * node is left behind and a fresh one serves the new bridge. */
+
+typedef struct {
+    bg_notify_node node;         /* first: handlers get &node */
+    bg_loop_source *src;
+} wake_node;
 
 struct bg_loop_source {
-    bg_notify_node node;         /* posted to the bound bridge; payload = us */
     pthread_mutex_t mu;
     bg_notify_node *head, *tail; /* the producer's queue (mu) */
     bg_notify *target;           /* bound bridge's queue, or NULL (mu) */
-    int posted;                  /* node is on its way to a bridge (mu) */
-    int freed;                   /* owner done: whoever sees the node last frees (mu) */
+    wake_node *wake;             /* the node for target (mu) */
+    int posted;                  /* wake is on its way to target (mu) */
+    int nodes_out;               /* nodes on some bridge, wake included (mu) */
+    int freed;                   /* owner done: the last claim frees (mu) */
+    int kind;
     void *owner;                 /* NULL once detached (mu) */
     PyObject *bridge;            /* strong, keeps target alive (GIL) */
 };
+
+static wake_node *wake_new(bg_loop_source *s)
+{
+    wake_node *w = calloc(1, sizeof *w);
+    if (w) {
+        w->node.kind = s->kind;
+        w->node.payload = s;
+        w->src = s;
+    }
+    return w;
+}
 
 bg_loop_source *bg_loop_source_new(int kind, void *owner)
 {
@@ -471,10 +492,22 @@ bg_loop_source *bg_loop_source_new(int kind, void *owner)
         PyErr_NoMemory();
         return NULL;
     }
-    s->node.kind = kind;
-    s->node.payload = s;
+    s->kind = kind;
     s->owner = owner;
+    if ((s->wake = wake_new(s)) == NULL) {
+        pthread_mutex_destroy(&s->mu);
+        free(s);
+        PyErr_NoMemory();
+        return NULL;
+    }
     return s;
+}
+
+static void source_destroy(bg_loop_source *s)
+{
+    pthread_mutex_destroy(&s->mu);
+    free(s->wake);
+    free(s);
 }
 
 /* mu held. */
@@ -482,7 +515,8 @@ static void source_post(bg_loop_source *s)
 {
     if (s->target && !s->posted && s->head) {
         s->posted = 1;
-        bg_notify_push(s->target, &s->node);
+        s->nodes_out++;
+        bg_notify_push(s->target, &s->wake->node);
     }
 }
 
@@ -516,31 +550,49 @@ int bg_loop_source_pending(bg_loop_source *s)
     return p;
 }
 
-void bg_loop_source_bind(bg_loop_source *s, PyObject *bridge)
+int bg_loop_source_bind(bg_loop_source *s, PyObject *bridge)
 {
+    wake_node *fresh = wake_new(s); /* not under mu: malloc may be slow */
+    if (fresh == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     PyObject *old = s->bridge;
     s->bridge = Py_XNewRef(bridge);
     pthread_mutex_lock(&s->mu);
+    if (s->posted) {
+        /* Still on the old bridge's queue: leave it to that bridge. */
+        s->wake = fresh;
+        fresh = NULL;
+        s->posted = 0;
+    }
     s->target = bridge ? bg_loop_bridge_queue(bridge) : NULL;
     source_post(s); /* completions that came while unbound */
     pthread_mutex_unlock(&s->mu);
+    free(fresh);
     Py_XDECREF(old); /* after: nobody pushes to its queue any more */
+    return 0;
 }
 
-void *bg_loop_source_claim(bg_loop_source *s, const bg_loop_work *wl, int *current)
+void *bg_loop_source_claim(bg_notify_node *node, const bg_loop_work *wl, int *current)
 {
+    wake_node *w = (wake_node *)node;
+    bg_loop_source *s = w->src;
     pthread_mutex_lock(&s->mu);
-    s->posted = 0;
+    s->nodes_out--;
+    int ours = w == s->wake;
+    if (ours)
+        s->posted = 0;
     void *owner = s->owner;
-    int freed = s->freed;
-    *current = owner && !wl->dying && s->target == wl->target;
+    *current = ours && owner && !wl->dying && s->target == wl->target;
     if (owner && !*current)
         source_post(s); /* rebound meanwhile: wake the loop it is bound to now */
+    int last = s->freed && s->nodes_out == 0;
     pthread_mutex_unlock(&s->mu);
-    if (freed) {
-        pthread_mutex_destroy(&s->mu);
-        free(s);
-    }
+    if (!ours)
+        free(w);
+    if (last)
+        source_destroy(s);
     return owner;
 }
 
@@ -558,14 +610,12 @@ void bg_loop_source_free(bg_loop_source *s)
     pthread_mutex_lock(&s->mu);
     s->owner = NULL;
     s->target = NULL;
-    int posted = s->posted;
-    s->freed = posted;
+    int out = s->nodes_out;
+    s->freed = out > 0;
     pthread_mutex_unlock(&s->mu);
     Py_CLEAR(s->bridge);
-    if (!posted) {
-        pthread_mutex_destroy(&s->mu);
-        free(s);
-    }
+    if (out == 0)
+        source_destroy(s);
 }
 
 /* ---- module hooks ---- */

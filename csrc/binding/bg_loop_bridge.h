@@ -68,8 +68,8 @@ void bg_loop_take_grants(PyObject *bridge, PyObject *loop, bg_loop_work *wl);
 
 /* ---- one wake node per producer ----
  * A source holds the producer's queue of completions. Pushing the first one
- * posts the source's node (kind given at creation, payload the source) to
- * the bound bridge; its handler claims it and takes the queue. */
+ * posts a wake node (kind given at creation) to the bound bridge; its
+ * handler claims the node and takes the queue. */
 typedef struct bg_loop_source bg_loop_source;
 
 /* An unbound source. NULL with MemoryError set. */
@@ -80,12 +80,13 @@ void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node);
 bg_notify_node *bg_loop_source_take(bg_loop_source *s);
 int bg_loop_source_pending(bg_loop_source *s);
 /* GIL held: bind to bridge (NULL: unbind), keeping a reference to it; work
- * queued while unbound wakes the new bridge at once. */
-void bg_loop_source_bind(bg_loop_source *s, PyObject *bridge);
-/* The handler's first call, when the node comes out of a bridge: returns the
- * owner (NULL once detached), *current telling whether wl is the bridge the
+ * queued while unbound wakes the new bridge at once. 0, or -1 with
+ * MemoryError set (still bound as before). */
+int bg_loop_source_bind(bg_loop_source *s, PyObject *bridge);
+/* The handler's first call, with the node that came out of a bridge: returns
+ * the owner (NULL once detached), *current telling whether wl is the bridge the
  * source is bound to now. If not, deliver nothing: the bound one was woken. */
-void *bg_loop_source_claim(bg_loop_source *s, const bg_loop_work *wl, int *current);
+void *bg_loop_source_claim(bg_notify_node *node, const bg_loop_work *wl, int *current);
 /* The owner is going away: claims return NULL from now on. GIL held. */
 void bg_loop_source_detach(bg_loop_source *s);
 /* After detach, once nothing pushes any more: free now, or when the node

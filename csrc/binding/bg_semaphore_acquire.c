@@ -141,7 +141,14 @@ void semobj_on_grant_node(bg_notify_node *node, bg_loop_work *wl)
     SemAcquire *a = node->payload;
     Sem *s = a->sem;
     if (wl->dying) {
-        /* The loop is gone with its bridge: nobody will resume the waiter. */
+        /* The bridge goes (the semaphore let go of it): nobody will resume
+         * the waiter, but it must not stay listed once unreferenced. */
+        if (a->state == ACQ_QUEUED) {
+            pend_remove(s, a);
+            a->state = ACQ_DONE;
+            bg_sem_cancel(s->sem, &a->w);
+            release_into(s, a->n, wl); /* the granted permits go on */
+        }
         drop_inflight(a);
         return;
     }
