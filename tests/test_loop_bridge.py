@@ -4,6 +4,7 @@ each user keeps working when another goes away or the loop changes."""
 import asyncio
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -174,3 +175,21 @@ def test_loops_in_many_threads_each_deliver_on_their_own(fake):
     finally:
         sync.close()
     assert not errors, errors
+
+
+def test_wake_left_on_a_closed_loops_bridge_does_not_block_the_next_loop(fake):
+    d = make(fake, max_concurrent=20)
+    loop1 = asyncio.new_event_loop()
+    try:
+        for i in range(20):
+            loop1.create_task(d.generate(f"slow {i} [[delay=0.2]]"))
+        loop1.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop1.close()  # tasks left pending on purpose
+    # The answers arrive now: their wake-up goes to loop1's bridge, which
+    # never runs again. The next loop must not depend on it.
+    time.sleep(0.5)
+    try:
+        assert run(d.generate("next")).text == "echo:next"
+    finally:
+        d.close()

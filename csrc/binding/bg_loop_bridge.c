@@ -349,7 +349,7 @@ static int start_watcher(LoopBridge *b, PyObject *loop)
     thread_cls = PyObject_GetAttrString(threading, "Thread");
     target = PyObject_GetAttrString((PyObject *)b, "_watch");
     kwargs = Py_BuildValue("{sOsssO}", "target", target ? target : Py_None, "name",
-                           "batchgate-loop-bridge", "daemon", Py_True);
+                           "batchgate-loop-notifier", "daemon", Py_True);
     noargs = PyTuple_New(0);
     if (thread_cls == NULL || target == NULL || kwargs == NULL || noargs == NULL)
         goto done;
