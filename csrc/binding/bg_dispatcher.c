@@ -299,7 +299,7 @@ static PyObject *core_bind(Core *self, PyObject *loop)
     self->resched = 0;
     /* Finished before the first bind: they sit on notify, which no bridge
      * watches. */
-    if (bridge && bg_notify_pending(self->notify))
+    if (loop != Py_None && bg_notify_pending(self->notify))
         core_schedule(self);
     Py_RETURN_NONE;
 }
