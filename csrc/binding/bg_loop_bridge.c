@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 
 enum {
@@ -468,6 +469,7 @@ struct bg_loop_source {
     int posted;                  /* wake is on its way to target (mu) */
     int nodes_out;               /* nodes on some bridge, wake included (mu) */
     int freed;                   /* owner done: the last claim frees (mu) */
+    int pushing;                 /* posts decided under mu, still under way (atomic) */
     int kind;
     void *owner;                 /* NULL once detached (mu) */
     PyObject *bridge;            /* strong, keeps target alive (GIL) */
@@ -510,14 +512,42 @@ static void source_destroy(bg_loop_source *s)
     free(s);
 }
 
+/* Posting is decided under mu but done after it (the push may write the
+ * bridge's fd: no syscall inside our lock, which the loop thread wants right
+ * after that write wakes it). Whoever may free a target or a node first
+ * waits for posts under way (source_quiesce). */
+typedef struct {
+    bg_notify *queue;
+    bg_notify_node *node;
+} post;
+
 /* mu held. */
-static void source_post(bg_loop_source *s)
+static post source_post(bg_loop_source *s)
 {
+    post p = {NULL, NULL};
     if (s->target && !s->posted && s->head) {
         s->posted = 1;
         s->nodes_out++;
-        bg_notify_push(s->target, &s->wake->node);
+        __atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL);
+        p.queue = s->target;
+        p.node = &s->wake->node;
     }
+    return p;
+}
+
+/* mu released. */
+static void post_finish(bg_loop_source *s, post p)
+{
+    if (p.queue) {
+        bg_notify_push(p.queue, p.node);
+        __atomic_sub_fetch(&s->pushing, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void source_quiesce(bg_loop_source *s)
+{
+    while (__atomic_load_n(&s->pushing, __ATOMIC_ACQUIRE) != 0)
+        sched_yield();
 }
 
 void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node)
@@ -529,8 +559,9 @@ void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node)
     else
         s->head = node;
     s->tail = node;
-    source_post(s);
+    post p = source_post(s);
     pthread_mutex_unlock(&s->mu);
+    post_finish(s, p);
 }
 
 bg_notify_node *bg_loop_source_take(bg_loop_source *s)
@@ -567,9 +598,11 @@ int bg_loop_source_bind(bg_loop_source *s, PyObject *bridge)
         s->posted = 0;
     }
     s->target = bridge ? bg_loop_bridge_queue(bridge) : NULL;
-    source_post(s); /* completions that came while unbound */
+    post p = source_post(s); /* completions that came while unbound */
     pthread_mutex_unlock(&s->mu);
+    post_finish(s, p);
     free(fresh);
+    source_quiesce(s);
     Py_XDECREF(old); /* after: nobody pushes to its queue any more */
     return 0;
 }
@@ -585,10 +618,12 @@ void *bg_loop_source_claim(bg_notify_node *node, const bg_loop_work *wl, int *cu
         s->posted = 0;
     void *owner = s->owner;
     *current = ours && owner && !wl->dying && s->target == wl->target;
+    post p = {NULL, NULL};
     if (owner && !*current)
-        source_post(s); /* rebound meanwhile: wake the loop it is bound to now */
+        p = source_post(s); /* rebound meanwhile: wake the loop it is bound to now */
     int last = s->freed && s->nodes_out == 0;
     pthread_mutex_unlock(&s->mu);
+    post_finish(s, p);
     if (!ours)
         free(w);
     if (last)
@@ -602,6 +637,7 @@ void bg_loop_source_detach(bg_loop_source *s)
     s->owner = NULL;
     s->target = NULL;
     pthread_mutex_unlock(&s->mu);
+    source_quiesce(s);
     Py_CLEAR(s->bridge);
 }
 
@@ -613,6 +649,7 @@ void bg_loop_source_free(bg_loop_source *s)
     int out = s->nodes_out;
     s->freed = out > 0;
     pthread_mutex_unlock(&s->mu);
+    source_quiesce(s);
     Py_CLEAR(s->bridge);
     if (out == 0)
         source_destroy(s);
