@@ -97,9 +97,11 @@ def test_a_failed_init_leaves_a_core_that_refuses_use():
     with pytest.raises(TypeError):
         d.__init__(base_url=URL, max_concurrent="x")
     with pytest.raises(RuntimeError, match="__init__ was not called"):
-        d.fileno()
+        d.template(None, None)
     d.__init__(base_url=URL)  # a retried __init__ works and leaks nothing
     d.close()
+
+
 # ---- fork ----------------------------------------------------------------
 
 def _run_script(code: str) -> subprocess.CompletedProcess:

@@ -5,12 +5,14 @@
  * prompts pulled from an iterator a window at a time (map/as_completed), so a
  * million prompts never become a million Python objects in flight. The engine
  * thread never takes the GIL: each finished request is pushed on the
- * dispatcher's bg_notify queue, whose fd the event loop watches; the loop
- * thread drains it in one GIL hold (_on_readable), builds Result objects or
+ * dispatcher's queue, and the queue's first item wakes the event loop through
+ * the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
+ * loop thread drains it in one GIL hold, builds Result objects or
  * exceptions, refills windows and resolves futures.
  */
 #include "bg_dispatcher.h"
 
+#include "bg_loop_bridge.h"
 #include "bg_semaphore.h"
 
 #include <pthread.h>
@@ -132,11 +134,37 @@ void bg_core_forget_job(Core *c, Job *j)
 
 /* ---- Core -------------------------------------------------------------- */
 
-/* Engine thread, no GIL, no engine lock: just queue it for the loop. */
+/* Engine thread, no GIL, no engine lock: just queue it for the loop (on the
+ * wake source once bound; before, on ctx, our own notify queue). */
 static void core_on_done(bg_request *r, void *ctx)
 {
     DItem *it = r->user;
-    bg_notify_push((bg_notify *)ctx, &it->node);
+    bg_loop_source *wake = __atomic_load_n(&it->job->core->wake, __ATOMIC_ACQUIRE);
+    if (wake)
+        bg_loop_source_push(wake, &it->node);
+    else
+        bg_notify_push((bg_notify *)ctx, &it->node);
+}
+
+/* Everything finished so far, in one list. */
+static bg_notify_node *core_take(Core *c)
+{
+    bg_notify_node *n = c->wake ? bg_loop_source_take(c->wake) : NULL;
+    if (bg_notify_pending(c->notify)) { /* finished before the first bind */
+        bg_notify_node *early = bg_notify_drain(c->notify), *t = early;
+        while (t && t->next)
+            t = t->next;
+        if (t) {
+            t->next = n;
+            n = early;
+        }
+    }
+    return n;
+}
+
+static int core_pending(Core *c)
+{
+    return (c->wake && bg_loop_source_pending(c->wake)) || bg_notify_pending(c->notify);
 }
 
 /* Deliver up to limit finished requests (loop thread, GIL held): first the
@@ -146,7 +174,7 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
     bg_notify_node *n = c->backlog;
     c->backlog = NULL;
     if (!n)
-        n = bg_notify_drain(c->notify);
+        n = core_take(c);
     Py_ssize_t count = 0;
     Job *touched_stack[32];
     Job **touched = touched_stack;
@@ -211,64 +239,101 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
     return count;
 }
 
+/* Deliver a batch (loop thread, GIL held); what is left over runs in a
+ * loop.call_soon, so one callback never holds the loop for long. */
+static void core_deliver(Core *self);
+
+/* Run _on_readable soon on the bound loop (once). */
+static void core_schedule(Core *self)
+{
+    if (self->resched || !self->call_soon)
+        return;
+    PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_on_readable");
+    PyObject *h = cb ? PyObject_CallOneArg(self->call_soon, cb) : NULL;
+    Py_XDECREF(cb);
+    if (h) {
+        Py_DECREF(h);
+        self->resched = 1;
+    } else {
+        /* Loop closing: deliver the rest now rather than never. */
+        PyErr_Clear();
+        while (core_drain(self, 1, PY_SSIZE_T_MAX) > 0 || self->backlog)
+            ;
+    }
+}
+
+static void core_deliver(Core *self)
+{
+    /* A batch from the backlog leaves the queue alone: what it holds may have
+     * spent its wake-up already, so it needs this callback's follow-up. */
+    int had_backlog = self->backlog != NULL;
+    core_drain(self, 1, DRAIN_LIMIT);
+    if (self->backlog || (had_backlog && core_pending(self)))
+        core_schedule(self);
+}
+
 static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 {
     if (!self->st || CORE_FORKED(self) || !self->notify)
         Py_RETURN_NONE;
     self->resched = 0;
-    core_drain(self, 1, DRAIN_LIMIT);
-    if (self->backlog && self->call_soon) {
-        PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_on_readable");
-        PyObject *h = cb ? PyObject_CallOneArg(self->call_soon, cb) : NULL;
-        Py_XDECREF(cb);
-        if (h) {
-            Py_DECREF(h);
-            self->resched = 1;
-        } else {
-            /* Loop closing: deliver the rest now rather than never. */
-            PyErr_Clear();
-            core_drain(self, 1, PY_SSIZE_T_MAX);
-        }
-    }
+    core_deliver(self);
     Py_RETURN_NONE;
 }
 
-/* Fallback for loops without add_reader: block (GIL released) until the fd
- * is readable or timeout_ms passes. Returns True if readable. */
-static PyObject *core_wait(Core *self, PyObject *arg)
+/* The bridge's handler of BG_NODE_DISPATCH: our wake node came out of a
+ * loop's bridge. Deliver only on the loop we are bound to now. */
+static void core_on_wake(bg_notify_node *node, bg_loop_work *wl)
 {
-    long timeout = PyLong_AsLong(arg);
-    if (timeout == -1 && PyErr_Occurred())
-        return NULL;
-    if (timeout > 1000000)
-        timeout = 1000000;
-    if (!self->notify)
-        Py_RETURN_FALSE;
-    int r;
-    Py_BEGIN_ALLOW_THREADS
-    r = bg_notify_wait(self->notify, (int)timeout);
-    Py_END_ALLOW_THREADS
-    if (r < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyBool_FromLong(r);
+    int current;
+    Core *self = bg_loop_source_claim(node, wl, &current);
+    if (!self || !current || CORE_FORKED(self))
+        return;
+    Py_INCREF(self);
+    core_deliver(self);
+    Py_DECREF(self);
 }
 
-/* bind(loop_or_None): remember loop.call_soon for backlog callbacks. */
+/* bind(loop_or_None): deliver on loop from now on, through its bridge (the
+ * one the loop's semaphores use); None: deliver nowhere until bound again. */
 static PyObject *core_bind(Core *self, PyObject *loop)
 {
-    PyObject *cs = NULL;
-    if (loop != Py_None && !(cs = PyObject_GetAttrString(loop, "call_soon")))
+    if (loop == Py_None && (!self->st || CORE_FORKED(self)))
+        Py_RETURN_NONE; /* nothing bound here: nothing to undo */
+    if (loop != Py_None && core_check(self) < 0)
         return NULL;
+    PyObject *cs = NULL, *bridge = NULL;
+    if (loop != Py_None) {
+        if (!(cs = PyObject_GetAttrString(loop, "call_soon")))
+            return NULL;
+        if (bg_loop_set_handler(BG_NODE_DISPATCH, core_on_wake) < 0 ||
+            !(bridge = bg_loop_bridge(self->st, loop))) {
+            Py_DECREF(cs);
+            return NULL;
+        }
+        if (!self->wake) {
+            bg_loop_source *w = bg_loop_source_new(BG_NODE_DISPATCH, self);
+            if (!w) {
+                Py_DECREF(cs);
+                Py_DECREF(bridge);
+                return NULL;
+            }
+            __atomic_store_n(&self->wake, w, __ATOMIC_RELEASE);
+        }
+    }
+    if (self->wake && bg_loop_source_bind(self->wake, bridge) < 0) {
+        Py_XDECREF(cs);
+        Py_XDECREF(bridge);
+        return NULL;
+    }
+    Py_XDECREF(bridge);
     Py_XSETREF(self->call_soon, cs);
     self->resched = 0;
+    /* Finished before the first bind: they sit on notify, which no bridge
+     * watches. */
+    if (loop != Py_None && bg_notify_pending(self->notify))
+        core_schedule(self);
     Py_RETURN_NONE;
-}
-
-static PyObject *core_fileno(Core *self, PyObject *Py_UNUSED(ignored))
-{
-    if (core_check(self) < 0)
-        return NULL;
-    return PyLong_FromLong(bg_notify_fd(self->notify));
 }
 
 /* submit(mode, kind, source, template, future, window, return_exceptions,
@@ -507,6 +572,10 @@ static void core_dealloc(Core *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)self);
+    /* Before the GIL is dropped below: a loop running its bridge must not
+     * find us through our wake node any more. */
+    if (self->wake && !CORE_FORKED(self))
+        bg_loop_source_detach(self->wake);
     if (self->engine && !CORE_FORKED(self)) {
         /* Jobs hold a reference to us while they have items in the engine, so
          * nothing here has a job left to deliver to. */
@@ -519,6 +588,8 @@ static void core_dealloc(Core *self)
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->model_cache);
     if (!CORE_FORKED(self)) {
+        if (self->wake)
+            bg_loop_source_free(self->wake);
         if (self->notify)
             bg_notify_destroy(self->notify);
         if (self->count)
@@ -545,13 +616,9 @@ static int core_clear(Core *self)
 
 static PyMethodDef core_methods[] = {
     {"_on_readable", (PyCFunction)core_on_readable, METH_NOARGS,
-     "_on_readable($self, /)\n--\n\nDeliver finished requests (the loop's reader callback)."},
-    {"wait", (PyCFunction)core_wait, METH_O,
-     "wait($self, timeout_ms, /)\n--\n\nBlock until completions are ready (fallback)."},
-    {"fileno", (PyCFunction)core_fileno, METH_NOARGS,
-     "fileno($self, /)\n--\n\nThe completion wakeup fd."},
+     "_on_readable($self, /)\n--\n\nDeliver finished requests (a batch; the rest later)."},
     {"bind", (PyCFunction)core_bind, METH_O,
-     "bind($self, loop, /)\n--\n\nSet the loop whose call_soon runs backlogs."},
+     "bind($self, loop, /)\n--\n\nDeliver on this loop (through its bridge), or nowhere (None)."},
     /* Text signatures let stubtest hold _native.pyi to these argument lists. */
     {"template", (PyCFunction)(void (*)(void))bg_core_template, METH_FASTCALL,
      "template($self, model, params_json, options=None, /)\n--\n\n"},

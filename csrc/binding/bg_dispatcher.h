@@ -1,5 +1,5 @@
 /* bg_dispatcher.h - private to the dispatcher binding files:
- *   bg_dispatcher.c         _Dispatcher (engine + notifier), module hooks
+ *   bg_dispatcher.c         _Dispatcher (engine + delivery via the loop bridge), module hooks
  *   bg_dispatcher_config.c  _Dispatcher's keyword arguments, _Template
  *   bg_dispatcher_admit.c   closed-loop admission: probe, setup, stats
  *   bg_dispatcher_job.c     _Job: windows of requests, delivery to futures
@@ -61,6 +61,10 @@ struct Core {
     bg_notify_node *backlog;  /* drained but not yet delivered (drain limit) */
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
+    /* Completions once bound (before: notify), and their wake node on the
+     * bound loop's bridge. Made on the first bind; the engine thread reads
+     * the pointer atomically. */
+    struct bg_loop_source *wake;
     PyObject *model_cache;    /* last Result.model str (shared by the results) */
     PyObject *weakreflist;
     Job *jobs;                /* every live job (borrowed): close() ends them all */

@@ -17,10 +17,12 @@ typedef struct {
     PyTypeObject *SemaphoreType;
     PyTypeObject *BoundedSemaphoreType;
     PyTypeObject *SemAcquireType;   /* awaitable returned by acquire() */
-    PyTypeObject *LoopNotifierType; /* per-loop wakeup fd + native queue */
     PyObject *get_running_loop;     /* asyncio's _get_running_loop */
-    PyObject *loop_notifiers;       /* WeakKeyDictionary loop -> notifier */
     PyObject *sem_names;            /* tuple of interned method names */
+    /* bg_loop_bridge.c (set up from bg_semaphore_exec). */
+    PyTypeObject *LoopBridgeType;   /* per-loop wakeup fd + native queue */
+    PyObject *loop_bridges;         /* WeakKeyDictionary loop -> bridge */
+    PyObject *bridge_names;         /* tuple of interned method names */
     /* bg_dispatcher.c adds its fields here. */
     PyTypeObject *DispatcherType;   /* _native._Dispatcher: engine + notifier */
     PyTypeObject *JobType;          /* one generate/chat call or one map/as_completed */

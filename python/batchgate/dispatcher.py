@@ -2,8 +2,9 @@
 asyncio, with the HTTP, JSON and concurrency work done in C off the GIL.
 
 The heavy lifting is in ``batchgate._native._Dispatcher`` (a libcurl multi
-engine thread). This module binds it to the running event loop (one wakeup fd
-per dispatcher, watched with ``loop.add_reader``), turns keyword params into a
+engine thread). This module binds it to the running event loop (completions
+arrive through the loop's one native bridge, shared with batchgate.Semaphore:
+one wakeup fd per loop), turns keyword params into a
 request template once per distinct set, and offers the awaitable API.
 """
 from __future__ import annotations
@@ -252,7 +253,6 @@ class Dispatcher(_BulkCalls):
         self._admission_logged = 0
         self.window = window
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._watcher: Optional[threading.Thread] = None
         self._templates: Dict[Any, Any] = {}
         self._closed = False
         # openai-compat: with_options() views share this root's engine and state.
@@ -303,18 +303,10 @@ class Dispatcher(_BulkCalls):
             if self._core.live and not self._loop.is_closed():
                 raise RuntimeError(f"{self!r} has requests pending on another event loop")
             self._unbind()
-        fd = self._core.fileno()
+        # Completions come through the loop's bridge (add_reader, or a
+        # watcher thread on loops without it), made once per loop in C.
         self._core.bind(loop)
         self._loop = loop
-        try:
-            loop.add_reader(fd, self._core._on_readable)
-        except NotImplementedError:
-            # e.g. the Windows proactor loop: a thread waits on the fd instead.
-            self._start_watcher(loop)
-        except BaseException:
-            self._loop = None
-            self._core.bind(None)
-            raise
         if self.admission is not None:
             self._admission_timer = loop.call_later(0.5, _admission_tick, weakref.ref(self))
         return loop
@@ -338,47 +330,12 @@ class Dispatcher(_BulkCalls):
                          new * bs, reason)
         self._admission_timer = self._loop.call_later(0.5, _admission_tick, weakref.ref(self))
 
-    def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
-        core = self._core
-
-        ran = threading.Event()
-
-        def deliver() -> None:
-            try:
-                core._on_readable()
-            finally:
-                ran.set()
-
-        def watch() -> None:
-            while not core.closed and not loop.is_closed() and self._loop is loop:
-                if not core.wait(200):
-                    continue
-                # The fd stays readable until deliver() drains it: wait for that.
-                ran.clear()
-                try:
-                    loop.call_soon_threadsafe(deliver)
-                except RuntimeError:  # loop closed
-                    return
-                while not ran.wait(0.2):
-                    if core.closed or loop.is_closed():
-                        return
-
-        self._watcher = threading.Thread(target=watch, name="batchgate-dispatcher-watch",
-                                         daemon=True)
-        self._watcher.start()
-
     def _unbind(self) -> None:
         if self._admission_timer is not None:
             self._admission_timer.cancel()
             self._admission_timer = None
-        loop, self._loop = self._loop, None
+        self._loop = None
         self._core.bind(None)
-        if loop is not None and self._watcher is None and not loop.is_closed():
-            try:
-                loop.remove_reader(self._core.fileno())
-            except Exception:  # closed core or loop: nothing left to remove
-                pass
-        self._watcher = None
 
     def _template(self, params: Dict[str, Any]) -> Any:
         """The native template for one call's keywords: body fields and the
