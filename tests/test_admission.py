@@ -52,11 +52,6 @@ def test_auto_reads_the_server_and_learns():
         st = asyncio.run(main())
     assert st["scrapes"] > 0 and st["scrape_errors"] == 0
     assert st["learned"] is True
-    # Every charge made before learning was given back: no credit is left over.
-    assert st["cold_holds"] == 0 and st["credit_blocks"] == 0
-    # The block semaphore takes what the controller asks for, overbooked (up to
-    # 1.5 x kv_high x the KV size) plus the credit, not just the KV size.
-    assert st["limit_max_blocks"] >= int(1.5 * 0.92 * 512) + int(0.85 * 512)
     # The simulator's answers are ~20 tokens: far below max_tokens=300.
     assert 0 < st["output_tokens_p50"] < 100
     assert st["reserved_output_tokens"] < 150

@@ -154,17 +154,14 @@ int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c)
     }
     bg_admit_stats ast;
     bg_admit_get_stats(a, &ast);
-    /* Bounded by what the controller can ask for, not by the KV size: the
-     * overbooked limit and the credit count charges, above what the server
-     * holds (a single request is still charged at most the KV size). */
-    int64_t bound = bg_admit_max_effective(a);
-    self->tokens = bg_sem_create(bound, bound);
+    self->tokens = bg_sem_create(blocks, blocks);
     if (!self->tokens) {
         bg_admit_free(a);
         PyErr_NoMemory();
         return -1;
     }
-    /* The controller's limit starts lower and moves (bg_sem_set_capacity). */
+    /* The semaphore's bound is the KV size; the controller's limit starts
+     * lower and moves (bg_sem_set_capacity). */
     if (bg_sem_set_capacity(self->tokens, ast.limit) < 0) {
         bg_admit_free(a);
         PyErr_SetString(PyExc_RuntimeError, "cannot set the admission limit");
@@ -189,14 +186,12 @@ PyObject *bg_dsp_admit_stats(Core *self)
         Py_RETURN_NONE;
     const bg_admit_stats *s = &in.ctl;
     PyObject *d = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
+        "{sLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
         "kv_blocks", (long long)s->kv_blocks, "block_size", (long long)s->block_size,
         "kv_tokens", (long long)(s->kv_blocks * s->block_size), "max_model_len",
         (long long)s->max_model_len, "limit_blocks", (long long)s->effective,
         "limit_tokens", (long long)(s->effective * s->block_size), "peak_limit_blocks",
-        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "limit_max_blocks",
-        (long long)bg_sem_max_value(self->tokens), "credit_blocks",
-        (long long)s->credit, "cold_holds", (long long)s->cold_holds, "used_share",
+        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "used_share",
         s->used_share, "held_blocks", (long long)in.held_blocks, "kv_usage",
         s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",
         s->waiting, "preemptions_seen", s->preemptions_seen, "cuts",

@@ -12,7 +12,7 @@
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
-#define RATIO_EWMA 0.3       /* weight of a lower sample in the used share */
+#define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
 
 struct bg_admit {
     bg_admit_params p;
@@ -30,21 +30,8 @@ struct bg_admit {
     double use_ratio;
     int64_t ceiling; /* current bound on L: high * N, times the overbooking */
 
-    /* Requests charged before learning, while they hold their charge: a
-     * small array (swap-remove); credit = what they were charged beyond
-     * their charge at today's knowledge, lent to the effective limit. */
-    struct cold_hold {
-        uint64_t key;
-        int64_t blocks, prompt_est, n_prompts, n_per_prompt, max_tokens;
-    } *cold;
-    size_t cold_n, cold_cap;
-    int64_t excess; /* their charges minus their charges now (>= 0) */
-    int64_t credit; /* the excess, at most the room to the target seen */
-
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
-    bool cut_ring[OUT_WINDOW]; /* that answer stopped at its max_tokens */
-    size_t out_cut;            /* how many in the window did */
     size_t out_n, out_pos, out_since;
     double out_q, out_p50;
     float ratio_ring[RATIO_WINDOW];
@@ -161,8 +148,6 @@ void bg_admit_start(bg_admit *a, double usage, double waiting)
 
 void bg_admit_free(bg_admit *a)
 {
-    if (a)
-        free(a->cold);
     free(a);
 }
 
@@ -193,12 +178,10 @@ size_t bg_admit_pop_events(bg_admit *a, bg_admit_event *out, size_t n)
 
 /* ---- the control law ----------------------------------------------------- */
 
-/* factor: the multiplicative decrease, or for a cut on the KV gauge the
- * share that brings usage back to the target (see bg_admit_on_sample). */
-static void cut_by(bg_admit *a, double now, int reason, double factor)
+static void cut(bg_admit *a, double now, int reason)
 {
     int64_t from = (int64_t)a->limit;
-    a->limit *= factor;
+    a->limit *= a->p.decrease;
     if (a->limit < (double)a->min_limit)
         a->limit = (double)a->min_limit;
     a->last_cut_t = now;
@@ -206,13 +189,7 @@ static void cut_by(bg_admit *a, double now, int reason, double factor)
     push_event(a, now, from, (int64_t)a->limit, reason);
 }
 
-static void cut(bg_admit *a, double now, int reason)
-{
-    cut_by(a, now, reason, a->p.decrease);
-}
-
 static bool learned(const bg_admit *a);
-static void update_credit(bg_admit *a);
 
 /* The overbooking ceiling C (bg_admit.h): after turnover, high_usage * N
  * times the inverse of the measured share of the charges the server holds. */
@@ -223,17 +200,7 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
         held < 1 || (double)held * 2 < a->limit)
         return;
     double r = u * (double)a->n_blocks / (double)held;
-    /* Fast attack, slow decay: a higher share counts at once, a lower one
-     * through the EWMA. The share is a peak-to-plan ratio, and a sample can
-     * only under-read it: a request the server has finished but whose answer
-     * is still on its way, or one admitted but not yet arrived, is charged
-     * but holds nothing. With short answers to long prompts (completions in
-     * bursts) a plain average read 0.65 where the peak was 1.0, and the
-     * overbooking it allowed preempted. */
-    if (a->use_ratio < 0 || r > a->use_ratio)
-        a->use_ratio = r;
-    else
-        a->use_ratio += RATIO_EWMA * (r - a->use_ratio);
+    a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
     double over = a->use_ratio > 0 ? 1 / a->use_ratio : a->p.overbook_max;
     if (over < 1)
         over = 1;
@@ -270,14 +237,6 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     a->st.waiting = (s->found & BG_PROM_WAITING) ? s->waiting : -1;
     if (u > a->st.peak_kv_usage)
         a->st.peak_kv_usage = u;
-    update_credit(a); /* the room to the target moved */
-    /* The limit bounds charges at today's prices: cold charges held count at
-     * their re-priced size (held minus their excess). Otherwise the share
-     * (usage / held) would read low and overbook, and growth would run ahead
-     * of the memory seen free. */
-    held -= a->excess;
-    if (held < 0)
-        held = 0;
 
     /* New arrivals wait one engine step (tens of ms) even on an idle server,
      * so a snapshot of the queue is noisy: only a queue above the allowance
@@ -299,18 +258,8 @@ void bg_admit_on_sample(bg_admit *a, double now, const bg_prom_sample *s, int64_
     else if (queue)
         reason = BG_ADMIT_CUT_QUEUE;
     if (reason >= 0) {
-        /* A preemption, a queue or a refusal says only that we sent too
-         * much: cut by the fixed factor. The KV gauge also says by how much:
-         * scale L by target / usage (never less than the fixed factor), so
-         * a usage of 0.95 costs 10% of the limit, not 30%. Requests that
-         * finish in bursts (short answers to long prompts) swing usage well
-         * past the watermark for a moment; a 30% cut, held for holdoff_s,
-         * cost more than the burst. */
-        double f = a->p.decrease;
-        if (reason == BG_ADMIT_CUT_HIGH && a->p.target_usage / u > f)
-            f = a->p.target_usage / u;
         if (!in_holdoff)
-            cut_by(a, now, reason, f);
+            cut(a, now, reason);
         return;
     }
     update_ceiling(a, u, held);
@@ -349,19 +298,10 @@ void bg_admit_on_overload(bg_admit *a, double now)
         cut(a, now, BG_ADMIT_CUT_OVERLOAD);
 }
 
-int64_t bg_admit_max_effective(const bg_admit *a)
-{
-    /* L <= overbook_max * high * N; the credit <= target * N (the room). */
-    return (int64_t)ceil(a->p.overbook_max * (double)a->max_limit) +
-           (int64_t)ceil(a->p.target_usage * (double)a->n_blocks);
-}
-
 int64_t bg_admit_effective(bg_admit *a, double now)
 {
     bool stale = now - a->last_sample_t > a->p.stale_s;
-    int64_t eff = stale ? 0 : (int64_t)a->limit + a->credit;
-    if (eff > bg_admit_max_effective(a))
-        eff = bg_admit_max_effective(a);
+    int64_t eff = stale ? 0 : (int64_t)a->limit;
     if (stale != a->stale) {
         a->stale = stale;
         if (stale)
@@ -420,23 +360,12 @@ static void recompute_ratio(bg_admit *a)
 void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
                         int64_t completion_tokens, int64_t seqs)
 {
-    bg_admit_on_finish_capped(a, prompt_est, prompt_tokens, completion_tokens, seqs, -1);
-}
-
-void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
-                               int64_t completion_tokens, int64_t seqs, int64_t max_tokens)
-{
     if (seqs < 1)
         return;
     if (completion_tokens >= 0) {
         int64_t per = (completion_tokens + seqs - 1) / seqs;
         if (per > INT32_MAX)
             per = INT32_MAX;
-        bool cut = max_tokens > 0 && per >= max_tokens;
-        if (a->out_n == OUT_WINDOW && a->cut_ring[a->out_pos])
-            a->out_cut--; /* the answer it replaces */
-        a->cut_ring[a->out_pos] = cut;
-        a->out_cut += cut;
         a->out_ring[a->out_pos] = (int32_t)per;
         a->out_pos = (a->out_pos + 1) % OUT_WINDOW;
         if (a->out_n < OUT_WINDOW)
@@ -454,23 +383,11 @@ void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_t
         if (++a->ratio_since >= RECOMPUTE_EVERY || a->ratio_n <= 64)
             recompute_ratio(a);
     }
-    update_credit(a); /* the reserve or the prompt ratio may have moved */
-}
-
-/* An answer that stopped at its max_tokens says only that it wanted at
- * least that many. When more of the window did than the quantile leaves
- * out, the quantile is not known (it may lie beyond every max_tokens seen):
- * charges go back to the whole max_tokens, as before learning. Without
- * this, short-capped answers (max_tokens=48) taught a reserve that
- * under-charged the long-capped ones of the same run. */
-static bool censored(const bg_admit *a)
-{
-    return (double)a->out_cut > (1 - a->p.out_quantile) * (double)a->out_n;
 }
 
 static bool learned(const bg_admit *a)
 {
-    return a->st.finished_seqs >= (uint64_t)a->p.warmup && a->out_n > 0 && !censored(a);
+    return a->st.finished_seqs >= (uint64_t)a->p.warmup && a->out_n > 0;
 }
 
 static int64_t reserve_tokens(const bg_admit *a)
@@ -483,10 +400,8 @@ static int64_t reserve_tokens(const bg_admit *a)
     return (int64_t)ceil(a->out_q * (1 + m)) + 1;
 }
 
-/* The charge in blocks with `res` output tokens reserved per sequence (< 0:
- * nothing learned, the whole max_tokens). */
-static int64_t charge_with(const bg_admit *a, int64_t res, int64_t prompt_est,
-                           int64_t n_prompts, int64_t n_per_prompt, int64_t max_tokens)
+int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
+                        int64_t n_per_prompt, int64_t max_tokens)
 {
     if (n_prompts < 1)
         n_prompts = 1;
@@ -504,6 +419,7 @@ static int64_t charge_with(const bg_admit *a, int64_t res, int64_t prompt_est,
         out = mml - per_prompt > 1 ? mml - per_prompt : 1;
     else
         out = 4096; /* no max_tokens, no max_model_len: a cautious guess */
+    int64_t res = reserve_tokens(a);
     if (res >= 0 && (double)res < out)
         out = (double)res;
     if (mml > 0 && per_prompt + out > mml)
@@ -518,68 +434,6 @@ static int64_t charge_with(const bg_admit *a, int64_t res, int64_t prompt_est,
     return (int64_t)blocks;
 }
 
-int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
-                        int64_t n_per_prompt, int64_t max_tokens)
-{
-    return charge_with(a, reserve_tokens(a), prompt_est, n_prompts, n_per_prompt, max_tokens);
-}
-
-/* ---- re-pricing what was charged before learning ------------------------- */
-
-/* Sum over the cold holds of their charge minus their charge now, at most
- * the room to the target seen at the last sample (the estimate may be off;
- * the gauge is not). */
-static void update_credit(bg_admit *a)
-{
-    int64_t res = reserve_tokens(a);
-    a->credit = a->excess = 0;
-    if (res < 0 || a->cold_n == 0)
-        return;
-    double excess = 0;
-    for (size_t i = 0; i < a->cold_n; i++) {
-        const struct cold_hold *c = &a->cold[i];
-        excess += (double)(c->blocks - charge_with(a, res, c->prompt_est, c->n_prompts,
-                                                   c->n_per_prompt, c->max_tokens));
-    }
-    a->excess = excess > 0 ? (int64_t)excess : 0;
-    double room = a->st.kv_usage < 0 ? 0
-                  : floor((a->p.target_usage - a->st.kv_usage) * (double)a->n_blocks);
-    if (excess > room)
-        excess = room;
-    a->credit = excess > 0 ? (int64_t)excess : 0;
-}
-
-void bg_admit_forget(bg_admit *a, uint64_t key)
-{
-    for (size_t i = 0; i < a->cold_n; i++) {
-        if (a->cold[i].key == key) {
-            a->cold[i] = a->cold[--a->cold_n];
-            update_credit(a);
-            return;
-        }
-    }
-}
-
-int64_t bg_admit_charge_held(bg_admit *a, uint64_t key, int64_t prompt_est, int64_t n_prompts,
-                             int64_t n_per_prompt, int64_t max_tokens)
-{
-    bg_admit_forget(a, key); /* a retry: the first charge was given back */
-    int64_t w = bg_admit_charge(a, prompt_est, n_prompts, n_per_prompt, max_tokens);
-    if (learned(a))
-        return w;
-    if (a->cold_n == a->cold_cap) {
-        size_t cap = a->cold_cap ? 2 * a->cold_cap : 64;
-        struct cold_hold *c = realloc(a->cold, cap * sizeof(*c));
-        if (!c)
-            return w; /* no credit for this one: only less admitted, never more */
-        a->cold = c;
-        a->cold_cap = cap;
-    }
-    a->cold[a->cold_n++] = (struct cold_hold){key, w, prompt_est, n_prompts, n_per_prompt,
-                                              max_tokens};
-    return w;
-}
-
 void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
 {
     *out = a->st;
@@ -588,8 +442,6 @@ void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
     out->max_model_len = a->max_model_len;
     out->limit = (int64_t)a->limit;
     out->ceiling = a->ceiling;
-    out->credit = a->credit;
-    out->cold_holds = (int64_t)a->cold_n;
     out->used_share = a->use_ratio;
     out->effective = a->effective;
     out->stale = a->stale;

@@ -65,32 +65,8 @@
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
  *            costs nothing once the share is known.
- *            The share is estimated fast-attack / slow-decay: a higher
- *            reading replaces it, a lower one enters the EWMA. A sample can
- *            only under-read the share (a request finished at the server but
- *            whose answer is still in transit, or admitted but not arrived,
- *            is charged and holds nothing), and with short answers to long
- *            prompts that finish in bursts the plain average read 0.65 where
- *            the peak was 1.0.
- *   high cut the cut on usage > high_usage is sized by the gauge: L * target /
- *            usage (never below the decrease factor). A preemption, a queue
- *            or a refusal carry no magnitude and keep the fixed factor.
- *   re-price requests charged before learning (cold charges: the whole
- *            max_tokens) are remembered while they hold their charge
- *            (bg_admit_charge_held / bg_admit_forget). Once lengths are
- *            learned, their excess (charge - what they would be charged now)
- *            is lent to the effective limit: effective = L + credit, credit =
- *            min(excess, room to target_usage at the last sample). The limit
- *            thus bounds charges at today's prices, and the controller uses
- *            held - excess wherever it reads held (share, growth). Runs of a
- *            few seconds spend a third of their time with cold charges in
- *            flight: without this, a 200-token summary asked with
- *            max_tokens=1024 held five times its size until it finished.
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
- * The semaphore the limit is applied to must be bounded by
- * bg_admit_max_effective, not by N: L and the credit count charges, which
- * exceed what the server holds when overbooked.
  * The engine charges a request when it reaches the head of its admission
  * queue, not when it was submitted, so what was learned meanwhile counts.
  *
@@ -100,10 +76,7 @@
  * is the out_quantile (p95) of usage.completion_tokens per sequence over the
  * last n <= 512 finished sequences: +60% over q after 4 answers, +20% after
  * 100, +14% with a full window (the first answers to come back are the
- * shortest of their burst, so few answers get a wide margin). An answer
- * that stopped at its max_tokens is only a lower bound: while more than
- * 1 - out_quantile of the window did, nothing counts as learned and charges
- * reserve the whole max_tokens (bg_admit_on_finish_capped). A workload
+ * shortest of their burst, so few answers get a wide margin). A workload
  * that turns longer is caught twice: the window's quantile moves within a
  * few dozen answers, and meanwhile the real usage rises, which stops growth
  * at target_usage, lowers the ceiling and cuts at high_usage, whatever the
@@ -202,12 +175,6 @@ void bg_admit_on_overload(bg_admit *a, double now);
  * seqs = sequences it produced (prompts * n). */
 void bg_admit_on_finish(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
                         int64_t completion_tokens, int64_t seqs);
-/* The same, knowing the request's max_tokens (<= 0: none): an answer of
- * max_tokens per sequence was cut there, so its length is only a lower
- * bound. While more than 1 - out_quantile of the window was cut, nothing
- * counts as learned (charges reserve the whole max_tokens). */
-void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_tokens,
-                               int64_t completion_tokens, int64_t seqs, int64_t max_tokens);
 
 /* Blocks to charge a request (1..N). prompt_est: estimated prompt tokens
  * summed over its prompts; max_tokens < 0: none given (max_model_len -
@@ -215,26 +182,9 @@ void bg_admit_on_finish_capped(bg_admit *a, int64_t prompt_est, int64_t prompt_t
 int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
                         int64_t n_per_prompt, int64_t max_tokens);
 
-/* bg_admit_charge for a request the caller will hold the charge for, named
- * by `key` (unique among requests in flight). A charge made before output
- * lengths are learned (a cold charge: the whole max_tokens) is remembered
- * until bg_admit_forget(key), which the caller must call when the request
- * gives its charge back (finished, failed, cancelled); charging the same key
- * again (a retry) forgets the first charge. Once learned, the cold charges
- * held are re-priced: what they were charged beyond their charge now is lent
- * to the effective limit (the credit), at most the room to target_usage seen
- * at the last sample. */
-int64_t bg_admit_charge_held(bg_admit *a, uint64_t key, int64_t prompt_est, int64_t n_prompts,
-                             int64_t n_per_prompt, int64_t max_tokens);
-void bg_admit_forget(bg_admit *a, uint64_t key);
-
-/* The limit admission should use at `now`: L plus the credit (0 while
- * metrics are stale). Also records the stale/fresh transitions. */
+/* The limit admission should use at `now` (0 while metrics are stale). Also
+ * records the stale/fresh transitions. */
 int64_t bg_admit_effective(bg_admit *a, double now);
-/* The largest value bg_admit_effective can return: the bound to give the
- * semaphore the limit is applied to (above the KV size: overbooking and the
- * credit count charges, which exceed what the server holds). */
-int64_t bg_admit_max_effective(const bg_admit *a);
 
 typedef struct {
     int64_t kv_blocks, block_size, max_model_len;
@@ -242,8 +192,6 @@ typedef struct {
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
     int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
-    int64_t credit;         /* re-priced cold charges lent to the effective limit */
-    int64_t cold_holds;     /* requests holding a cold charge */
     double used_share;      /* measured usage / charged blocks (-1 before turnover) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;

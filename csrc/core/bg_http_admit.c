@@ -134,8 +134,7 @@ static int64_t charge(bg_engine *e, const bg_request *r)
     int64_t n_prompts = r->endpoint == BG_EP_CHAT ? 1 : (int64_t)r->n_prompts;
     int64_t n = r->tmpl ? r->tmpl->n_per_prompt : 1;
     pthread_mutex_lock(&e->admit_mu);
-    int64_t w = bg_admit_charge_held(e->cfg.admit, (uint64_t)(uintptr_t)r, r->prompt_est,
-                                     n_prompts, n, r->max_tokens);
+    int64_t w = bg_admit_charge(e->cfg.admit, r->prompt_est, n_prompts, n, r->max_tokens);
     pthread_mutex_unlock(&e->admit_mu);
     int64_t max = bg_sem_max_value(e->cfg.token_sem);
     return w < 1 ? 1 : w > max ? max : w;
@@ -250,23 +249,13 @@ void bgh_admit_scrape_done(bg_engine *e, CURLcode code)
 
 void bgh_admit_finished(bg_engine *e, const bg_request *r, int kind)
 {
-    if (!e->cfg.admit)
+    if (!e->cfg.admit || kind != BG_RES_OK || !r->resp.usage.present)
         return;
-    int64_t now = bgh_now_ns();
+    int64_t seqs = (int64_t)r->resp.n_choices;
     pthread_mutex_lock(&e->admit_mu);
-    /* Its permits are back (bgh_finish released them first): a cold charge
-     * stops counting toward the credit. */
-    bg_admit_forget(e->cfg.admit, (uint64_t)(uintptr_t)r);
-    if (kind == BG_RES_OK && r->resp.usage.present)
-        bg_admit_on_finish_capped(e->cfg.admit, r->prompt_est, r->resp.usage.prompt_tokens,
-                                  r->resp.usage.completion_tokens,
-                                  (int64_t)r->resp.n_choices, r->max_tokens);
-    int64_t cap = bg_admit_effective(e->cfg.admit, secs(now));
+    bg_admit_on_finish(e->cfg.admit, r->prompt_est, r->resp.usage.prompt_tokens,
+                       r->resp.usage.completion_tokens, seqs);
     pthread_mutex_unlock(&e->admit_mu);
-    /* Lower at once, so the credit that just left is not granted again
-     * (raising grants waiters: that is the loop's job, in apply_limit). */
-    if (cap < e->applied_cap && bg_sem_set_capacity(e->cfg.token_sem, cap) == 0)
-        e->applied_cap = cap;
 }
 
 void bgh_admit_overload(bg_engine *e)

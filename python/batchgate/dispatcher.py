@@ -490,8 +490,6 @@ class Dispatcher(_BulkCalls):
         also ``admission``: limit_blocks / limit_tokens (the current KV limit),
         ceiling_blocks (its current bound) and used_share (the measured share
         of the charged blocks the server holds, -1 until measured),
-        credit_blocks (cold charges re-priced once lengths are learned, lent to
-        the limit) and cold_holds, limit_max_blocks (the semaphore's bound),
         kv_usage, peak_kv_usage, running, waiting, preemptions_seen,
         reserved_output_tokens and output_tokens_p50 (learned), prompt_ratio,
         cuts, stale, scrapes, scrape_errors, ..."""

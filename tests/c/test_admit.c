@@ -150,7 +150,7 @@ static void test_cuts(void)
     /* Usage over the high watermark. */
     s = sample(0.95, 10, 0, 3);
     bg_admit_on_sample(a, 1.9, &s, 586);
-    CHECK(limit_of(a) == 524); /* 586.25 * 0.85 / 0.95: back to the target */
+    CHECK(limit_of(a) == 410); /* 586.25 * 0.7 */
     /* A queue must persist for three samples and not drain; the allowance
      * is max(2, 10% of running). held = 0 keeps growth out of the way. */
     bg_admit *b = make(1000);
@@ -274,20 +274,13 @@ static void test_overbook(void)
     bg_admit_get_stats(a, &st);
     CHECK(st.ceiling == 1380 && fabs(st.used_share - 500.0 / 920) < 1e-9);
     CHECK(st.limit == 1007); /* 920 + min(0.25 * 350, 350) = 1007.5 */
-    /* Usage 0.8 on 1000 charged: a higher share counts at once (fast
-     * attack), ceiling 920 / 0.8 = 1150; a share near 1 pulls the ceiling
-     * (and the limit) back to 920. */
+    /* Usage 0.8 on 1000 charged: share EWMA 0.543 + 0.3 * (0.8 - 0.543) =
+     * 0.62, ceiling 920 / 0.62 = 1483 -> still 1380; at the cap, a share
+     * near 1 pulls the ceiling (and the limit) back toward 920. */
     s = sample(0.8, 20, 0, 0);
     bg_admit_on_sample(a, 1.2, &s, 1000);
     bg_admit_get_stats(a, &st);
-    CHECK(fabs(st.used_share - 0.8) < 1e-9);
-    CHECK(st.ceiling == 1150 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
-    /* A lower share only through the EWMA (slow decay): 0.8 + 0.3 * (0.6 -
-     * 0.8) = 0.74, not 0.6. */
-    s = sample(0.6, 20, 0, 0);
-    bg_admit_on_sample(a, 1.25, &s, 1000);
-    bg_admit_get_stats(a, &st);
-    CHECK(fabs(st.used_share - 0.74) < 1e-9);
+    CHECK(st.ceiling == 1380 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
     s = sample(0.84, 20, 0, 0);
     for (int i = 0; i < 20; i++)
         bg_admit_on_sample(a, 1.3 + 0.1 * i, &s, 840);
@@ -297,151 +290,7 @@ static void test_overbook(void)
     /* Usage over high still cuts, overbooked or not. */
     s = sample(0.95, 20, 0, 0);
     bg_admit_on_sample(a, 5.0, &s, 920);
-    CHECK(limit_of(a) == 823); /* 920 * 0.85 / 0.95 */
-    bg_admit_free(a);
-}
-
-/* A cut on the KV gauge is sized by it (L * target / usage), never deeper
- * than the fixed factor; loss signals keep the fixed factor. */
-static void test_high_cut_proportional(void)
-{
-    bg_admit *a = make(1000);
-    bg_admit_start(a, 0, 0); /* 850 */
-    bg_prom_sample s = sample(1.0, 10, 0, 0);
-    bg_admit_on_sample(a, 0.1, &s, 850);
-    CHECK(limit_of(a) == 722); /* 850 * 0.85 */
-    s = sample(1.0, 10, 0, 1); /* a preemption, past the holdoff */
-    bg_admit_on_sample(a, 1.2, &s, 722);
-    CHECK(limit_of(a) == 505); /* 722.5 * 0.7 */
-    bg_admit_free(a);
-
-    bg_admit_params p;
-    bg_admit_params_defaults(&p);
-    p.target_usage = 0.5;
-    p.high_usage = 0.6;
-    a = bg_admit_new(&p, 1000, 16, 4096, 0.0); /* 500 */
-    s = sample(1.0, 10, 0, 0);
-    bg_admit_on_sample(a, 0.1, &s, 500);
-    CHECK(limit_of(a) == 350); /* 0.5 / 1.0 would halve it: the factor's floor, 0.7 */
-    bg_admit_free(a);
-}
-
-/* Requests charged before learning reserved their whole max_tokens; once
- * lengths are learned, what they were charged beyond their charge now is lent
- * to the effective limit while they hold it, at most the room to the target. */
-static void test_cold_credit(void)
-{
-    bg_admit *a = make(1000);
-    bg_admit_start(a, 0, 0); /* L = 850 */
-    int64_t c = bg_admit_charge_held(a, 1, 100, 1, 1, 1000);
-    CHECK(c == (100 + 1000 + 15) / 16); /* 69 */
-    for (uint64_t k = 2; k <= 10; k++)
-        CHECK(bg_admit_charge_held(a, k, 100, 1, 1, 1000) == c);
-    CHECK(bg_admit_charge_held(a, 10, 100, 1, 1, 1000) == c); /* a retry: still ten */
-    bg_admit_stats st;
-    bg_admit_get_stats(a, &st);
-    CHECK(st.cold_holds == 10 && st.credit == 0);
-    bg_prom_sample s = sample(0.3, 10, 0, 0);
-    bg_admit_on_sample(a, 0.1, &s, 400); /* demand-limited: L stays 850 */
-    CHECK(bg_admit_effective(a, 0.1) == 850); /* nothing learned: no credit */
-    for (int i = 0; i < 4; i++)
-        bg_admit_on_finish(a, 100, 100, 100, 1);
-    /* reserve ceil(100 * 1.6) + 1 = 161: now 100 + 161 -> 17 blocks, so
-     * 10 * (69 - 17) = 520, under the room (0.85 - 0.3) * 1000 = 550 */
-    CHECK(bg_admit_charge(a, 100, 1, 1, 1000) == 17);
-    CHECK(bg_admit_effective(a, 0.2) == 850 + 520);
-    /* Learned: new charges are not remembered. */
-    CHECK(bg_admit_charge_held(a, 11, 100, 1, 1, 1000) == 17);
-    bg_admit_get_stats(a, &st);
-    CHECK(st.cold_holds == 10 && st.credit == 520);
-    s = sample(0.6, 10, 0, 0);
-    bg_admit_on_sample(a, 0.3, &s, 400);
-    CHECK(bg_admit_effective(a, 0.3) == 850 + 250); /* the room to the target */
-    s = sample(0.3, 10, 0, 0);
-    bg_admit_on_sample(a, 0.4, &s, 400);
-    for (uint64_t k = 1; k <= 5; k++)
-        bg_admit_forget(a, k); /* five gave their charge back */
-    bg_admit_forget(a, 99);    /* unknown: nothing */
-    CHECK(bg_admit_effective(a, 0.4) == 850 + 260);
-    for (uint64_t k = 6; k <= 10; k++)
-        bg_admit_forget(a, k);
-    CHECK(bg_admit_effective(a, 0.5) == 850);
-    bg_admit_free(a);
-
-    /* Stale metrics: nothing, credit or not. */
-    a = make(1000);
-    bg_admit_start(a, 0, 0);
-    for (uint64_t k = 1; k <= 10; k++)
-        bg_admit_charge_held(a, k, 100, 1, 1, 1000);
-    s = sample(0.3, 10, 0, 0);
-    bg_admit_on_sample(a, 0.1, &s, 400);
-    for (int i = 0; i < 4; i++)
-        bg_admit_on_finish(a, 100, 100, 100, 1);
-    CHECK(bg_admit_effective(a, 0.2) == 850 + 520);
-    CHECK(bg_admit_effective(a, 3.0) == 0);
-    bg_admit_free(a);
-}
-
-/* The controller works at today's prices: cold charges held count at their
- * re-priced size in the measured share and in the growth bound. */
-static void test_cold_held_repriced(void)
-{
-    bg_admit *a = make(1000);
-    bg_admit_start(a, 0, 0); /* 850 */
-    for (uint64_t k = 1; k <= 10; k++)
-        bg_admit_charge_held(a, k, 100, 1, 1, 1000); /* 69 each */
-    for (int i = 0; i < 4; i++)
-        bg_admit_on_finish(a, 100, 100, 100, 1); /* excess 10 * (69 - 17) = 520 */
-    /* 690 cold + 400 learned charged = 1090, 570 at today's prices; 4
-     * finished >= 2 running: turnover. Share 0.456 * 1000 / 570 = 0.8. */
-    bg_prom_sample s = sample(0.456, 2, 0, 0);
-    bg_admit_on_sample(a, 0.1, &s, 1090);
-    bg_admit_stats st;
-    bg_admit_get_stats(a, &st);
-    CHECK(fabs(st.used_share - 0.8) < 1e-9);
-    CHECK(st.ceiling == 1150);
-    /* Growth: 850 + min(0.25 * 394, 570 + 394 - 850) = 948.5 */
-    CHECK(st.limit == 948);
-    bg_admit_free(a);
-}
-
-/* Answers cut at their max_tokens are lower bounds: while more than 5% of
- * the window was cut, the quantile is unknown and charges are cold again. */
-static void test_cut_answers_are_censored(void)
-{
-    bg_admit *a = make(1000);
-    for (int i = 0; i < 10; i++)
-        bg_admit_on_finish_capped(a, 100, 100, 48, 1, 48); /* all cut at 48 */
-    bg_admit_stats st;
-    bg_admit_get_stats(a, &st);
-    CHECK(!st.learned && st.reserve_out == -1);
-    CHECK(bg_admit_charge(a, 100, 1, 1, 192) == (100 + 192 + 15) / 16); /* not 48-based */
-    CHECK(bg_admit_charge_held(a, 7, 100, 1, 1, 192) == 19); /* a cold hold again */
-    bg_admit_get_stats(a, &st);
-    CHECK(st.cold_holds == 1);
-    /* 190 answers that stopped by themselves: 10 cut of 200 = 5%, not more. */
-    for (int i = 0; i < 190; i++)
-        bg_admit_on_finish_capped(a, 100, 100, 40, 1, 192);
-    bg_admit_get_stats(a, &st);
-    CHECK(st.learned && st.reserve_out > 0);
-    CHECK(bg_admit_charge(a, 100, 1, 1, 192) < 19);
-    /* Without max_tokens, or below it, nothing is cut. */
-    bg_admit *b = make(1000);
-    for (int i = 0; i < 10; i++)
-        bg_admit_on_finish_capped(b, 100, 100, 48, 1, -1);
-    bg_admit_get_stats(b, &st);
-    CHECK(st.learned);
-    bg_admit_free(b);
-    bg_admit_free(a);
-}
-
-/* The effective limit counts charges, so an overbooked limit plus the credit
- * exceed the KV size: the semaphore it is applied to must allow that. */
-static void test_max_effective(void)
-{
-    bg_admit *a = make(1000);
-    CHECK(bg_admit_max_effective(a) == 1380 + 850); /* 1.5 * 920 + 0.85 * 1000 */
-    CHECK(bg_admit_max_effective(a) > 1000);
+    CHECK(limit_of(a) == 644);
     bg_admit_free(a);
 }
 
@@ -648,11 +497,6 @@ int main(void)
     test_stale();
     test_start();
     test_overbook();
-    test_high_cut_proportional();
-    test_cold_credit();
-    test_cold_held_repriced();
-    test_cut_answers_are_censored();
-    test_max_effective();
     test_charge_and_learning();
     test_replay();
     test_closed_loop();
