@@ -36,11 +36,17 @@ static (the best by req/s, and the best among those with 0 preemptions). Preempt
 KV, latency and OOM failures are the server's, so in "shared" they include the second
 client's requests.
 
+Each strategy runs several times in preempt mode (3 with ``--quick``, ``--repeats``),
+interleaved round by round; a row is the run with the median req/s, with the worst
+preemption count and peak KV of its runs, and ``±req/s`` is half the range. A single run is
+noisy (±3-5 %), and the best static cap is a maximum over many strategies picked after the
+fact, which a single noisy run would bias upward.
+
 ``auto`` is run as a user would write it, ``Dispatcher(url, max_inflight_tokens="auto")``
 and nothing else (so the Dispatcher's default max_concurrent applies); the static caps
 are given a count cap of 1024 so only the token cap binds.
 
-    python benchmarks/bench_admission.py --quick          # a few minutes
+    python benchmarks/bench_admission.py --quick          # about 7 minutes
     python benchmarks/bench_admission.py                  # the full sweep
     python benchmarks/bench_admission.py --vllm           # + the real vLLM tier (CPU, slow)
 
@@ -105,6 +111,7 @@ class Outcome:
     model_s: float = 0.0             # the simulated server's time (see model_seconds)
     stats: Dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    spread: Optional[float] = None   # half the req/s range over repeats / the median
 
     @property
     def req_s(self) -> float:
@@ -223,6 +230,33 @@ async def run_items(d: batchgate.Dispatcher, sem: Optional[asyncio.Semaphore],
             sum(t for _, t in res))
 
 
+def median_outcome(runs: List[Outcome]) -> Outcome:
+    """One row from repeated runs of a strategy: the run with the median req/s (the
+    lower middle for an even count), with the worst preemption count and losses of all
+    of them (safety is judged on the worst run, speed on the typical one)."""
+    order = sorted(runs, key=lambda o: o.req_s)
+    mid = order[(len(order) - 1) // 2]
+    out = Outcome(mid.workload, mid.strategy, mid.mode, mid.ok, max(o.failed for o in runs),
+                  mid.wall_s, mid.completion_tokens, mid.model_s, dict(mid.stats), mid.note)
+    out.stats["num_preemptions"] = max(o.stats["num_preemptions"] for o in runs)
+    out.stats["peak_kv_cache_usage"] = max(o.stats["peak_kv_cache_usage"] for o in runs)
+    out.spread = ((order[-1].req_s - order[0].req_s) / 2 / mid.req_s
+                  if len(runs) > 1 and mid.req_s > 0 else None)
+    return out
+
+
+def run_repeated(repeats: int, run: Any, strategies: List["Strategy"]) -> List[Outcome]:
+    """Every strategy `repeats` times, interleaved (one round of all strategies, in an
+    order rotated each round, so load drift on the shared machine hits them alike);
+    one median row per strategy."""
+    runs: Dict[str, List[Outcome]] = {sc.name: [] for sc in strategies}
+    for r in range(repeats):
+        k = r % len(strategies)
+        for sc in strategies[k:] + strategies[:k]:
+            runs[sc.name].append(run(sc))
+    return [median_outcome(runs[sc.name]) for sc in strategies]
+
+
 def run_one(srv: Any, base_url: str, kv_tokens: int, workload: str,
             items: Tuple[List[Item], List[Item]], sc: Strategy, mode: str) -> Outcome:
     main_items, other_items = items
@@ -332,15 +366,16 @@ def fmt_s(v: Optional[float]) -> str:
 def print_table(workload: str, rows: List[Tuple[Outcome, Optional[Outcome]]]) -> None:
     print(f"\n== {workload}")
     print(f"{'strategy':<18} {'req/s':>7} {'tok/s':>8} {'wall r/s':>8} {'preempt':>7} "
-          f"{'peak KV':>7} {'p50 s':>6} {'p99 s':>6} {'lost':>4} | {'naive OOM':>9} "
-          f"{'lost':>4}")
+          f"{'peak KV':>7} {'p50 s':>6} {'p99 s':>6} {'lost':>4} {'±req/s':>6} | "
+          f"{'naive OOM':>9} {'lost':>4}")
     for pre, nai in rows:
         s = pre.stats
         line = (f"{pre.strategy:<18} {pre.req_s:>7.1f} {pre.tok_s:>8.0f} "
                 f"{pre.wall_req_s:>8.1f} "
                 f"{s['num_preemptions']:>7} {100 * s['peak_kv_cache_usage']:>6.0f}% "
                 f"{fmt_s(s.get('latency_p50_s')):>6} {fmt_s(s.get('latency_p99_s')):>6} "
-                f"{pre.failed:>4} |")
+                f"{pre.failed:>4} "
+                f"{('-' if pre.spread is None else f'{100 * pre.spread:.0f}%'):>6} |")
         if nai is not None:
             line += f" {nai.stats['num_oom_errors']:>9} {nai.failed:>4}"
         else:
@@ -390,8 +425,15 @@ def main() -> int:
                     help="also run on the real vLLM tier (needs /work/venvs/vllm; slow)")
     ap.add_argument("--vllm-only", action="store_true", help="skip the simulator runs")
     ap.add_argument("--model-dir", default=os.path.expanduser("~/.cache/batchgate/tiny-qwen2"))
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs of each strategy in preempt mode; each row is the median "
+                         "(default 3 with --quick, 1 for the longer full sweep; naive-mode "
+                         "OOM runs are single)")
     ap.add_argument("--json", help="write every outcome here")
     args = ap.parse_args()
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 1)
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
     logging.basicConfig(level=logging.WARNING)
     # A kill (timeout, CI) must still stop the simulator children in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -416,7 +458,8 @@ def main() -> int:
     workloads = {} if args.vllm_only else build_workloads(n_json, n_summary, only)
     load0 = os.getloadavg()
     print(f"bench_admission: batchgate {getattr(batchgate, '__version__', '?')}, "
-          f"{'quick' if args.quick else 'full'}{' (vLLM only)' if args.vllm_only else ''}; load {load0[0]:.2f} {load0[1]:.2f} "
+          f"{'quick' if args.quick else 'full'}{' (vLLM only)' if args.vllm_only else ''}, "
+          f"median of {repeats}; load {load0[0]:.2f} {load0[1]:.2f} "
           f"{load0[2]:.2f}; {os.cpu_count()} cores")
     if workloads:
         print(f"simulated server: {SIM}")
@@ -438,8 +481,9 @@ def main() -> int:
             strategies = [s for s in strategies if s.kind != "auto"]
         kv = SIM["kv_cache_tokens"] // SIM["block_size"] * SIM["block_size"]
         for wl, items in workloads.items():
-            pre_runs = [run_one(servers["preempt"], base["preempt"], kv, wl, items, sc,
-                                "preempt") for sc in strategies]
+            pre_runs = run_repeated(
+                repeats, lambda sc: run_one(servers["preempt"], base["preempt"], kv, wl,
+                                            items, sc, "preempt"), strategies)
             static = [o for o in pre_runs if o.strategy.startswith(("conc-", "tok-"))]
             best = max(static, key=lambda o: o.req_s).strategy if static else None
             rows = []
@@ -477,10 +521,10 @@ def main() -> int:
             if auto_ok:
                 v_strats.append(Strategy("auto", "auto"))
             vkv = 64 * 32
-            rows = []
-            for sc in v_strats:
-                rows.append((run_one(v, v.base_url, vkv, "vllm-mixed", (mixed, []), sc,
-                                     "preempt"), None))
+            rows = [(o, None) for o in run_repeated(
+                repeats, lambda sc: run_one(v, v.base_url, vkv, "vllm-mixed", (mixed, []),
+                                            sc, "preempt"), v_strats)]
+            all_out += [o for o, _ in rows]
             print_table("vllm mixed: 12 short + 12 long answers (req/s in wall time, "
                         "latency = histogram bucket bounds)", rows)
             summarize({"vllm": rows}, auto_ok, "wall-clock time")
