@@ -7,31 +7,10 @@ import threading
 import time
 import weakref
 
-import pytest
 
 import batchgate
 from batchgate import _native
-from fake_vllm import FakeVLLM
 from semaphore_helpers import WAIT, _NoReaderLoop, run, spin
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FakeVLLM().start_in_thread()
-    yield srv
-    # Closed clients' connections end first: a handler left pending when the
-    # server's loop stops is destroyed later, warning inside another test.
-    deadline = time.monotonic() + 5
-    while srv.stats()["open_connections"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    srv.stop()
-
-
-@pytest.fixture
-def fake(server):
-    server.reset()
-    server.latency = 0.0
-    return server
 
 
 def make(fake, **kw):
