@@ -7,7 +7,6 @@ import threading
 import time
 import weakref
 
-
 import batchgate
 from batchgate import _native
 from semaphore_helpers import WAIT, _NoReaderLoop, run, spin
