@@ -129,6 +129,7 @@ class FakeVLLM:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._tasks: set = set()
+        self._writers: set = set()
 
     # ---- lifecycle -------------------------------------------------------
     @property
@@ -138,16 +139,32 @@ class FakeVLLM:
     async def start(self) -> "FakeVLLM":
         self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, backlog=2048, limit=1 << 24)
+            self._accept, self.host, self.port, backlog=2048, limit=1 << 24)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def aclose(self) -> None:
+        """Stops listening and ends every connection, started or not.
+
+        A handler task that never ran, or a transport left open, would be
+        destroyed later and warn inside whichever test runs then."""
         if self._server:
             self._server.close()
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for w in list(self._writers):
+                w.close()
+            for w in list(self._writers):
+                try:
+                    await asyncio.wait_for(w.wait_closed(), 2)
+                except Exception:
+                    pass
+            self._writers.clear()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
             self._server = None
 
     def start_in_thread(self) -> "FakeVLLM":
@@ -195,9 +212,15 @@ class FakeVLLM:
             self._stats.reset()
 
     # ---- HTTP ------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Plain function, so the connection and its task are on record at once,
+        # before the task first runs: aclose() can then end both.
+        self._writers.add(writer)
+        task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         st = self._stats
         with st.lock:
             st.connections += 1
@@ -242,7 +265,7 @@ class FakeVLLM:
                 writer.close()
             except Exception:
                 pass
-            self._tasks.discard(task)
+            self._writers.discard(writer)
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, obj: Any = None,
                     raw: Optional[bytes] = None, extra: Optional[Dict[str, str]] = None,
