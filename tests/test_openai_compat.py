@@ -307,6 +307,31 @@ def test_per_call_timeout_is_per_attempt(rec):
     assert quick < 1.2 and r.text.startswith("echo:")
 
 
+def test_an_httpx_timeout_counts_by_its_read_part(rec):
+    httpx = pytest.importorskip("httpx")  # in the test extra; openai-python's type
+
+    async def main():
+        # The dispatcher's: read 0.3 s per attempt.
+        async with Dispatcher(rec.base_url, model="m", max_retries=0,
+                              timeout=httpx.Timeout(0.3, connect=2.0)) as d:
+            assert (d.timeout, d.connect_timeout) == (0.3, 2.0)  # both parts taken
+            t0 = time.monotonic()
+            with pytest.raises(batchgate.TimeoutError):
+                await d.generate("[slow] a")
+            quick = time.monotonic() - t0
+            # Per call: read=None is no timeout, whatever the dispatcher says.
+            r = await d.generate("[slow] b", timeout=httpx.Timeout(None))
+            with pytest.raises(ValueError, match=r"timeout\.read"):
+                await d.generate("x", timeout=httpx.Timeout(5.0, read=-1.0))
+            with pytest.raises(TypeError, match=r"timeout\.pool"):
+                await d.generate("x", timeout=httpx.Timeout(5.0, pool="1"))
+            return quick, r
+    quick, r = run(main())
+    assert quick < 1.2 and r.text == "echo:[slow] b"
+    with pytest.raises(ValueError, match=r"timeout\.connect"):
+        Dispatcher(rec.base_url, model="m", timeout=httpx.Timeout(5.0, connect=float("inf")))
+
+
 def test_per_call_max_retries(rec):
     async def main():
         async with Dispatcher(rec.base_url, model="m", max_retries=2, backoff=0.01) as d:

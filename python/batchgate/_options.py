@@ -2,7 +2,8 @@
 environment.
 
 Reserved keywords of generate/chat/map/chat_map/as_completed (never sent as
-body fields): ``timeout`` (seconds per attempt; None = no timeout),
+body fields): ``timeout`` (seconds per attempt; None = no timeout; an
+``httpx.Timeout`` counts by its ``read`` part, which bounds the connect as well),
 ``max_retries``, ``extra_headers`` (HTTP headers; a None value removes one),
 ``extra_query`` (URL query parameters), ``extra_body`` (merged into the JSON
 body, winning over the other keywords) and ``raw`` (keep the answer's JSON in
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import urllib.parse
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Protocol, Tuple, Union
 
 RESERVED = ("timeout", "max_retries", "extra_headers", "extra_query", "extra_body", "raw")
 _RESERVED_SET = frozenset(RESERVED)
@@ -33,17 +34,52 @@ class CallOptions(NamedTuple):
 _NO_OPTIONS = CallOptions(None, None)
 
 
+class TimeoutLike(Protocol):
+    """What openai-python users pass as a timeout besides a number: an
+    ``httpx.Timeout`` (read, connect, write and pool parts, each seconds or None)."""
+    @property
+    def connect(self) -> Optional[float]: ...
+    @property
+    def read(self) -> Optional[float]: ...
+    @property
+    def write(self) -> Optional[float]: ...
+    @property
+    def pool(self) -> Optional[float]: ...
+
+
+Timeout = Union[float, TimeoutLike, None]
+_PARTS = ("connect", "read", "write", "pool")
+
+
+def _seconds(name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, "
+                        f"not {type(value).__name__}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], Any]:
+    """(seconds per attempt or None, connect seconds or ... when not given).
+
+    An httpx.Timeout's ``read`` is how long an answer may take, the closest
+    to batchgate's per-attempt timeout (which also bounds the connect); its
+    ``connect`` is the connect timeout. write and pool have no counterpart
+    (requests are small; the pool never waits) and are only checked."""
+    if all(hasattr(value, p) for p in _PARTS) and not isinstance(value, (int, float)):
+        for p in _PARTS:
+            _seconds(f"{name}.{p}", getattr(value, p))
+        return _seconds(f"{name}.read", value.read), _seconds(f"{name}.connect", value.connect)
+    return _seconds(name, value), ...
+
+
 def check_option(name: str, value: Any) -> Any:
     """Validate one reserved option; returns its normalized value."""
     if name == "timeout":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds or None, "
-                            f"not {type(value).__name__}")
-        if not value >= 0 or math.isinf(value):
-            raise ValueError(f"timeout must be a finite number >= 0, got {value!r}")
-        return float(value)
+        return timeout_parts(value)[0]
     if name == "max_retries":
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"max_retries must be an int, not {type(value).__name__}")

@@ -135,7 +135,7 @@ class Dispatcher(_BulkCalls):
                  model: Optional[str] = None,
                  *, max_concurrent: Optional[int] = None,
                  max_inflight_tokens: Optional[Union[int, Literal["auto"]]] = None,
-                 timeout: Optional[float] = 600.0, connect_timeout: Optional[float] = 10.0,
+                 timeout: _options.Timeout = 600.0, connect_timeout: Optional[float] = 10.0,
                  max_retries: Optional[int] = None,
                  headers: Optional[Mapping[str, str]] = None, verify: bool = True,
                  max_response_bytes: Optional[int] = 64 << 20,
@@ -206,6 +206,10 @@ class Dispatcher(_BulkCalls):
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        # An httpx.Timeout (openai-python's habit) brings its own connect part.
+        timeout, t_connect = _options.timeout_parts(timeout)
+        if t_connect is not ...:
+            connect_timeout = t_connect
         for name, t in (("timeout", timeout), ("connect_timeout", connect_timeout),
                         ("backoff", backoff), ("max_backoff", max_backoff),
                         ("max_retry_after", max_retry_after)):
@@ -244,6 +248,10 @@ class Dispatcher(_BulkCalls):
         self.model = model
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
+        #: Seconds per attempt and to connect (None: none), as the engine has them.
+        self.timeout: Optional[float] = float(timeout) if timeout else None
+        self.connect_timeout: Optional[float] = (float(connect_timeout) if connect_timeout
+                                                 else None)
         self.max_inflight_tokens: Optional[int] = max_inflight_tokens
         #: The closed-loop admission settings in use (None: static caps only).
         self.admission: Optional[Dict[str, Any]] = None
