@@ -144,22 +144,32 @@ class FakeVLLM:
         return self
 
     async def aclose(self) -> None:
-        """Stops listening and ends every connection, started or not.
+        """Stops listening and ends every connection, started or not (on the
+        server's own loop: start_in_thread or main).
 
         A handler task that never ran, or a transport left open, would be
         destroyed later and warn inside whichever test runs then."""
         if self._server:
             self._server.close()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Connections accepted in the listener's last round are still being
+            # set up by asyncio's own tasks, which then start handlers: end
+            # rounds until the loop (this server's own) has no other task.
+            me = asyncio.current_task()
+            for _ in range(100):
+                await asyncio.sleep(0)
+                others = asyncio.all_tasks() - {me}
+                if not others:
+                    break
+                for t in list(self._tasks):
+                    t.cancel()
+                await asyncio.wait(others, timeout=1)
             for w in list(self._writers):
                 w.close()
-            for w in list(self._writers):
-                try:
-                    await asyncio.wait_for(w.wait_closed(), 2)
-                except Exception:
-                    pass
+            if hasattr(self._server, "close_clients"):  # 3.13+: also transports
+                self._server.close_clients()  # whose handler was never started
+            if self._writers:
+                await asyncio.wait([asyncio.ensure_future(w.wait_closed())
+                                    for w in self._writers], timeout=2)
             self._writers.clear()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
