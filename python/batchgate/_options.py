@@ -62,6 +62,10 @@ def _seconds(name: str, value: Any) -> Optional[float]:
     return float(value)
 
 
+def is_timeout_like(value: Any) -> bool:
+    return not isinstance(value, (int, float)) and all(hasattr(value, p) for p in _PARTS)
+
+
 def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], Any]:
     """(seconds per attempt or None, connect seconds or ... when not given).
 
@@ -69,7 +73,7 @@ def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], A
     to batchgate's per-attempt timeout (which also bounds the connect); its
     ``connect`` is the connect timeout. write and pool have no counterpart
     (requests are small; the pool never waits) and are only checked."""
-    if all(hasattr(value, p) for p in _PARTS) and not isinstance(value, (int, float)):
+    if is_timeout_like(value):
         for p in _PARTS:
             _seconds(f"{name}.{p}", getattr(value, p))
         return _seconds(f"{name}.read", value.read), _seconds(f"{name}.connect", value.connect)

@@ -207,10 +207,12 @@ class Dispatcher(_BulkCalls):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         # An httpx.Timeout (openai-python's habit) brings its own connect part.
-        timeout, t_connect = _options.timeout_parts(timeout)
-        if t_connect is not ...:
-            connect_timeout = t_connect
-        for name, t in (("timeout", timeout), ("connect_timeout", connect_timeout),
+        attempt_timeout: Optional[float]
+        if timeout is None or isinstance(timeout, (int, float)):
+            attempt_timeout = timeout
+        else:  # an httpx.Timeout (checked there, else a TypeError naming it)
+            attempt_timeout, connect_timeout = _options.timeout_parts(timeout)
+        for name, t in (("timeout", attempt_timeout), ("connect_timeout", connect_timeout),
                         ("backoff", backoff), ("max_backoff", max_backoff),
                         ("max_retry_after", max_retry_after)):
             if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)):
@@ -237,7 +239,7 @@ class Dispatcher(_BulkCalls):
         self._core = _native._Dispatcher(
             base_url=base_url, api_key=api_key, max_concurrent=max_concurrent,
             semaphore=semaphore, max_inflight_tokens=max_inflight_tokens or 0,
-            timeout=float(timeout or 0), connect_timeout=float(connect_timeout or 0),
+            timeout=float(attempt_timeout or 0), connect_timeout=float(connect_timeout or 0),
             max_retries=max_retries, headers=hdr_lines, verify=bool(verify),
             max_response_bytes=int(max_response_bytes or 0), backoff=float(backoff),
             max_backoff=float(max_backoff), max_retry_after=float(max_retry_after),
@@ -249,7 +251,7 @@ class Dispatcher(_BulkCalls):
         self.semaphore = semaphore
         self.max_concurrent = max_concurrent
         #: Seconds per attempt and to connect (None: none), as the engine has them.
-        self.timeout: Optional[float] = float(timeout) if timeout else None
+        self.timeout: Optional[float] = float(attempt_timeout) if attempt_timeout else None
         self.connect_timeout: Optional[float] = (float(connect_timeout) if connect_timeout
                                                  else None)
         self.max_inflight_tokens: Optional[int] = max_inflight_tokens
