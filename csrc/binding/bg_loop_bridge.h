@@ -29,7 +29,7 @@ enum {
  * onto the running list instead of through the fd (see bg_loop_post). */
 typedef struct {
     bg_notify *target;            /* the bridge queue these nodes belong to */
-    bg_notify_node *head, *tail;
+    bg_fifo q;
     int dying;                    /* the bridge is being freed: release only */
 } bg_loop_work;
 
