@@ -4,9 +4,9 @@
  * Work is submitted as a _Job: one request (generate/chat), or a stream of
  * prompts pulled from an iterator a window at a time (map/as_completed), so a
  * million prompts never become a million Python objects in flight. The engine
- * thread never takes the GIL: each finished request is pushed on the
- * dispatcher's queue, and the queue's first item wakes the event loop through
- * the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
+ * thread never takes the GIL: each finished request is queued on the
+ * dispatcher's wake source, and each round of the engine's loop that
+ * finished something wakes the event loop once, through the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
  * loop thread drains it in one GIL hold, builds Result objects or
  * exceptions, refills windows and resolves futures.
  */
@@ -139,7 +139,15 @@ void bg_core_forget_job(Core *c, Job *j)
 static void core_on_done(bg_request *r, void *ctx)
 {
     DItem *it = r->user;
-    bg_loop_source_push((bg_loop_source *)ctx, &it->node);
+    bg_loop_source_queue((bg_loop_source *)ctx, &it->node);
+}
+
+/* Engine thread, after a round of core_on_done: wake the loop once for the
+ * whole round (a loop woken at the first completion would take a handful
+ * and be woken again for the rest). */
+static void core_on_flush(void *ctx)
+{
+    bg_loop_source_flush((bg_loop_source *)ctx);
 }
 
 /* Deliver up to limit finished requests (loop thread, GIL held): first the
@@ -495,6 +503,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     c.token_sem = self->tokens;
     c.token_cap = self->token_cap;
     c.on_done = core_on_done;
+    c.on_flush = core_on_flush;
     c.done_ctx = self->wake;
     /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
     if (a.admission != Py_None && bg_dsp_admit_setup(self, a.admission, &c) < 0)

@@ -502,10 +502,16 @@ static void source_quiesce(bg_loop_source *s)
         sched_yield();
 }
 
-void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node)
+void bg_loop_source_queue(bg_loop_source *s, bg_notify_node *node)
 {
     pthread_mutex_lock(&s->mu);
     bg_fifo_push(&s->q, node);
+    pthread_mutex_unlock(&s->mu);
+}
+
+void bg_loop_source_flush(bg_loop_source *s)
+{
+    pthread_mutex_lock(&s->mu);
     post p = source_post(s);
     pthread_mutex_unlock(&s->mu);
     post_finish(s, p);
