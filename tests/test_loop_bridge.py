@@ -176,3 +176,37 @@ def test_wake_left_on_a_closed_loops_bridge_does_not_block_the_next_loop(fake):
         assert run(d.generate("next")).text == "echo:next"
     finally:
         d.close()
+
+
+def _wait_completed(core, n):
+    deadline = time.monotonic() + WAIT
+    while core.stats()["completed"] < n:
+        assert time.monotonic() < deadline, core.stats()
+        time.sleep(0.01)
+
+
+def test_completions_while_unbound_wait_and_wake_the_next_bind(fake):
+    # The engine finishes requests on a core bound to no loop (before its
+    # first bind, and after bind(None)): they wait in the core's queue, and
+    # the bind that follows delivers them through that loop's bridge.
+    core = _native._Dispatcher(base_url=fake.base_url)
+    tmpl = core.template("fake-model", None)
+    loop = _ReaderCountingLoop()
+    try:
+        for round_, (prompt, stop) in enumerate((("first", False), ("again", True))):
+            if stop:
+                core.bind(loop)
+                core.bind(None)  # unbound again: the next answer must still arrive
+            fut = loop.create_future()
+            core.submit(_native.JOB_ONE, False, prompt, tmpl, fut, 1, False)
+            _wait_completed(core, round_ + 1)
+            loop.run_until_complete(asyncio.sleep(0.05))
+            assert not fut.done()  # nobody is bound to deliver it yet
+            core.bind(loop)
+            res = loop.run_until_complete(asyncio.wait_for(fut, WAIT))
+            assert res.text == f"echo:{prompt}"
+            assert core.live == 0
+        assert len(loop.reader_fds) == 1, loop.reader_fds  # the loop's bridge, nothing else
+    finally:
+        core.close()
+        loop.close()

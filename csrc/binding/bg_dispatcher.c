@@ -4,9 +4,9 @@
  * Work is submitted as a _Job: one request (generate/chat), or a stream of
  * prompts pulled from an iterator a window at a time (map/as_completed), so a
  * million prompts never become a million Python objects in flight. The engine
- * thread never takes the GIL: each finished request is pushed on the
- * dispatcher's queue, and the queue's first item wakes the event loop through
- * the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
+ * thread never takes the GIL: each finished request is queued on the
+ * dispatcher's wake source, and each round of the engine's loop that
+ * finished something wakes the event loop once, through the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
  * loop thread drains it in one GIL hold, builds Result objects or
  * exceptions, refills windows and resolves futures.
  */
@@ -134,37 +134,20 @@ void bg_core_forget_job(Core *c, Job *j)
 
 /* ---- Core -------------------------------------------------------------- */
 
-/* Engine thread, no GIL, no engine lock: just queue it for the loop (on the
- * wake source once bound; before, on ctx, our own notify queue). */
+/* Engine thread, no GIL, no engine lock: just queue it for the loop on our
+ * wake source (ctx). Unbound, it waits there; bind() wakes the new loop. */
 static void core_on_done(bg_request *r, void *ctx)
 {
     DItem *it = r->user;
-    bg_loop_source *wake = __atomic_load_n(&it->job->core->wake, __ATOMIC_ACQUIRE);
-    if (wake)
-        bg_loop_source_push(wake, &it->node);
-    else
-        bg_notify_push((bg_notify *)ctx, &it->node);
+    bg_loop_source_queue((bg_loop_source *)ctx, &it->node);
 }
 
-/* Everything finished so far, in one list. */
-static bg_notify_node *core_take(Core *c)
+/* Engine thread, after a round of core_on_done: wake the loop once for the
+ * whole round (a loop woken at the first completion would take a handful
+ * and be woken again for the rest). */
+static void core_on_flush(void *ctx)
 {
-    bg_notify_node *n = c->wake ? bg_loop_source_take(c->wake) : NULL;
-    if (bg_notify_pending(c->notify)) { /* finished before the first bind */
-        bg_notify_node *early = bg_notify_drain(c->notify), *t = early;
-        while (t && t->next)
-            t = t->next;
-        if (t) {
-            t->next = n;
-            n = early;
-        }
-    }
-    return n;
-}
-
-static int core_pending(Core *c)
-{
-    return (c->wake && bg_loop_source_pending(c->wake)) || bg_notify_pending(c->notify);
+    bg_loop_source_flush((bg_loop_source *)ctx);
 }
 
 /* Deliver up to limit finished requests (loop thread, GIL held): first the
@@ -174,7 +157,7 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
     bg_notify_node *n = c->backlog;
     c->backlog = NULL;
     if (!n)
-        n = core_take(c);
+        n = bg_loop_source_take(c->wake);
     Py_ssize_t count = 0;
     Job *touched_stack[32];
     Job **touched = touched_stack;
@@ -268,13 +251,13 @@ static void core_deliver(Core *self)
      * spent its wake-up already, so it needs this callback's follow-up. */
     int had_backlog = self->backlog != NULL;
     core_drain(self, 1, DRAIN_LIMIT);
-    if (self->backlog || (had_backlog && core_pending(self)))
+    if (self->backlog || (had_backlog && bg_loop_source_pending(self->wake)))
         core_schedule(self);
 }
 
 static PyObject *core_on_readable(Core *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->st || CORE_FORKED(self) || !self->notify)
+    if (!self->st || CORE_FORKED(self) || !self->wake)
         Py_RETURN_NONE;
     self->resched = 0;
     core_deliver(self);
@@ -311,16 +294,8 @@ static PyObject *core_bind(Core *self, PyObject *loop)
             Py_DECREF(cs);
             return NULL;
         }
-        if (!self->wake) {
-            bg_loop_source *w = bg_loop_source_new(BG_NODE_DISPATCH, self);
-            if (!w) {
-                Py_DECREF(cs);
-                Py_DECREF(bridge);
-                return NULL;
-            }
-            __atomic_store_n(&self->wake, w, __ATOMIC_RELEASE);
-        }
     }
+    /* Completions that came while unbound wake the new bridge here. */
     if (self->wake && bg_loop_source_bind(self->wake, bridge) < 0) {
         Py_XDECREF(cs);
         Py_XDECREF(bridge);
@@ -329,10 +304,6 @@ static PyObject *core_bind(Core *self, PyObject *loop)
     Py_XDECREF(bridge);
     Py_XSETREF(self->call_soon, cs);
     self->resched = 0;
-    /* Finished before the first bind: they sit on notify, which no bridge
-     * watches. */
-    if (loop != Py_None && bg_notify_pending(self->notify))
-        core_schedule(self);
     Py_RETURN_NONE;
 }
 
@@ -440,7 +411,7 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
     bg_engine *e = self->engine;
     self->engine = NULL;
     Py_BEGIN_ALLOW_THREADS
-    bg_engine_close(e); /* on_done only pushes to the notify queue: no GIL needed */
+    bg_engine_close(e); /* on_done only pushes to the wake source: no GIL needed */
     Py_END_ALLOW_THREADS
     while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
         ;
@@ -489,7 +460,7 @@ static PyObject *core_get_closed(Core *self, void *Py_UNUSED(c))
 /* _Dispatcher(*, base_url, ...): keywords only, see bg_dispatcher_config.c. */
 static int core_init(Core *self, PyObject *args, PyObject *kwds)
 {
-    if (self->engine || self->notify) {
+    if (self->engine || self->wake) {
         PyErr_SetString(PyExc_RuntimeError, "_Dispatcher.__init__ called twice");
         return -1;
     }
@@ -522,18 +493,18 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
             goto fail;
         }
     }
-    self->notify = bg_notify_create();
-    if (!self->notify) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    /* Unbound until the first bind(): completions wait on it until then. */
+    self->wake = bg_loop_source_new(BG_NODE_DISPATCH, self);
+    if (!self->wake)
         goto fail;
-    }
     bg_engine_config c;
     bg_dsp_engine_config(&a, &c);
     c.count_sem = self->count;
     c.token_sem = self->tokens;
     c.token_cap = self->token_cap;
     c.on_done = core_on_done;
-    c.done_ctx = self->notify;
+    c.on_flush = core_on_flush;
+    c.done_ctx = self->wake;
     /* Closed loop: a KV-block semaphore whose capacity the engine moves. */
     if (a.admission != Py_None && bg_dsp_admit_setup(self, a.admission, &c) < 0)
         goto fail;
@@ -548,9 +519,9 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds)
     return 0;
 fail:
     bg_dsp_args_release(&a);
-    if (self->notify) {
-        bg_notify_destroy(self->notify);
-        self->notify = NULL;
+    if (self->wake) {
+        bg_loop_source_free(self->wake);
+        self->wake = NULL;
     }
     /* Nothing may survive a failed __init__ (a retried __init__ would
      * otherwise overwrite and leak these). */
@@ -590,8 +561,6 @@ static void core_dealloc(Core *self)
     if (!CORE_FORKED(self)) {
         if (self->wake)
             bg_loop_source_free(self->wake);
-        if (self->notify)
-            bg_notify_destroy(self->notify);
         if (self->count)
             bg_sem_decref(self->count);
         if (self->tokens)

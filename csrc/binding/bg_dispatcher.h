@@ -51,7 +51,6 @@ struct Core {
     bg_state *st;
     bg_engine *engine;
     bg_sem *count, *tokens;
-    bg_notify *notify;
     uint64_t next_id;
     unsigned long fork_gen;   /* bg_fork_generation when created */
     int closed;
@@ -61,9 +60,9 @@ struct Core {
     bg_notify_node *backlog;  /* drained but not yet delivered (drain limit) */
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
-    /* Completions once bound (before: notify), and their wake node on the
-     * bound loop's bridge. Made on the first bind; the engine thread reads
-     * the pointer atomically. */
+    /* Finished requests, and their wake node on the bound loop's bridge
+     * (none while unbound: they wait). Made in __init__, before the engine,
+     * so the engine thread only ever sees a fixed pointer. */
     struct bg_loop_source *wake;
     PyObject *model_cache;    /* last Result.model str (shared by the results) */
     PyObject *weakreflist;

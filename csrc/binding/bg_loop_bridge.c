@@ -30,7 +30,7 @@ typedef struct {
     unsigned long fork_gen;  /* bg_fork_generation when made */
     int fallback;            /* no add_reader: a watcher thread forwards */
     int scheduled;           /* _on_ready is scheduled (GIL) */
-    bg_notify_node *ready_head, *ready_tail; /* drained, not yet run (GIL) */
+    bg_fifo ready;           /* drained, not yet run (GIL) */
     PyObject *call_soon_threadsafe;          /* fallback watcher only */
 } LoopBridge;
 
@@ -54,16 +54,10 @@ int bg_loop_set_handler(int kind, bg_loop_node_fn fn)
 void bg_loop_post(bg_notify *target, bg_notify_node *node)
 {
     bg_loop_work *wl = tls_work;
-    if (wl != NULL && wl->target == target) {
-        node->next = NULL;
-        if (wl->tail)
-            wl->tail->next = node;
-        else
-            wl->head = node;
-        wl->tail = node;
-    } else {
+    if (wl != NULL && wl->target == target)
+        bg_fifo_push(&wl->q, node);
+    else
         bg_notify_push(target, node);
-    }
 }
 
 bg_loop_work *bg_loop_work_enter(bg_loop_work *wl)
@@ -81,66 +75,31 @@ void bg_loop_work_leave(bg_loop_work *prev)
 void bg_loop_work_run(bg_loop_work *wl)
 {
     bg_notify_node *node;
-    while ((node = wl->head) != NULL) {
-        wl->head = node->next; /* first: the handler may reuse the node */
-        if (wl->head == NULL)
-            wl->tail = NULL;
+    /* Popped before its handler runs: the handler may reuse the node. */
+    while ((node = bg_fifo_pop(&wl->q)) != NULL) {
         if (node->kind > 0 && node->kind < BG_LOOP_NODE_KINDS && node_handlers[node->kind])
             node_handlers[node->kind](node, wl);
     }
 }
 
-static void work_append(bg_loop_work *wl, bg_notify_node *list)
-{
-    if (list == NULL)
-        return;
-    if (wl->tail)
-        wl->tail->next = list;
-    else
-        wl->head = list;
-    for (wl->tail = list; wl->tail->next; wl->tail = wl->tail->next)
-        ;
-}
-
-static void ready_append(LoopBridge *b, bg_notify_node *node)
-{
-    node->next = NULL;
-    if (b->ready_tail)
-        b->ready_tail->next = node;
-    else
-        b->ready_head = node;
-    b->ready_tail = node;
-}
-
 void bg_loop_take_grants(PyObject *bridge, PyObject *loop, bg_loop_work *wl)
 {
     LoopBridge *b = (LoopBridge *)bridge;
-    bg_notify_node *list = b->ready_head;
-    b->ready_head = b->ready_tail = NULL;
-    if (bg_notify_pending(b->notify)) {
-        bg_notify_node *more = bg_notify_drain(b->notify);
-        if (list) {
-            bg_notify_node *t = list;
-            while (t->next)
-                t = t->next;
-            t->next = more;
-        } else {
-            list = more;
-        }
-    }
+    bg_fifo all = b->ready;
+    b->ready = (bg_fifo)BG_FIFO_INIT;
+    if (bg_notify_pending(b->notify))
+        bg_fifo_append(&all, bg_notify_drain(b->notify));
     int deferred = 0;
-    while (list) {
-        bg_notify_node *next = list->next;
-        if (list->kind == BG_NODE_SEM_GRANT) {
-            list->next = NULL;
-            work_append(wl, list);
+    bg_notify_node *node;
+    while ((node = bg_fifo_pop(&all)) != NULL) {
+        if (node->kind == BG_NODE_SEM_GRANT) {
+            bg_fifo_push(&wl->q, node);
         } else {
             /* A dispatcher's delivery runs user iterators: never inside a
              * release() call. */
-            ready_append(b, list);
+            bg_fifo_push(&b->ready, node);
             deferred = 1;
         }
-        list = next;
     }
     if (deferred && !b->scheduled) {
         PyObject *cb = PyObject_GetAttr(bridge, BNAME(b->st, B_ON_READY));
@@ -152,8 +111,8 @@ void bg_loop_take_grants(PyObject *bridge, PyObject *loop, bg_loop_work *wl)
         } else {
             /* Loop closed: run them now rather than never. */
             PyErr_Clear();
-            bg_loop_work now = {b->notify, b->ready_head, b->ready_tail, 0};
-            b->ready_head = b->ready_tail = NULL;
+            bg_loop_work now = {b->notify, b->ready, 0};
+            b->ready = (bg_fifo)BG_FIFO_INIT;
             bg_loop_work_run(&now);
         }
     }
@@ -164,9 +123,9 @@ void bg_loop_take_grants(PyObject *bridge, PyObject *loop, bg_loop_work *wl)
 static void bridge_drop_queued(LoopBridge *b)
 {
     /* Let each owner release what its queued nodes hold. */
-    bg_loop_work wl = {b->notify, b->ready_head, b->ready_tail, 1};
-    b->ready_head = b->ready_tail = NULL;
-    work_append(&wl, bg_notify_drain(b->notify));
+    bg_loop_work wl = {b->notify, b->ready, 1};
+    b->ready = (bg_fifo)BG_FIFO_INIT;
+    bg_fifo_append(&wl.q, bg_notify_drain(b->notify));
     bg_loop_work_run(&wl);
 }
 
@@ -201,16 +160,16 @@ static PyObject *bridge_on_readable(LoopBridge *self, PyObject *Py_UNUSED(ignore
 {
     if (BRIDGE_STALE(self))
         Py_RETURN_NONE;
-    bg_loop_work wl = {self->notify, NULL, NULL, 0};
-    work_append(&wl, bg_notify_drain(self->notify));
+    bg_loop_work wl = {self->notify, BG_FIFO_INIT, 0};
+    bg_fifo_append(&wl.q, bg_notify_drain(self->notify));
     bg_loop_work_run(&wl);
     Py_RETURN_NONE;
 }
 
 static PyObject *bridge_on_ready(LoopBridge *self, PyObject *Py_UNUSED(ignored))
 {
-    bg_loop_work wl = {self->notify, self->ready_head, self->ready_tail, 0};
-    self->ready_head = self->ready_tail = NULL;
+    bg_loop_work wl = {self->notify, self->ready, 0};
+    self->ready = (bg_fifo)BG_FIFO_INIT;
     self->scheduled = 0;
     if (!BRIDGE_STALE(self))
         bg_loop_work_run(&wl);
@@ -258,14 +217,7 @@ static PyObject *bridge_watch_loop(LoopBridge *self)
         bg_notify_node *list = bg_notify_drain(self->notify);
         if (list == NULL)
             continue;
-        bg_notify_node *tail = list;
-        while (tail->next)
-            tail = tail->next;
-        if (self->ready_tail)
-            self->ready_tail->next = list;
-        else
-            self->ready_head = list;
-        self->ready_tail = tail;
+        bg_fifo_append(&self->ready, list);
         if (!self->scheduled) {
             PyObject *cb = PyObject_GetAttr((PyObject *)self, BNAME(self->st, B_ON_READY));
             if (cb == NULL)
@@ -395,7 +347,7 @@ PyObject *bg_loop_bridge(bg_state *st, PyObject *loop)
     b->fork_gen = __atomic_load_n(&bg_fork_generation, __ATOMIC_RELAXED);
     b->fallback = 0;
     b->scheduled = 0;
-    b->ready_head = b->ready_tail = NULL;
+    b->ready = (bg_fifo)BG_FIFO_INIT;
     b->call_soon_threadsafe = NULL;
     PyObject_GC_Track(b);
     b->notify = bg_notify_create();
@@ -463,7 +415,7 @@ typedef struct {
 
 struct bg_loop_source {
     pthread_mutex_t mu;
-    bg_notify_node *head, *tail; /* the producer's queue (mu) */
+    bg_fifo q;                   /* the producer's queue (mu) */
     bg_notify *target;           /* bound bridge's queue, or NULL (mu) */
     wake_node *wake;             /* the node for target (mu) */
     int posted;                  /* wake is on its way to target (mu) */
@@ -525,7 +477,7 @@ typedef struct {
 static post source_post(bg_loop_source *s)
 {
     post p = {NULL, NULL};
-    if (s->target && !s->posted && s->head) {
+    if (s->target && !s->posted && !bg_fifo_empty(&s->q)) {
         s->posted = 1;
         s->nodes_out++;
         __atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL);
@@ -550,15 +502,16 @@ static void source_quiesce(bg_loop_source *s)
         sched_yield();
 }
 
-void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node)
+void bg_loop_source_queue(bg_loop_source *s, bg_notify_node *node)
 {
-    node->next = NULL;
     pthread_mutex_lock(&s->mu);
-    if (s->tail)
-        s->tail->next = node;
-    else
-        s->head = node;
-    s->tail = node;
+    bg_fifo_push(&s->q, node);
+    pthread_mutex_unlock(&s->mu);
+}
+
+void bg_loop_source_flush(bg_loop_source *s)
+{
+    pthread_mutex_lock(&s->mu);
     post p = source_post(s);
     pthread_mutex_unlock(&s->mu);
     post_finish(s, p);
@@ -567,8 +520,7 @@ void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node)
 bg_notify_node *bg_loop_source_take(bg_loop_source *s)
 {
     pthread_mutex_lock(&s->mu);
-    bg_notify_node *list = s->head;
-    s->head = s->tail = NULL;
+    bg_notify_node *list = bg_fifo_take(&s->q);
     pthread_mutex_unlock(&s->mu);
     return list;
 }
@@ -576,7 +528,7 @@ bg_notify_node *bg_loop_source_take(bg_loop_source *s)
 int bg_loop_source_pending(bg_loop_source *s)
 {
     pthread_mutex_lock(&s->mu);
-    int p = s->head != NULL;
+    int p = !bg_fifo_empty(&s->q);
     pthread_mutex_unlock(&s->mu);
     return p;
 }

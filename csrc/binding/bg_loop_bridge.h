@@ -10,8 +10,9 @@
  *
  * A producer that completes many things (a dispatcher) does not push one node
  * per completion: it keeps its own queue and a bg_loop_source, whose single
- * node is posted to the bound bridge when that queue goes from empty to
- * non-empty. Its handler then drains the producer's queue.
+ * node is posted to the bound bridge at the end of a round of completions
+ * (the engine's on_flush) if the queue is not empty and the node not already
+ * posted. Its handler then drains the producer's queue.
  */
 #ifndef BATCHGATE_BG_LOOP_BRIDGE_H
 #define BATCHGATE_BG_LOOP_BRIDGE_H
@@ -29,7 +30,7 @@ enum {
  * onto the running list instead of through the fd (see bg_loop_post). */
 typedef struct {
     bg_notify *target;            /* the bridge queue these nodes belong to */
-    bg_notify_node *head, *tail;
+    bg_fifo q;
     int dying;                    /* the bridge is being freed: release only */
 } bg_loop_work;
 
@@ -67,15 +68,19 @@ void bg_loop_work_run(bg_loop_work *wl);
 void bg_loop_take_grants(PyObject *bridge, PyObject *loop, bg_loop_work *wl);
 
 /* ---- one wake node per producer ----
- * A source holds the producer's queue of completions. Pushing the first one
- * posts a wake node (kind given at creation) to the bound bridge; its
+ * A source holds the producer's queue of completions. A flush with work
+ * queued posts a wake node (kind given at creation) to the bound bridge; its
  * handler claims the node and takes the queue. */
 typedef struct bg_loop_source bg_loop_source;
 
 /* An unbound source. NULL with MemoryError set. */
 bg_loop_source *bg_loop_source_new(int kind, void *owner);
-/* Any thread, no GIL, never blocks on Python: queue a completion. */
-void bg_loop_source_push(bg_loop_source *s, bg_notify_node *node);
+/* Any thread, no GIL, never blocks on Python. A producer finishes work in
+ * rounds: queue each completion (wakes nobody), then flush once per round
+ * (wakes the bound bridge if something is queued and the wake node is not
+ * already on its way). */
+void bg_loop_source_queue(bg_loop_source *s, bg_notify_node *node);
+void bg_loop_source_flush(bg_loop_source *s);
 /* The whole queue, in push order (NULL if empty). */
 bg_notify_node *bg_loop_source_take(bg_loop_source *s);
 int bg_loop_source_pending(bg_loop_source *s);

@@ -97,7 +97,7 @@ static int release_into(Sem *s, int64_t n, bg_loop_work *wl)
 int semobj_give(Sem *s, int64_t n)
 {
     if (s->npending > 0 && s->bridge != NULL && on_bound_loop_thread(s)) {
-        bg_loop_work wl = {bg_loop_bridge_queue(s->bridge), NULL, NULL, 0};
+        bg_loop_work wl = {bg_loop_bridge_queue(s->bridge), BG_FIFO_INIT, 0};
         /* Grants other threads made earlier go first: wake in grant order. */
         bg_loop_take_grants(s->bridge, s->loop, &wl);
         int rc = release_into(s, n, &wl);

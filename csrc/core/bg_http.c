@@ -240,6 +240,17 @@ static void multi_failed(bg_engine *e, const char *what, CURLMcode mc)
     nanosleep(&ts, NULL);
 }
 
+/* The round's completions are all handed over: let the consumer wake its
+ * reader once for them. */
+static void flush_done(bg_engine *e)
+{
+    if (e->unflushed) {
+        e->unflushed = false;
+        if (e->cfg.on_flush)
+            e->cfg.on_flush(e->cfg.done_ctx);
+    }
+}
+
 void *bgh_engine_main(void *arg)
 {
     bg_engine *e = arg;
@@ -279,8 +290,10 @@ void *bgh_engine_main(void *arg)
         free(groups);
         if (closing) {
             cancel_all(e, BG_RES_CLOSED, false, 0);
-            if (e->live == 0)
+            if (e->live == 0) {
+                flush_done(e);
                 break;
+            }
         }
 
         bgr_backoff_due(e, bgh_now_ns());
@@ -316,6 +329,7 @@ void *bgh_engine_main(void *arg)
             if (d < timeout_ms)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
+        flush_done(e);
         pthread_mutex_lock(&e->mu);
         bool pending = e->pending;
         e->polling = !pending;

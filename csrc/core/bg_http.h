@@ -100,6 +100,7 @@ struct bg_request {
 void bg_request_clear(bg_request *r);
 
 typedef void (*bg_done_fn)(bg_request *r, void *ctx);
+typedef void (*bg_flush_fn)(void *ctx);
 
 typedef struct {
     const char *base_url;   /* e.g. "http://127.0.0.1:8000/v1" */
@@ -122,6 +123,11 @@ typedef struct {
     bg_sem *token_sem;       /* optional: token_weight permits */
     int64_t token_cap;       /* token_sem's capacity; weights are clamped to it */
     bg_done_fn on_done;
+    /* Optional: called with done_ctx on the engine thread (no engine lock
+     * held) after each round of on_done calls, before the engine sleeps, so
+     * a consumer can queue completions in on_done and wake its reader once
+     * per round instead of once per request. */
+    bg_flush_fn on_flush;
     void *done_ctx;
     /* Closed-loop admission (bg_http_admit.c). With `admit`, the engine
      * scrapes metrics_url every metrics_interval_ms from its own thread,

@@ -79,6 +79,7 @@ struct bg_engine {
     /* Engine thread only. */
     bg_request **buckets;
     size_t n_buckets, live;
+    bool unflushed;   /* on_done ran since the last on_flush */
     req_list backoff; /* sorted by due_ns */
     bg_easy *easy_pool;
     uint64_t rng;

@@ -19,7 +19,7 @@
 struct bg_notify {
     pthread_mutex_t mu;
     bg_notify *all_prev, *all_next; /* every live queue, for fork() */
-    bg_notify_node *head, *tail;
+    bg_fifo q;
     int rfd, wfd; /* equal for eventfd */
 };
 
@@ -161,14 +161,9 @@ void bg_notify_wake(bg_notify *n)
 
 int bg_notify_push(bg_notify *n, bg_notify_node *node)
 {
-    node->next = NULL;
     pthread_mutex_lock(&n->mu);
-    int was_empty = n->head == NULL;
-    if (n->tail)
-        n->tail->next = node;
-    else
-        n->head = node;
-    n->tail = node;
+    int was_empty = bg_fifo_empty(&n->q);
+    bg_fifo_push(&n->q, node);
     pthread_mutex_unlock(&n->mu);
     /* Outside the lock: at worst the consumer already took this node and
      * sees one spurious wakeup with an empty queue. */
@@ -200,7 +195,7 @@ static void clear_fd(bg_notify *n)
 int bg_notify_pending(bg_notify *n)
 {
     pthread_mutex_lock(&n->mu);
-    int p = n->head != NULL;
+    int p = !bg_fifo_empty(&n->q);
     pthread_mutex_unlock(&n->mu);
     return p;
 }
@@ -211,8 +206,7 @@ bg_notify_node *bg_notify_drain(bg_notify *n)
      * in this list or writes the fd again for the next drain. */
     clear_fd(n);
     pthread_mutex_lock(&n->mu);
-    bg_notify_node *list = n->head;
-    n->head = n->tail = NULL;
+    bg_notify_node *list = bg_fifo_take(&n->q);
     pthread_mutex_unlock(&n->mu);
     return list;
 }

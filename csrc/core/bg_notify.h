@@ -13,16 +13,11 @@
 #ifndef BATCHGATE_BG_NOTIFY_H
 #define BATCHGATE_BG_NOTIFY_H
 
+#include "bg_fifo.h" /* bg_notify_node */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef struct bg_notify_node bg_notify_node;
-struct bg_notify_node {
-    bg_notify_node *next; /* private to bg_notify while queued */
-    int kind;             /* owner-defined tag */
-    void *payload;        /* owner-defined */
-};
 
 typedef struct bg_notify bg_notify;
 

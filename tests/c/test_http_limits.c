@@ -1,7 +1,8 @@
 /* test_http_limits.c - the libcurl engine (bg_http) against tests/fake_vllm.py:
  * permits and lifecycle. Token budgets, /tokenize, cancellation by id and
- * group, close with requests in flight, semaphores shared between engines
- * and pre-held permits, multi errors and refused configurations.
+ * group, close with requests in flight, completion rounds (on_flush),
+ * semaphores shared between engines and pre-held permits, multi errors and
+ * refused configurations.
  * Usage: test_http_limits [path/to/fake_vllm.py]
  */
 #define _GNU_SOURCE
@@ -227,6 +228,97 @@ static void test_close_in_flight(void)
     free_items(v, n);
 }
 
+/* on_flush: called on the engine thread after each round of on_done calls,
+ * so every completion is followed by a flush (also when close() ends what is
+ * in flight), and one flush can cover many completions. */
+static struct {
+    pthread_mutex_t mu;
+    size_t unflushed, flushes, max_round;
+    pthread_t engine_thread;
+    int other_thread; /* a flush or on_done off the engine thread */
+} fl = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0};
+
+static void fl_on_done(bg_request *r, void *ctx)
+{
+    pthread_mutex_lock(&fl.mu);
+    if (fl.unflushed == 0 && fl.flushes == 0 && fl.max_round == 0)
+        fl.engine_thread = pthread_self();
+    else if (!pthread_equal(fl.engine_thread, pthread_self()))
+        fl.other_thread = 1;
+    fl.unflushed++;
+    pthread_mutex_unlock(&fl.mu);
+    on_done(r, ctx);
+}
+
+static void fl_on_flush(void *ctx)
+{
+    CHECK(ctx == &coll);
+    pthread_mutex_lock(&fl.mu);
+    if (!pthread_equal(fl.engine_thread, pthread_self()))
+        fl.other_thread = 1;
+    CHECK(fl.unflushed > 0); /* only after a round that finished something */
+    if (fl.unflushed > fl.max_round)
+        fl.max_round = fl.unflushed;
+    fl.unflushed = 0;
+    fl.flushes++;
+    pthread_mutex_unlock(&fl.mu);
+}
+
+static void test_flush_rounds(void)
+{
+    fixture fx;
+    fx_open(&fx, 64, NULL, NULL);
+    bg_engine_destroy(fx.e);
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    c.base_url = base_url;
+    c.count_sem = fx.count;
+    c.on_done = fl_on_done;
+    c.on_flush = fl_on_flush;
+    c.done_ctx = &coll;
+    char err[200];
+    fx.e = bg_engine_create(&c, err, sizeof(err));
+    CHECK(fx.e != NULL);
+    const size_t n = 300, slow = 40;
+    item *v = make_items(&fx, n, "round %d");
+    for (size_t i = 0; i < n; i++)
+        CHECK(bg_engine_submit(fx.e, &v[i].r) == 0);
+    CHECK(wait_done(&coll, n, 60));
+    /* The round's flush follows its last on_done: wait for it. */
+    for (int i = 0; i < 500; i++) {
+        pthread_mutex_lock(&fl.mu);
+        size_t left = fl.unflushed;
+        pthread_mutex_unlock(&fl.mu);
+        if (left == 0)
+            break;
+        usleep(2000);
+    }
+    pthread_mutex_lock(&fl.mu);
+    CHECK(fl.unflushed == 0);
+    CHECK(fl.flushes >= 1 && fl.flushes < n); /* rounds, not one per request */
+    CHECK(fl.max_round > 1);
+    size_t flushes = fl.flushes;
+    pthread_mutex_unlock(&fl.mu);
+    printf("  %zu completions in %zu flushes\n", n, flushes);
+    /* Ended by close(): the last round is flushed before the thread exits. */
+    item *w = make_items(&fx, slow, "held %d [[delay=1]]");
+    for (size_t i = 0; i < slow; i++)
+        CHECK(bg_engine_submit(fx.e, &w[i].r) == 0);
+    usleep(100 * 1000);
+    bg_engine_close(fx.e);
+    CHECK(coll.done == n + slow);
+    pthread_mutex_lock(&fl.mu);
+    CHECK(fl.unflushed == 0);
+    CHECK(fl.flushes > flushes);
+    CHECK(!fl.other_thread);
+    pthread_mutex_unlock(&fl.mu);
+    for (int i = 0; i < 300 && stat_int("in_flight") > 0; i++)
+        usleep(10 * 1000);
+    fx_close(&fx);
+    free_items(v, n);
+    free_items(w, slow);
+}
+
 /* A persistent curl_multi error ends what is in flight instead of spinning. */
 static void test_multi_error(void)
 {
@@ -361,6 +453,7 @@ int main(int argc, char **argv)
         {"cancel_half", test_cancel_half},
         {"cancel_group", test_cancel_group},
         {"close_in_flight", test_close_in_flight},
+        {"flush_rounds", test_flush_rounds},
         {"shared_semaphore", test_shared_semaphore},
         {"count_preheld", test_count_preheld},
         {"multi_error", test_multi_error},
