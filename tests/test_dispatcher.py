@@ -571,20 +571,27 @@ def test_second_python_thread_keeps_running(fake):
             await d.generate("warm")
             th = threading.Thread(target=spin)
             th.start()
+            trials = []
             try:
-                # Baseline: the main thread blocked without the GIL.
-                c0, t0 = counter, time.perf_counter()
-                time.sleep(0.3)
-                alone = (counter - c0) / (time.perf_counter() - t0)
-                c0, t0 = counter, time.perf_counter()
-                await d.map([f"wait{i} [[delay=0.5]]" for i in range(16)])
-                during = (counter - c0) / (time.perf_counter() - t0)
+                # A busy machine can starve the spinner in any one trial; a GIL
+                # held while waiting starves it in every trial.
+                for k in range(3):
+                    # Baseline: the main thread blocked without the GIL.
+                    c0, t0 = counter, time.perf_counter()
+                    time.sleep(0.3)
+                    alone = (counter - c0) / (time.perf_counter() - t0)
+                    c0, t0 = counter, time.perf_counter()
+                    await d.map([f"wait{k}.{i} [[delay=0.5]]" for i in range(16)])
+                    during = (counter - c0) / (time.perf_counter() - t0)
+                    trials.append((alone, during))
+                    if during > 0.5 * alone:
+                        break
             finally:
                 stop.set()
                 th.join()
-            return alone, during
-    alone, during = run(main())
-    assert during > 0.5 * alone, (alone, during)
+            return trials
+    trials = run(main())
+    assert any(during > 0.5 * alone for alone, during in trials), trials
 
 
 def test_event_loop_stays_responsive(fake):
