@@ -154,14 +154,17 @@ int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c)
     }
     bg_admit_stats ast;
     bg_admit_get_stats(a, &ast);
-    self->tokens = bg_sem_create(blocks, blocks);
+    /* Bounded by what the controller can ask for, not by the KV size: an
+     * overbooked limit counts charges above what the server holds (a single
+     * request is still charged at most the KV size). */
+    int64_t bound = bg_admit_max_effective(a);
+    self->tokens = bg_sem_create(bound, bound);
     if (!self->tokens) {
         bg_admit_free(a);
         PyErr_NoMemory();
         return -1;
     }
-    /* The semaphore's bound is the KV size; the controller's limit starts
-     * lower and moves (bg_sem_set_capacity). */
+    /* The controller's limit starts lower and moves (bg_sem_set_capacity). */
     if (bg_sem_set_capacity(self->tokens, ast.limit) < 0) {
         bg_admit_free(a);
         PyErr_SetString(PyExc_RuntimeError, "cannot set the admission limit");

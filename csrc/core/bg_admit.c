@@ -12,7 +12,8 @@
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
-#define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
+#define RATIO_EWMA 0.3       /* weight of a lower sample in the used share */
+#define PROMPT_EWMA (1.0 / 32) /* weight of a charge in the prompt share of charges */
 
 struct bg_admit {
     bg_admit_params p;
@@ -29,6 +30,10 @@ struct bg_admit {
      * (EWMA of usage * N / held); < 0 until measured. */
     double use_ratio;
     int64_t ceiling; /* current bound on L: high * N, times the overbooking */
+    /* Block-weighted EWMAs of the prompt part and the whole of the charges
+     * made since learning: their ratio is the least share the server can
+     * hold of what is charged (every prompt in, no output yet). */
+    double charged_prompt, charged_all;
 
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
@@ -200,8 +205,21 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
         held < 1 || (double)held * 2 < a->limit)
         return;
     double r = u * (double)a->n_blocks / (double)held;
-    a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
-    double over = a->use_ratio > 0 ? 1 / a->use_ratio : a->p.overbook_max;
+    /* Fast attack, slow decay: a sample can only under-read the share (a
+     * request charged but still on its way, waiting at the server, or done
+     * there with its answer still in transit holds nothing), and requests
+     * much shorter than the scrape interval make the readings swing (0.58
+     * to 0.99 of the charges from one sample to the next in the demo). */
+    if (a->use_ratio < 0 || r > a->use_ratio)
+        a->use_ratio = r;
+    else
+        a->use_ratio += RATIO_EWMA * (r - a->use_ratio);
+    /* Never below the prompt share of the charges: once a request is in,
+     * its prompt is held whole, so overbooking can only bet on the output
+     * part. Short answers to long prompts leave nothing to bet on. */
+    double floor_share = a->charged_all > 0 ? a->charged_prompt / a->charged_all : 1;
+    double share = a->use_ratio > floor_share ? a->use_ratio : floor_share;
+    double over = share > 0 ? 1 / share : a->p.overbook_max;
     if (over < 1)
         over = 1;
     if (over > a->p.overbook_max)
@@ -296,6 +314,11 @@ void bg_admit_on_overload(bg_admit *a, double now)
     a->st.overloads++;
     if (now - a->last_cut_t >= a->p.holdoff_s)
         cut(a, now, BG_ADMIT_CUT_OVERLOAD);
+}
+
+int64_t bg_admit_max_effective(const bg_admit *a)
+{
+    return (int64_t)ceil(a->p.overbook_max * (double)a->max_limit);
 }
 
 int64_t bg_admit_effective(bg_admit *a, double now)
@@ -431,6 +454,16 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
         blocks = 1;
     if (blocks > (double)a->n_blocks)
         blocks = (double)a->n_blocks;
+    if (res >= 0 && tokens > 0) {
+        double pb = blocks * (prompt * (double)n_per_prompt) / tokens;
+        if (a->charged_all <= 0) {
+            a->charged_prompt = pb;
+            a->charged_all = blocks;
+        } else {
+            a->charged_prompt += PROMPT_EWMA * (pb - a->charged_prompt);
+            a->charged_all += PROMPT_EWMA * (blocks - a->charged_all);
+        }
+    }
     return (int64_t)blocks;
 }
 

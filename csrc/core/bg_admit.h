@@ -185,6 +185,10 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
 /* The limit admission should use at `now` (0 while metrics are stale). Also
  * records the stale/fresh transitions. */
 int64_t bg_admit_effective(bg_admit *a, double now);
+/* The largest value bg_admit_effective can return: the bound to give the
+ * semaphore the limit is applied to. It exceeds the KV size, since an
+ * overbooked limit counts charges, not what the server holds. */
+int64_t bg_admit_max_effective(const bg_admit *a);
 
 typedef struct {
     int64_t kv_blocks, block_size, max_model_len;
