@@ -189,14 +189,15 @@ PyObject *bg_dsp_admit_stats(Core *self)
         Py_RETURN_NONE;
     const bg_admit_stats *s = &in.ctl;
     PyObject *d = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
+        "{sLsLsLsLsLsLsLsLsLsdsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
         "kv_blocks", (long long)s->kv_blocks, "block_size", (long long)s->block_size,
         "kv_tokens", (long long)(s->kv_blocks * s->block_size), "max_model_len",
         (long long)s->max_model_len, "limit_blocks", (long long)s->effective,
         "limit_tokens", (long long)(s->effective * s->block_size), "peak_limit_blocks",
-        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "used_share",
-        s->used_share, "held_blocks", (long long)in.held_blocks, "kv_usage",
-        s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",
+        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling,
+        "limit_max_blocks", (long long)bg_sem_max_value(self->tokens), "used_share",
+        s->used_share, "prompt_share", s->prompt_share, "held_blocks",
+        (long long)in.held_blocks, "kv_usage", s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",
         s->waiting, "preemptions_seen", s->preemptions_seen, "cuts",
         (unsigned long long)s->cuts, "grows", (unsigned long long)s->grows, "overloads",
         (unsigned long long)s->overloads, "stale_episodes",

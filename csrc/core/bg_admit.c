@@ -476,6 +476,7 @@ void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
     out->limit = (int64_t)a->limit;
     out->ceiling = a->ceiling;
     out->used_share = a->use_ratio;
+    out->prompt_share = a->charged_all > 0 ? a->charged_prompt / a->charged_all : -1;
     out->effective = a->effective;
     out->stale = a->stale;
     out->learned = learned(a);

@@ -55,16 +55,33 @@
  *            charged (0.75-0.8 for 200-token summaries of 750-token
  *            prompts). Once the answers finished reach turnover x the
  *            requests running (the in-flight set has mixed ages), s is
- *            measured as an EWMA (weight 0.3) of usage * N / held on samples
- *            where held >= L / 2, and C = high_usage * N * clamp(1 / s, 1,
- *            overbook_max): usage at C is planned at high_usage, growth
- *            stops at the target, the cuts correct the rest, and a share
- *            that rises (longer answers, another client) lowers C and clips
- *            L at once.
+ *            measured on samples where held >= L / 2 from r = usage * N /
+ *            held, fast attack / slow decay: a higher r replaces s, a lower
+ *            one enters an EWMA (weight 0.3). Then
+ *                C = high_usage * N * clamp(1 / max(s, p), 1, overbook_max)
+ *            where p is the prompt share of the charges made since learning
+ *            (block-weighted EWMA, weight 1/32): usage at C is planned at
+ *            high_usage, growth stops at the target, the cuts correct the
+ *            rest, and a share that rises (longer answers, another client)
+ *            lowers C and clips L at once.
+ *            Why both guards: a sample can only under-read the share (a
+ *            request charged but still on its way, waiting at the server,
+ *            or done there with its answer in transit holds nothing), and
+ *            requests shorter than the scrape interval make the readings
+ *            swing (the demo: 4,000-token prompts, 20-token answers, usage
+ *            between 0.58 and 0.99 of the charges from one sample to the
+ *            next). An average of such readings (~0.8) overbooked by x1.2
+ *            and a naive server ran out of memory. Overbooking can only bet
+ *            on the output part of a charge, since a request that is in
+ *            holds its prompt whole: p caps the bet however the readings
+ *            fall, and leaves it whole where outputs dominate.
  *            Before turnover (a burst that started together also grows
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
- *            costs nothing once the share is known.
+ *            costs nothing once the share is known. The semaphore the limit
+ *            is applied to is bounded by bg_admit_max_effective
+ *            (overbook_max * high_usage * N), not by N: an overbooked limit
+ *            counts charges, which exceed what the server holds.
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
  * The engine charges a request when it reaches the head of its admission
@@ -197,6 +214,7 @@ typedef struct {
     int64_t peak_limit;
     int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
     double used_share;      /* measured usage / charged blocks (-1 before turnover) */
+    double prompt_share;    /* prompt part of the charges since learning (-1: none) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;
     double preemptions_seen; /* rise of the counter since the first sample */
