@@ -12,7 +12,7 @@
 #define GROW_EVENT_STEP 1.25 /* growth is recorded past +25% of the last event */
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
-#define RATIO_EWMA 0.3       /* weight of a lower sample in the used share */
+#define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
 #define PROMPT_EWMA (1.0 / 32) /* weight of a charge in the prompt share of charges */
 
 struct bg_admit {
@@ -205,18 +205,11 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
         held < 1 || (double)held * 2 < a->limit)
         return;
     double r = u * (double)a->n_blocks / (double)held;
-    /* Fast attack, slow decay: a sample can only under-read the share (a
-     * request charged but still on its way, waiting at the server, or done
-     * there with its answer still in transit holds nothing), and requests
-     * much shorter than the scrape interval make the readings swing (0.58
-     * to 0.99 of the charges from one sample to the next in the demo). */
-    if (a->use_ratio < 0 || r > a->use_ratio)
-        a->use_ratio = r;
-    else
-        a->use_ratio += RATIO_EWMA * (r - a->use_ratio);
+    a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
     /* Never below the prompt share of the charges: once a request is in,
      * its prompt is held whole, so overbooking can only bet on the output
-     * part. Short answers to long prompts leave nothing to bet on. */
+     * part. Short answers to long prompts leave nothing to bet on, and
+     * their readings under-read the share most (bg_admit.h). */
     double floor_share = a->charged_all > 0 ? a->charged_prompt / a->charged_all : 1;
     double share = a->use_ratio > floor_share ? a->use_ratio : floor_share;
     double over = share > 0 ? 1 / share : a->p.overbook_max;

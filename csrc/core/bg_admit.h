@@ -55,16 +55,15 @@
  *            charged (0.75-0.8 for 200-token summaries of 750-token
  *            prompts). Once the answers finished reach turnover x the
  *            requests running (the in-flight set has mixed ages), s is
- *            measured on samples where held >= L / 2 from r = usage * N /
- *            held, fast attack / slow decay: a higher r replaces s, a lower
- *            one enters an EWMA (weight 0.3). Then
+ *            measured as an EWMA (weight 0.3) of usage * N / held on
+ *            samples where held >= L / 2, and
  *                C = high_usage * N * clamp(1 / max(s, p), 1, overbook_max)
  *            where p is the prompt share of the charges made since learning
  *            (block-weighted EWMA, weight 1/32): usage at C is planned at
  *            high_usage, growth stops at the target, the cuts correct the
  *            rest, and a share that rises (longer answers, another client)
  *            lowers C and clips L at once.
- *            Why both guards: a sample can only under-read the share (a
+ *            Why p: a sample can only under-read the share (a
  *            request charged but still on its way, waiting at the server,
  *            or done there with its answer in transit holds nothing), and
  *            requests shorter than the scrape interval make the readings
@@ -74,7 +73,10 @@
  *            and a naive server ran out of memory. Overbooking can only bet
  *            on the output part of a charge, since a request that is in
  *            holds its prompt whole: p caps the bet however the readings
- *            fall, and leaves it whole where outputs dominate.
+ *            fall (x1.01 there), and leaves it whole where outputs dominate
+ *            (p ~0.55 for summaries). A fast-attack share (a higher reading
+ *            replaces s) was tried as well: the demo needs no more than p,
+ *            and it cost 1-2% in the mixed and shift benchmarks.
  *            Before turnover (a burst that started together also grows
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
