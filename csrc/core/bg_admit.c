@@ -218,6 +218,11 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
     if (over > a->p.overbook_max)
         over = a->p.overbook_max;
     a->ceiling = (int64_t)(over * (double)a->max_limit);
+    /* Never above the KV size: the share is an average over samples, and
+     * past N a reading that was low by chance is an out-of-memory failure
+     * on a server that cannot preempt (the naive test ran out in 1 of 4). */
+    if (a->ceiling > a->n_blocks)
+        a->ceiling = a->n_blocks;
     if (a->limit > (double)a->ceiling)
         a->limit = (double)a->ceiling; /* the share rose: overbook less */
 }
@@ -311,7 +316,8 @@ void bg_admit_on_overload(bg_admit *a, double now)
 
 int64_t bg_admit_max_effective(const bg_admit *a)
 {
-    return (int64_t)ceil(a->p.overbook_max * (double)a->max_limit);
+    int64_t m = (int64_t)ceil(a->p.overbook_max * (double)a->max_limit);
+    return m < a->n_blocks ? m : a->n_blocks;
 }
 
 int64_t bg_admit_effective(bg_admit *a, double now)

@@ -267,12 +267,13 @@ static void test_overbook(void)
         bg_admit_on_sample(a, 0.1 * (i + 1), &s, limit_of(a));
     bg_admit_get_stats(a, &st);
     CHECK(st.limit == 920 && st.ceiling == 920 && st.used_share < 0);
-    /* The semaphore the limit is applied to must hold the overbooked limit. */
-    CHECK(bg_admit_max_effective(a) == 1380);
+    /* The semaphore the limit is applied to must hold the overbooked limit,
+     * which is never above the KV size. */
+    CHECK(bg_admit_max_effective(a) == 1000);
     /* 30 finished >= 20 running; a learned charge of a 100-token prompt:
      * 100 + 66 reserved = 11 blocks, prompt share 100 / 166 = 0.60. The
      * share 0.5 * 1000 / 920 = 0.543 is above no floor it must respect
-     * (0.60 allows x1.67): the ceiling is 920 * 1.5 (overbook_max). */
+     * (0.60 allows x1.67): 920 * 1.5 (overbook_max), clipped to N. */
     for (int i = 0; i < 20; i++)
         bg_admit_on_finish(a, 100, 100, 50, 1);
     CHECK(bg_admit_charge(a, 100, 1, 1, 1000) == 11);
@@ -280,15 +281,15 @@ static void test_overbook(void)
     CHECK(fabs(st.prompt_share - 100.0 / 166) < 1e-9);
     bg_admit_on_sample(a, 1.1, &s, 920);
     bg_admit_get_stats(a, &st);
-    CHECK(st.ceiling == 1380 && fabs(st.used_share - 500.0 / 920) < 1e-9);
-    CHECK(st.limit == 1007); /* 920 + min(0.25 * 350, 350) = 1007.5 */
+    CHECK(st.ceiling == 1000 && fabs(st.used_share - 500.0 / 920) < 1e-9);
+    CHECK(st.limit == 1000); /* 920 + min(0.25 * 350, 350), at most N */
     /* Usage 0.8 on 1000 charged: share EWMA 0.543 + 0.3 * (0.8 - 0.543) =
-     * 0.62, ceiling 920 / 0.62 = 1483 -> still 1380; at the cap, a share
-     * near 1 pulls the ceiling (and the limit) back toward 920. */
+     * 0.62, ceiling 920 / 0.62 = 1483 -> still N; a share near 1 pulls the
+     * ceiling (and the limit) back toward 920. */
     s = sample(0.8, 20, 0, 0);
     bg_admit_on_sample(a, 1.2, &s, 1000);
     bg_admit_get_stats(a, &st);
-    CHECK(st.ceiling == 1380 && st.limit == 1020); /* 1007.5 + 0.25 * 0.05 * 1000 */
+    CHECK(st.ceiling == 1000 && st.limit == 1000);
     s = sample(0.84, 20, 0, 0);
     for (int i = 0; i < 20; i++)
         bg_admit_on_sample(a, 1.3 + 0.1 * i, &s, 840);
