@@ -58,8 +58,9 @@
  *            measured as an EWMA (weight 0.3) of usage * N / held on
  *            samples where held >= L / 2, and
  *                C = high_usage * N * clamp(1 / max(s, p), 1, overbook_max)
- *            where p is the prompt share of the charges made since learning
- *            (block-weighted EWMA, weight 1/32): usage at C is planned at
+ *            (and never above N), where p is the prompt share of the charges
+ *            made since learning (block-weighted EWMA, weight 1/32): usage
+ *            at C is planned at
  *            high_usage, growth stops at the target, the cuts correct the
  *            rest, and a share that rises (longer answers, another client)
  *            lowers C and clips L at once.
@@ -76,14 +77,18 @@
  *            fall (x1.01 there), and leaves it whole where outputs dominate
  *            (p ~0.55 for summaries). A fast-attack share (a higher reading
  *            replaces s) was tried as well: the demo needs no more than p,
- *            and it cost 1-2% in the mixed and shift benchmarks.
+ *            and it cost 1-2% in mixed and shift (one benchmark run).
  *            Before turnover (a burst that started together also grows
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
- *            costs nothing once the share is known. The semaphore the limit
- *            is applied to is bounded by bg_admit_max_effective
- *            (overbook_max * high_usage * N), not by N: an overbooked limit
- *            counts charges, which exceed what the server holds.
+ *            costs nothing once the share is known. Never above N, as the
+ *            issue asks: s is an average, and past N a sample that read it
+ *            low is an out-of-memory failure on a server that cannot
+ *            preempt (with C up to 1.38 N, tests/test_admission.py's naive
+ *            run failed 1 of 4 times at s read 0.87-0.90). So overbooking
+ *            buys at most N / (high_usage * N) = x1.087 with the defaults;
+ *            the semaphore the limit is applied to is bounded by
+ *            bg_admit_max_effective (min(overbook_max * high_usage, 1) * N).
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
  * The engine charges a request when it reaches the head of its admission
@@ -205,8 +210,8 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
  * records the stale/fresh transitions. */
 int64_t bg_admit_effective(bg_admit *a, double now);
 /* The largest value bg_admit_effective can return: the bound to give the
- * semaphore the limit is applied to. It exceeds the KV size, since an
- * overbooked limit counts charges, not what the server holds. */
+ * semaphore the limit is applied to (the overbooked ceiling's largest
+ * value, never above the KV size). */
 int64_t bg_admit_max_effective(const bg_admit *a);
 
 typedef struct {
@@ -214,7 +219,7 @@ typedef struct {
     int64_t limit;          /* L, blocks */
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
-    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
+    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking, <= N */
     double used_share;      /* measured usage / charged blocks (-1 before turnover) */
     double prompt_share;    /* prompt part of the charges since learning (-1: none) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
