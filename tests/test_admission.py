@@ -103,7 +103,7 @@ def test_auto_fast_steps_long_prompts_short_answers_no_overbooking():
     swings from sample to sample and an average of the readings under-reads
     what the charges can occupy; overbooking on it ran a naive server out of
     memory. Charges are almost all prompt, which the server holds whole, so
-    the limit must stay within the KV size and the cache never overflows."""
+    the limit must stay under the KV size and the cache never overflows."""
     with SimServerThread(mode="naive", kv_cache_tokens=16384, max_model_len=4096,
                          step_base_s=0.0005, step_per_token_s=2.5e-7) as srv:
         sim_debug(srv, "reset")
@@ -121,8 +121,10 @@ def test_auto_fast_steps_long_prompts_short_answers_no_overbooking():
     adm = out["adm"]
     assert out["errors"] == 0 and server["num_oom_errors"] == 0, (server, adm)
     assert adm["learned"] and adm["prompt_share"] > 0.9, adm
-    assert adm["limit_max_blocks"] > adm["kv_blocks"], adm  # overbooking is possible...
-    assert adm["peak_limit_blocks"] <= adm["kv_blocks"], adm  # ...but not here
+    # Overbooking may reach the KV size, but charges that are almost all
+    # prompt leave it nothing to bet on: the limit stays under N.
+    assert adm["limit_max_blocks"] == adm["kv_blocks"], adm
+    assert adm["peak_limit_blocks"] < adm["kv_blocks"], adm
     assert server["peak_kv_cache_usage"] <= 0.95, (server, adm)
 
 
