@@ -97,6 +97,37 @@ def test_auto_never_overflows_a_naive_server():
     assert auto["server"]["peak_kv_cache_usage"] > 0.5, (auto["server"], adm)
 
 
+def test_auto_fast_steps_long_prompts_short_answers_no_overbooking():
+    """The demo's shape, small: long prompts, ~20-token answers, engine steps
+    of 0.5 ms. Requests live for less than a scrape interval, so KV usage
+    swings from sample to sample and an average of the readings under-reads
+    what the charges can occupy; overbooking on it ran a naive server out of
+    memory. Charges are almost all prompt, which the server holds whole, so
+    the limit must stay under the KV size and the cache never overflows."""
+    with SimServerThread(mode="naive", kv_cache_tokens=16384, max_model_len=4096,
+                         step_base_s=0.0005, step_per_token_s=2.5e-7) as srv:
+        sim_debug(srv, "reset")
+
+        async def main() -> Dict[str, Any]:
+            async with Dispatcher(srv.base_url + "/v1", max_inflight_tokens="auto",
+                                  max_retries=0) as d:
+                rs = await d.map(review_prompts(800, words=500), max_tokens=64,
+                                 return_exceptions=True)
+                return {"errors": sum(isinstance(r, BaseException) for r in rs),
+                        "adm": d.stats()["admission"]}
+
+        out = asyncio.run(main())
+        server = sim_debug(srv, "stats")
+    adm = out["adm"]
+    assert out["errors"] == 0 and server["num_oom_errors"] == 0, (server, adm)
+    assert adm["learned"] and adm["prompt_share"] > 0.9, adm
+    # Overbooking may reach the KV size, but charges that are almost all
+    # prompt leave it nothing to bet on: the limit stays under N.
+    assert adm["limit_max_blocks"] == adm["kv_blocks"], adm
+    assert adm["peak_limit_blocks"] < adm["kv_blocks"], adm
+    assert server["peak_kv_cache_usage"] <= 0.95, (server, adm)
+
+
 def test_auto_backs_off_for_another_client_and_grows_back():
     """Preempt mode: a second, uncapped client loads the server for a while;
     the limit drops while it is there and grows back once it leaves."""

@@ -154,14 +154,17 @@ int bg_dsp_admit_setup(Core *self, PyObject *cfg_dict, bg_engine_config *c)
     }
     bg_admit_stats ast;
     bg_admit_get_stats(a, &ast);
-    self->tokens = bg_sem_create(blocks, blocks);
+    /* Bounded by what the controller can ask for, not by the KV size: an
+     * overbooked limit counts charges above what the server holds (a single
+     * request is still charged at most the KV size). */
+    int64_t bound = bg_admit_max_effective(a);
+    self->tokens = bg_sem_create(bound, bound);
     if (!self->tokens) {
         bg_admit_free(a);
         PyErr_NoMemory();
         return -1;
     }
-    /* The semaphore's bound is the KV size; the controller's limit starts
-     * lower and moves (bg_sem_set_capacity). */
+    /* The controller's limit starts lower and moves (bg_sem_set_capacity). */
     if (bg_sem_set_capacity(self->tokens, ast.limit) < 0) {
         bg_admit_free(a);
         PyErr_SetString(PyExc_RuntimeError, "cannot set the admission limit");
@@ -186,17 +189,19 @@ PyObject *bg_dsp_admit_stats(Core *self)
         Py_RETURN_NONE;
     const bg_admit_stats *s = &in.ctl;
     PyObject *d = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
+        "{sLsLsLsLsLsLsLsLsLsdsdsLsdsdsdsdsdsKsKsKsKsOsOsLsdsdsdsKsKsKss}",
         "kv_blocks", (long long)s->kv_blocks, "block_size", (long long)s->block_size,
         "kv_tokens", (long long)(s->kv_blocks * s->block_size), "max_model_len",
         (long long)s->max_model_len, "limit_blocks", (long long)s->effective,
         "limit_tokens", (long long)(s->effective * s->block_size), "peak_limit_blocks",
-        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling, "used_share",
-        s->used_share, "held_blocks", (long long)in.held_blocks, "kv_usage",
-        s->kv_usage, "peak_kv_usage", s->peak_kv_usage, "running", s->running, "waiting",
-        s->waiting, "preemptions_seen", s->preemptions_seen, "cuts",
-        (unsigned long long)s->cuts, "grows", (unsigned long long)s->grows, "overloads",
-        (unsigned long long)s->overloads, "stale_episodes",
+        (long long)s->peak_limit, "ceiling_blocks", (long long)s->ceiling,
+        "limit_max_blocks", (long long)bg_sem_max_value(self->tokens), "used_share",
+        s->used_share, "prompt_share", s->prompt_share, "held_blocks",
+        (long long)in.held_blocks, "kv_usage", s->kv_usage, "peak_kv_usage",
+        s->peak_kv_usage, "running", s->running, "waiting", s->waiting,
+        "preemptions_seen", s->preemptions_seen, "cuts", (unsigned long long)s->cuts,
+        "grows", (unsigned long long)s->grows, "overloads", (unsigned long long)s->overloads,
+        "stale_episodes",
         (unsigned long long)s->stale_episodes, "stale", s->stale ? Py_True : Py_False,
         "learned", s->learned ? Py_True : Py_False, "reserved_output_tokens",
         (long long)s->reserve_out, "output_tokens_p50", s->out_p50, "output_tokens_q",

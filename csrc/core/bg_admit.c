@@ -13,6 +13,7 @@
 #define QUEUE_SAMPLES 3      /* a queue must persist this many samples */
 #define WAIT_FRACTION 0.1    /* waiting allowance grows with the batch */
 #define RATIO_EWMA 0.3       /* weight of a new sample in the used share */
+#define PROMPT_EWMA (1.0 / 32) /* weight of a charge in the prompt share of charges */
 
 struct bg_admit {
     bg_admit_params p;
@@ -29,6 +30,10 @@ struct bg_admit {
      * (EWMA of usage * N / held); < 0 until measured. */
     double use_ratio;
     int64_t ceiling; /* current bound on L: high * N, times the overbooking */
+    /* Block-weighted EWMAs of the prompt part and the whole of the charges
+     * made since learning: their ratio is the least share the server can
+     * hold of what is charged (every prompt in, no output yet). */
+    double charged_prompt, charged_all;
 
     /* learned output lengths per sequence, and prompt estimate ratios */
     int32_t out_ring[OUT_WINDOW];
@@ -201,12 +206,23 @@ static void update_ceiling(bg_admit *a, double u, int64_t held)
         return;
     double r = u * (double)a->n_blocks / (double)held;
     a->use_ratio = a->use_ratio < 0 ? r : a->use_ratio + RATIO_EWMA * (r - a->use_ratio);
-    double over = a->use_ratio > 0 ? 1 / a->use_ratio : a->p.overbook_max;
+    /* Never below the prompt share of the charges: once a request is in,
+     * its prompt is held whole, so overbooking can only bet on the output
+     * part. Short answers to long prompts leave nothing to bet on, and
+     * their readings under-read the share most (bg_admit.h). */
+    double floor_share = a->charged_all > 0 ? a->charged_prompt / a->charged_all : 1;
+    double share = a->use_ratio > floor_share ? a->use_ratio : floor_share;
+    double over = share > 0 ? 1 / share : a->p.overbook_max;
     if (over < 1)
         over = 1;
     if (over > a->p.overbook_max)
         over = a->p.overbook_max;
     a->ceiling = (int64_t)(over * (double)a->max_limit);
+    /* Never above the KV size: the share is an average over samples, and
+     * past N a reading that was low by chance is an out-of-memory failure
+     * on a server that cannot preempt (the naive test ran out in 1 of 4). */
+    if (a->ceiling > a->n_blocks)
+        a->ceiling = a->n_blocks;
     if (a->limit > (double)a->ceiling)
         a->limit = (double)a->ceiling; /* the share rose: overbook less */
 }
@@ -296,6 +312,12 @@ void bg_admit_on_overload(bg_admit *a, double now)
     a->st.overloads++;
     if (now - a->last_cut_t >= a->p.holdoff_s)
         cut(a, now, BG_ADMIT_CUT_OVERLOAD);
+}
+
+int64_t bg_admit_max_effective(const bg_admit *a)
+{
+    int64_t m = (int64_t)ceil(a->p.overbook_max * (double)a->max_limit);
+    return m < a->n_blocks ? m : a->n_blocks;
 }
 
 int64_t bg_admit_effective(bg_admit *a, double now)
@@ -431,6 +453,16 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
         blocks = 1;
     if (blocks > (double)a->n_blocks)
         blocks = (double)a->n_blocks;
+    if (res >= 0 && tokens > 0) {
+        double pb = blocks * (prompt * (double)n_per_prompt) / tokens;
+        if (a->charged_all <= 0) {
+            a->charged_prompt = pb;
+            a->charged_all = blocks;
+        } else {
+            a->charged_prompt += PROMPT_EWMA * (pb - a->charged_prompt);
+            a->charged_all += PROMPT_EWMA * (blocks - a->charged_all);
+        }
+    }
     return (int64_t)blocks;
 }
 
@@ -443,6 +475,7 @@ void bg_admit_get_stats(const bg_admit *a, bg_admit_stats *out)
     out->limit = (int64_t)a->limit;
     out->ceiling = a->ceiling;
     out->used_share = a->use_ratio;
+    out->prompt_share = a->charged_all > 0 ? a->charged_prompt / a->charged_all : -1;
     out->effective = a->effective;
     out->stale = a->stale;
     out->learned = learned(a);

@@ -55,16 +55,40 @@
  *            charged (0.75-0.8 for 200-token summaries of 750-token
  *            prompts). Once the answers finished reach turnover x the
  *            requests running (the in-flight set has mixed ages), s is
- *            measured as an EWMA (weight 0.3) of usage * N / held on samples
- *            where held >= L / 2, and C = high_usage * N * clamp(1 / s, 1,
- *            overbook_max): usage at C is planned at high_usage, growth
- *            stops at the target, the cuts correct the rest, and a share
- *            that rises (longer answers, another client) lowers C and clips
- *            L at once.
+ *            measured as an EWMA (weight 0.3) of usage * N / held on
+ *            samples where held >= L / 2, and
+ *                C = high_usage * N * clamp(1 / max(s, p), 1, overbook_max)
+ *            (and never above N), where p is the prompt share of the charges
+ *            made since learning (block-weighted EWMA, weight 1/32): usage
+ *            at C is planned at
+ *            high_usage, growth stops at the target, the cuts correct the
+ *            rest, and a share that rises (longer answers, another client)
+ *            lowers C and clips L at once.
+ *            Why p: a sample can only under-read the share (a
+ *            request charged but still on its way, waiting at the server,
+ *            or done there with its answer in transit holds nothing), and
+ *            requests shorter than the scrape interval make the readings
+ *            swing (the demo: 4,000-token prompts, 20-token answers, usage
+ *            between 0.58 and 0.99 of the charges from one sample to the
+ *            next). An average of such readings (~0.8) overbooked by x1.2
+ *            and a naive server ran out of memory. Overbooking can only bet
+ *            on the output part of a charge, since a request that is in
+ *            holds its prompt whole: p caps the bet however the readings
+ *            fall (x1.01 there), and leaves it whole where outputs dominate
+ *            (p ~0.55 for summaries). A fast-attack share (a higher reading
+ *            replaces s) was tried as well: the demo needs no more than p,
+ *            and it cost 1-2% in mixed and shift (one benchmark run).
  *            Before turnover (a burst that started together also grows
  *            together) C stays high_usage * N. Because s is measured, C does
  *            not depend on how generous the reserve is: a cautious quantile
- *            costs nothing once the share is known.
+ *            costs nothing once the share is known. Never above N, as the
+ *            issue asks: s is an average, and past N a sample that read it
+ *            low is an out-of-memory failure on a server that cannot
+ *            preempt (with C up to 1.38 N, tests/test_admission.py's naive
+ *            run failed 1 of 4 times at s read 0.87-0.90). So overbooking
+ *            buys at most N / (high_usage * N) = x1.087 with the defaults;
+ *            the semaphore the limit is applied to is bounded by
+ *            bg_admit_max_effective (min(overbook_max * high_usage, 1) * N).
  *   stale    no sample for stale_s: the effective limit is 0 (admit nothing
  *            new) until samples come back; L itself is kept.
  * The engine charges a request when it reaches the head of its admission
@@ -185,14 +209,19 @@ int64_t bg_admit_charge(bg_admit *a, int64_t prompt_est, int64_t n_prompts,
 /* The limit admission should use at `now` (0 while metrics are stale). Also
  * records the stale/fresh transitions. */
 int64_t bg_admit_effective(bg_admit *a, double now);
+/* The largest value bg_admit_effective can return: the bound to give the
+ * semaphore the limit is applied to (the overbooked ceiling's largest
+ * value, never above the KV size). */
+int64_t bg_admit_max_effective(const bg_admit *a);
 
 typedef struct {
     int64_t kv_blocks, block_size, max_model_len;
     int64_t limit;          /* L, blocks */
     int64_t effective;      /* last value of bg_admit_effective */
     int64_t peak_limit;
-    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking */
+    int64_t ceiling;        /* bound on L now: high_usage * N times the overbooking, <= N */
     double used_share;      /* measured usage / charged blocks (-1 before turnover) */
+    double prompt_share;    /* prompt part of the charges since learning (-1: none) */
     double kv_usage, running, waiting; /* last sample (-1 before any) */
     double peak_kv_usage;
     double preemptions_seen; /* rise of the counter since the first sample */
