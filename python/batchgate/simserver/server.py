@@ -195,6 +195,8 @@ class SimServer:
         self._server.close()
         for conn in list(self._connections):
             conn.close()
+        if hasattr(self._server, "close_clients"):  # 3.13+: also connections
+            self._server.close_clients()  # accepted but not yet made
         await self._server.wait_closed()
         self._server = None
         await self.engine.stop()
