@@ -6,9 +6,10 @@
  * million prompts never become a million Python objects in flight. The engine
  * thread never takes the GIL: each finished request is queued on the
  * dispatcher's wake source, and each round of the engine's loop that
- * finished something wakes the event loop once, through the loop's one bridge (bg_loop_bridge, shared with the semaphores); the
- * loop thread drains it in one GIL hold, builds Result objects or
- * exceptions, refills windows and resolves futures.
+ * finished something wakes the event loop once, through the loop's one
+ * bridge (bg_loop_bridge, shared with the semaphores); the loop thread
+ * drains it in one GIL hold, builds Result objects or exceptions, refills
+ * windows and resolves futures.
  */
 #include "bg_dispatcher.h"
 
