@@ -626,3 +626,39 @@ def test_user_agent(rec):
     assert a["headers"]["user-agent"] == (f"batchgate/{batchgate.__version__} "
                                           f"libcurl/{batchgate.libcurl_version}")
     assert b["headers"]["user-agent"] == "mine/1"
+
+
+def test_an_httpx_timeouts_connect_part_bounds_the_auto_probe():
+    """The admission probe (max_inflight_tokens='auto') runs in the constructor:
+    it must already use the Timeout's connect part, not the 10 s default."""
+    httpx = pytest.importorskip("httpx")
+    import socket
+    lsock = socket.create_server(("127.0.0.1", 0))
+    held: List[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stall() -> None:  # accepts, never answers
+        lsock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(lsock.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=accept_and_stall, daemon=True)
+    t.start()
+    try:
+        url = "http://127.0.0.1:%d/v1" % lsock.getsockname()[1]
+        t0 = time.monotonic()
+        d = Dispatcher(url, model="m", max_inflight_tokens="auto",
+                       timeout=httpx.Timeout(30.0, connect=0.5))
+        waited = time.monotonic() - t0
+        fell_back = d.stats().get("admission") is None  # static caps, as logged
+        d.close()
+    finally:
+        stop.set()
+        t.join()
+        for s in held:
+            s.close()
+        lsock.close()
+    assert waited < 3.0, f"probe waited {waited:.1f} s"
+    assert fell_back

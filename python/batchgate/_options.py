@@ -66,8 +66,9 @@ def is_timeout_like(value: Any) -> bool:
     return not isinstance(value, (int, float)) and all(hasattr(value, p) for p in _PARTS)
 
 
-def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], Any]:
-    """(seconds per attempt or None, connect seconds or ... when not given).
+def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], Optional[float]]:
+    """(seconds per attempt, connect seconds); either may be None. A plain
+    number or None has no connect part (None).
 
     An httpx.Timeout's ``read`` is how long an answer may take, the closest
     to batchgate's per-attempt timeout (which also bounds the connect); its
@@ -77,7 +78,7 @@ def timeout_parts(value: Any, name: str = "timeout") -> Tuple[Optional[float], A
         for p in _PARTS:
             _seconds(f"{name}.{p}", getattr(value, p))
         return _seconds(f"{name}.read", value.read), _seconds(f"{name}.connect", value.connect)
-    return _seconds(name, value), ...
+    return _seconds(name, value), None
 
 
 def check_option(name: str, value: Any) -> Any:

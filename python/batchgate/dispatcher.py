@@ -177,6 +177,13 @@ class Dispatcher(_BulkCalls):
             hdr_lines.append(f"{k}: {hv}")
         if not any(k.lower() == "user-agent" for k in (headers or {})):
             hdr_lines.append(f"User-Agent: {user_agent()}")
+        # An httpx.Timeout (openai-python's habit) brings its own connect part,
+        # which the admission probe below already uses.
+        attempt_timeout: Optional[float]
+        if timeout is None or isinstance(timeout, (int, float)):
+            attempt_timeout = timeout
+        else:  # an httpx.Timeout (checked there, else a TypeError naming it)
+            attempt_timeout, connect_timeout = _options.timeout_parts(timeout)
         admission = None
         if isinstance(max_inflight_tokens, str):
             if max_inflight_tokens != "auto":
@@ -206,12 +213,6 @@ class Dispatcher(_BulkCalls):
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        # An httpx.Timeout (openai-python's habit) brings its own connect part.
-        attempt_timeout: Optional[float]
-        if timeout is None or isinstance(timeout, (int, float)):
-            attempt_timeout = timeout
-        else:  # an httpx.Timeout (checked there, else a TypeError naming it)
-            attempt_timeout, connect_timeout = _options.timeout_parts(timeout)
         for name, t in (("timeout", attempt_timeout), ("connect_timeout", connect_timeout),
                         ("backoff", backoff), ("max_backoff", max_backoff),
                         ("max_retry_after", max_retry_after)):
