@@ -253,7 +253,9 @@ def test_prompt_over_max_model_len_is_a_clear_unretried_400(vllm_server, kind):
 def test_concurrency_cap_seen_by_the_server(vllm_server, kind):
     # The server would run 8 at once (--max-num-seqs 8); the client cap is 3. vLLM's own
     # gauges must never show more than 3 requests, and must reach 3 (else the test is void).
-    cap, n = 3, 12
+    # The scrapes slow down with the machine's load (7 in one run at load 4), so the run
+    # is 6 rounds of the cap long and a handful of scrapes is enough with the peak seen.
+    cap, n = 3, 18
     wait_idle(vllm_server)
 
     async def main():
@@ -266,7 +268,7 @@ def test_concurrency_cap_seen_by_the_server(vllm_server, kind):
         results, stats = asyncio.run(main())
     assert len(results) == n
     assert all(usage_of(kind, r)["completion_tokens"] == 40 for r in results)
-    assert watch.samples > 10
+    assert watch.samples >= 5
     assert watch.peak_total <= cap, (watch.peak_running, watch.peak_waiting)
     assert watch.peak_running == cap
     if kind == "batchgate":
