@@ -267,7 +267,14 @@ void *bgh_engine_main(void *arg)
         e->pending = false;
         e->polling = false;
         bool closing = e->closing;
+        bg_spent spent = e->spent;
+        e->spent.head = e->spent.tail = NULL;
         pthread_mutex_unlock(&e->mu);
+#ifdef BG_TESTING
+        for (void *m = spent.head; m; m = *(void **)m)
+            STAT_ADD(e, test_spent_freed, 1);
+#endif
+        bg_spent_free(&spent); /* into this thread's malloc cache, for the next answers */
 
         while (in) {
             bg_request *nx = in->next;
@@ -410,6 +417,21 @@ void bg_engine_cancel_group(bg_engine *e, uint64_t group)
     push_id(e, &e->cancel_groups, &e->n_cancel_groups, &e->cap_cancel_groups, group);
 }
 
+void bg_engine_give_back(bg_engine *e, bg_spent *sp)
+{
+    if (!sp->head)
+        return;
+    pthread_mutex_lock(&e->mu);
+    /* No wake-up: the engine takes them at the top of its next round. */
+    if (e->spent.tail)
+        *(void **)e->spent.tail = sp->head;
+    else
+        e->spent.head = sp->head;
+    e->spent.tail = sp->tail;
+    pthread_mutex_unlock(&e->mu);
+    sp->head = sp->tail = NULL;
+}
+
 void bg_engine_close(bg_engine *e)
 {
     pthread_mutex_lock(&e->close_mu);
@@ -430,6 +452,11 @@ void bg_engine_close(bg_engine *e)
 uint64_t bg_engine_test_illegal(bg_engine *e)
 {
     return __atomic_load_n(&e->st_illegal, __ATOMIC_RELAXED);
+}
+
+uint64_t bg_engine_test_spent_freed(bg_engine *e)
+{
+    return __atomic_load_n(&e->test_spent_freed, __ATOMIC_RELAXED);
 }
 
 void bg_engine_test_fail_multi(bg_engine *e, int n)

@@ -75,6 +75,7 @@ struct bg_engine {
     bool pending; /* something above is waiting: a wakeup is already on its way */
     bool polling; /* the engine may be asleep in curl_multi_poll: wake it */
     bool closing;
+    bg_spent spent; /* blocks given back, freed by the engine thread */
 
     /* Engine thread only. */
     bg_request **buckets;
@@ -106,6 +107,7 @@ struct bg_engine {
     uint64_t st_illegal;       /* refused state moves and stray events: a bug if not 0 */
 #ifdef BG_TESTING
     int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
+    uint64_t test_spent_freed; /* atomic */
 #endif
 };
 
