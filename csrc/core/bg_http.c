@@ -251,6 +251,16 @@ static void flush_done(bg_engine *e)
     }
 }
 
+/* The engine goes round again at once: flush now only if a count permit
+ * is free (the consumer's refill would use it), or the oldest unflushed
+ * completion has waited flush_defer_us. */
+static bool flush_due(bg_engine *e)
+{
+    int64_t defer_ns = (int64_t)e->cfg.flush_defer_us * 1000;
+    return defer_ns <= 0 || bg_sem_value(e->cfg.count_sem) > 0 ||
+           bgh_now_ns() - e->unflushed_since_ns >= defer_ns;
+}
+
 void *bgh_engine_main(void *arg)
 {
     bg_engine *e = arg;
@@ -336,9 +346,21 @@ void *bgh_engine_main(void *arg)
             if (d < timeout_ms)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
-        flush_done(e);
+        if (e->unflushed) {
+            pthread_mutex_lock(&e->mu);
+            bool busy = e->pending;
+#ifdef BG_TESTING
+            busy = busy || e->test_busy;
+#endif
+            pthread_mutex_unlock(&e->mu);
+            if (!busy || flush_due(e))
+                flush_done(e);
+        }
         pthread_mutex_lock(&e->mu);
         bool pending = e->pending;
+#ifdef BG_TESTING
+        pending = pending || e->test_busy;
+#endif
         e->polling = !pending;
         pthread_mutex_unlock(&e->mu);
         /* Work waiting (often a permit this thread just released and granted):
@@ -457,6 +479,16 @@ uint64_t bg_engine_test_illegal(bg_engine *e)
 uint64_t bg_engine_test_spent_freed(bg_engine *e)
 {
     return __atomic_load_n(&e->test_spent_freed, __ATOMIC_RELAXED);
+}
+
+void bg_engine_test_busy(bg_engine *e, bool on)
+{
+    pthread_mutex_lock(&e->mu);
+    e->test_busy = on;
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
 }
 
 void bg_engine_test_fail_multi(bg_engine *e, int n)

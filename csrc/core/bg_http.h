@@ -136,10 +136,17 @@ typedef struct {
     int64_t token_cap;       /* token_sem's capacity; weights are clamped to it */
     bg_done_fn on_done;
     /* Optional: called with done_ctx on the engine thread (no engine lock
-     * held) after each round of on_done calls, before the engine sleeps, so
-     * a consumer can queue completions in on_done and wake its reader once
-     * per round instead of once per request. */
+     * held) after a round of on_done calls (see flush_defer_us), always
+     * before the engine sleeps, so a consumer can queue completions in
+     * on_done and wake its reader once per round instead of once per
+     * request. */
     bg_flush_fn on_flush;
+    /* A busy engine (going round again at once, every count permit in use,
+     * so no refill is waited for) calls on_flush at most this long after
+     * the first completion it covers, not every round: fewer, larger
+     * hand-offs to a consumer that must wake for each. Before sleeping, or
+     * with a count permit free, it flushes at once. 0: every round. */
+    long flush_defer_us;
     void *done_ctx;
     /* Closed-loop admission (bg_http_admit.c). With `admit`, the engine
      * scrapes metrics_url every metrics_interval_ms from its own thread,
@@ -219,6 +226,8 @@ void bg_engine_test_fail_multi(bg_engine *e, int n);
 uint64_t bg_engine_test_illegal(bg_engine *e);
 /* Given-back blocks the engine thread has freed so far (not counting destroy). */
 uint64_t bg_engine_test_spent_freed(bg_engine *e);
+/* on: every round ends as if work were waiting (the engine never sleeps). */
+void bg_engine_test_busy(bg_engine *e, bool on);
 #endif
 
 /* ---- closed-loop admission (bg_http_admit.c) ---- */

@@ -81,6 +81,7 @@ struct bg_engine {
     bg_request **buckets;
     size_t n_buckets, live;
     bool unflushed;   /* on_done ran since the last on_flush */
+    int64_t unflushed_since_ns; /* when the first of them ran */
     req_list backoff; /* sorted by due_ns */
     bg_easy *easy_pool;
     uint64_t rng;
@@ -108,6 +109,7 @@ struct bg_engine {
 #ifdef BG_TESTING
     int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
     uint64_t test_spent_freed; /* atomic */
+    bool test_busy; /* every round ends as if work were waiting (under mu) */
 #endif
 };
 

@@ -81,6 +81,7 @@ void bg_engine_config_defaults(bg_engine_config *c)
     c->backoff_base_s = 0.5;
     c->backoff_max_s = 30.0;
     c->retry_after_max_s = 60.0;
+    c->flush_defer_us = 1000;
 }
 
 static char *join_url(const char *base, const char *path)
