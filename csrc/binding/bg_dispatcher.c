@@ -104,6 +104,11 @@ void bg_core_item_delivered(Core *c)
     c->live_items--;
 }
 
+void bg_core_item_clear(Core *c, bg_request *r)
+{
+    bg_request_clear_into(r, &c->spent);
+}
+
 PyObject *bg_core_result_new(Core *c, const bg_request *r, int keep_id)
 {
     return bg_result_new(c->st, r, keep_id, &c->model_cache);
@@ -219,6 +224,9 @@ static Py_ssize_t core_drain(Core *c, int deliver, Py_ssize_t limit)
     }
     if (touched != touched_stack)
         free(touched);
+    /* The answers just read go back to the engine thread to be freed. */
+    if (bg_core_open(c))
+        bg_engine_give_back(c->engine, &c->spent);
     PyErr_Clear();
     return count;
 }
@@ -417,6 +425,7 @@ static PyObject *core_close(Core *self, PyObject *const *args, Py_ssize_t nargs)
     while (core_drain(self, !drop, PY_SSIZE_T_MAX) > 0 || self->backlog)
         ;
     bg_engine_destroy(e);
+    bg_spent_free(&self->spent);
     core_end_jobs(self, drop);
     Py_RETURN_NONE;
 }
@@ -560,6 +569,7 @@ static void core_dealloc(Core *self)
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->model_cache);
     if (!CORE_FORKED(self)) {
+        bg_spent_free(&self->spent);
         if (self->wake)
             bg_loop_source_free(self->wake);
         if (self->count)

@@ -58,6 +58,7 @@ struct Core {
     int64_t default_max_tokens;
     int64_t token_cap;
     bg_notify_node *backlog;  /* drained but not yet delivered (drain limit) */
+    bg_spent spent;           /* answers read, for the engine thread to free */
     PyObject *call_soon;      /* bound loop's call_soon, for the backlog */
     int resched;              /* _on_readable already scheduled via call_soon */
     /* Finished requests, and their wake node on the bound loop's bridge
@@ -195,6 +196,8 @@ void bg_core_cancel(Core *c, uint64_t id);
 void bg_core_cancel_group(Core *c, uint64_t group);
 /* One submitted item was delivered (or dropped) by its job. */
 void bg_core_item_delivered(Core *c);
+/* bg_request_clear, the answer's memory going back to the engine's thread. */
+void bg_core_item_clear(Core *c, bg_request *r);
 /* The Result of a finished request (the core shares model strs between them). */
 PyObject *bg_core_result_new(Core *c, const bg_request *r, int keep_id);
 /* The live-jobs list that close() ends. */

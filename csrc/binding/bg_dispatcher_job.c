@@ -97,7 +97,10 @@ void bg_job_item_release(Job *j, DItem *it)
     Py_CLEAR(it->keep);
     free(it->many);
     it->many = NULL;
-    bg_request_clear(&it->r);
+    if (j->core)
+        bg_core_item_clear(j->core, &it->r);
+    else
+        bg_request_clear(&it->r);
     it->job = NULL;
     j->free_slots[j->nfree++] = it;
 }

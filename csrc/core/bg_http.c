@@ -251,6 +251,16 @@ static void flush_done(bg_engine *e)
     }
 }
 
+/* The engine goes round again at once: flush now only if a count permit
+ * is free (the consumer's refill would use it), or the oldest unflushed
+ * completion has waited flush_defer_us. */
+static bool flush_due(bg_engine *e)
+{
+    int64_t defer_ns = (int64_t)e->cfg.flush_defer_us * 1000;
+    return defer_ns <= 0 || bg_sem_value(e->cfg.count_sem) > 0 ||
+           bgh_now_ns() - e->unflushed_since_ns >= defer_ns;
+}
+
 void *bgh_engine_main(void *arg)
 {
     bg_engine *e = arg;
@@ -267,7 +277,14 @@ void *bgh_engine_main(void *arg)
         e->pending = false;
         e->polling = false;
         bool closing = e->closing;
+        bg_spent spent = e->spent;
+        e->spent.head = e->spent.tail = NULL;
         pthread_mutex_unlock(&e->mu);
+#ifdef BG_TESTING
+        for (void *m = spent.head; m; m = *(void **)m)
+            STAT_ADD(e, test_spent_freed, 1);
+#endif
+        bg_spent_free(&spent); /* into this thread's malloc cache, for the next answers */
 
         while (in) {
             bg_request *nx = in->next;
@@ -329,9 +346,21 @@ void *bgh_engine_main(void *arg)
             if (d < timeout_ms)
                 timeout_ms = d < 0 ? 0 : (int)d;
         }
-        flush_done(e);
+        if (e->unflushed) {
+            pthread_mutex_lock(&e->mu);
+            bool busy = e->pending;
+#ifdef BG_TESTING
+            busy = busy || e->test_busy;
+#endif
+            pthread_mutex_unlock(&e->mu);
+            if (!busy || flush_due(e))
+                flush_done(e);
+        }
         pthread_mutex_lock(&e->mu);
         bool pending = e->pending;
+#ifdef BG_TESTING
+        pending = pending || e->test_busy;
+#endif
         e->polling = !pending;
         pthread_mutex_unlock(&e->mu);
         /* Work waiting (often a permit this thread just released and granted):
@@ -410,6 +439,21 @@ void bg_engine_cancel_group(bg_engine *e, uint64_t group)
     push_id(e, &e->cancel_groups, &e->n_cancel_groups, &e->cap_cancel_groups, group);
 }
 
+void bg_engine_give_back(bg_engine *e, bg_spent *sp)
+{
+    if (!sp->head)
+        return;
+    pthread_mutex_lock(&e->mu);
+    /* No wake-up: the engine takes them at the top of its next round. */
+    if (e->spent.tail)
+        *(void **)e->spent.tail = sp->head;
+    else
+        e->spent.head = sp->head;
+    e->spent.tail = sp->tail;
+    pthread_mutex_unlock(&e->mu);
+    sp->head = sp->tail = NULL;
+}
+
 void bg_engine_close(bg_engine *e)
 {
     pthread_mutex_lock(&e->close_mu);
@@ -430,6 +474,21 @@ void bg_engine_close(bg_engine *e)
 uint64_t bg_engine_test_illegal(bg_engine *e)
 {
     return __atomic_load_n(&e->st_illegal, __ATOMIC_RELAXED);
+}
+
+uint64_t bg_engine_test_spent_freed(bg_engine *e)
+{
+    return __atomic_load_n(&e->test_spent_freed, __ATOMIC_RELAXED);
+}
+
+void bg_engine_test_busy(bg_engine *e, bool on)
+{
+    pthread_mutex_lock(&e->mu);
+    e->test_busy = on;
+    bool wake = mark_pending_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    if (wake)
+        curl_multi_wakeup(e->multi);
 }
 
 void bg_engine_test_fail_multi(bg_engine *e, int n)

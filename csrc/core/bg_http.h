@@ -99,6 +99,18 @@ struct bg_request {
 /* Reset outputs and free what the engine attached (message, resp). Inputs kept. */
 void bg_request_clear(bg_request *r);
 
+/* Answers the engine thread allocated, handed back for it to free. glibc
+ * serves each thread from its own malloc arena: a consumer thread freeing
+ * them takes the engine's arena lock and contends with it (futex waits on
+ * both sides). A list of spent blocks; zero-initialize. */
+typedef struct {
+    void *head, *tail;
+} bg_spent;
+/* As bg_request_clear, but r's packed answer (bg_resp.mem) goes to sp. */
+void bg_request_clear_into(bg_request *r, bg_spent *sp);
+/* Free sp's blocks here and now (no engine to give them to). */
+void bg_spent_free(bg_spent *sp);
+
 typedef void (*bg_done_fn)(bg_request *r, void *ctx);
 typedef void (*bg_flush_fn)(void *ctx);
 
@@ -124,10 +136,17 @@ typedef struct {
     int64_t token_cap;       /* token_sem's capacity; weights are clamped to it */
     bg_done_fn on_done;
     /* Optional: called with done_ctx on the engine thread (no engine lock
-     * held) after each round of on_done calls, before the engine sleeps, so
-     * a consumer can queue completions in on_done and wake its reader once
-     * per round instead of once per request. */
+     * held) after a round of on_done calls (see flush_defer_us), always
+     * before the engine sleeps, so a consumer can queue completions in
+     * on_done and wake its reader once per round instead of once per
+     * request. */
     bg_flush_fn on_flush;
+    /* A busy engine (going round again at once, every count permit in use,
+     * so no refill is waited for) calls on_flush at most this long after
+     * the first completion it covers, not every round: fewer, larger
+     * hand-offs to a consumer that must wake for each. Before sleeping, or
+     * with a count permit free, it flushes at once. 0: every round. */
+    long flush_defer_us;
     void *done_ctx;
     /* Closed-loop admission (bg_http_admit.c). With `admit`, the engine
      * scrapes metrics_url every metrics_interval_ms from its own thread,
@@ -159,6 +178,10 @@ int bg_engine_submit_many(bg_engine *e, bg_request **rs, size_t n);
  * already finished). Unknown ids are ignored. */
 void bg_engine_cancel(bg_engine *e, uint64_t id);
 void bg_engine_cancel_group(bg_engine *e, uint64_t group);
+
+/* Any thread: the engine frees sp's blocks on its own thread in its next
+ * round (it is not woken for them); sp is left empty. */
+void bg_engine_give_back(bg_engine *e, bg_spent *sp);
 
 /* Stop: every unfinished request completes with BG_RES_CLOSED (in-flight ones
  * are aborted), then the thread is joined. Idempotent; must not be called
@@ -201,6 +224,10 @@ void bg_engine_get_stats(bg_engine *e, bg_engine_stats *out);
 void bg_engine_test_fail_multi(bg_engine *e, int n);
 /* Refused state moves and stray events so far (0 unless the engine has a bug). */
 uint64_t bg_engine_test_illegal(bg_engine *e);
+/* Given-back blocks the engine thread has freed so far (not counting destroy). */
+uint64_t bg_engine_test_spent_freed(bg_engine *e);
+/* on: every round ends as if work were waiting (the engine never sleeps). */
+void bg_engine_test_busy(bg_engine *e, bool on);
 #endif
 
 /* ---- closed-loop admission (bg_http_admit.c) ---- */

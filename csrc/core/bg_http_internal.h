@@ -75,11 +75,13 @@ struct bg_engine {
     bool pending; /* something above is waiting: a wakeup is already on its way */
     bool polling; /* the engine may be asleep in curl_multi_poll: wake it */
     bool closing;
+    bg_spent spent; /* blocks given back, freed by the engine thread */
 
     /* Engine thread only. */
     bg_request **buckets;
     size_t n_buckets, live;
     bool unflushed;   /* on_done ran since the last on_flush */
+    int64_t unflushed_since_ns; /* when the first of them ran */
     req_list backoff; /* sorted by due_ns */
     bg_easy *easy_pool;
     uint64_t rng;
@@ -106,6 +108,8 @@ struct bg_engine {
     uint64_t st_illegal;       /* refused state moves and stray events: a bug if not 0 */
 #ifdef BG_TESTING
     int test_fail_multi; /* next n curl_multi_perform calls "fail" (under mu) */
+    uint64_t test_spent_freed; /* atomic */
+    bool test_busy; /* every round ends as if work were waiting (under mu) */
 #endif
 };
 

@@ -87,6 +87,8 @@ static void finish(bg_engine *e, bg_request *r, int kind)
     r->t_done_ns = bgh_now_ns();
     STAT_ADD(e, st_completed, 1);
     bgh_admit_finished(e, r, kind); /* learns from usage; no-op without admission */
+    if (!e->unflushed)
+        e->unflushed_since_ns = r->t_done_ns;
     e->unflushed = true;
     e->cfg.on_done(r, e->cfg.done_ctx);
 }

@@ -45,6 +45,31 @@ void bg_request_clear(bg_request *r)
     r->attempts = 0;
 }
 
+void bg_request_clear_into(bg_request *r, bg_spent *sp)
+{
+    void *m = bg_resp_take_mem(&r->resp);
+    if (m) {
+        *(void **)m = NULL; /* the block is dead: its first bytes carry the link */
+        if (sp->tail)
+            *(void **)sp->tail = m;
+        else
+            sp->head = m;
+        sp->tail = m;
+    }
+    bg_request_clear(r);
+}
+
+void bg_spent_free(bg_spent *sp)
+{
+    void *m = sp->head;
+    while (m) {
+        void *next = *(void **)m;
+        free(m);
+        m = next;
+    }
+    sp->head = sp->tail = NULL;
+}
+
 void bg_engine_config_defaults(bg_engine_config *c)
 {
     memset(c, 0, sizeof(*c));
@@ -56,6 +81,7 @@ void bg_engine_config_defaults(bg_engine_config *c)
     c->backoff_base_s = 0.5;
     c->backoff_max_s = 30.0;
     c->retry_after_max_s = 60.0;
+    c->flush_defer_us = 1000;
 }
 
 static char *join_url(const char *base, const char *path)
@@ -227,6 +253,7 @@ void bg_engine_destroy(bg_engine *e)
         free(x->buf);
         free(x);
     }
+    bg_spent_free(&e->spent);
     bgh_admit_cleanup(e);
     curl_multi_cleanup(e->multi);
     curl_slist_free_all(e->headers);

@@ -106,6 +106,11 @@ typedef struct {
     bg_usage usage;
     char *id;    /* owned: top-level "id" string, or NULL */
     char *model; /* owned: top-level "model" string, or NULL */
+    /* After a successful parse: one block holding the choices and every
+     * string above (NULL if there is nothing, or packing ran out of memory
+     * and each is its own allocation). A consumer on another thread then
+     * frees one block per answer, not five or more. */
+    void *mem;
 } bg_resp;
 
 /* Parse a 2xx body: strict JSON, one object and nothing after it but
@@ -116,6 +121,9 @@ typedef struct {
 int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
                            size_t expected, bg_resp *out, char *err, size_t errlen);
 void bg_resp_free(bg_resp *r);
+/* The packed block, taken out of r (r is left empty): free it later, or on
+ * another thread. NULL if r is not packed (then use bg_resp_free). */
+void *bg_resp_take_mem(bg_resp *r);
 
 /* vLLM's /tokenize answer, {"count": n, "max_model_len": m, "tokens": [...],
  * ...}: strict JSON, one object. *count gets "count" (or the length of

@@ -15,6 +15,11 @@ void bg_resp_free(bg_resp *r)
 {
     if (!r)
         return;
+    if (r->mem) {
+        free(r->mem);
+        memset(r, 0, sizeof(*r));
+        return;
+    }
     for (size_t i = 0; i < r->n_choices; i++) {
         free(r->choices[i].text);
         free(r->choices[i].finish_reason);
@@ -25,6 +30,73 @@ void bg_resp_free(bg_resp *r)
     free(r->id);
     free(r->model);
     memset(r, 0, sizeof(*r));
+}
+
+void *bg_resp_take_mem(bg_resp *r)
+{
+    void *m = r->mem;
+    if (m)
+        memset(r, 0, sizeof(*r));
+    return m;
+}
+
+static size_t str_size(const char *s)
+{
+    return s ? strlen(s) + 1 : 0;
+}
+
+static char *put_str(char **at, const char *s, size_t len)
+{
+    char *d = *at;
+    memcpy(d, s, len);
+    d[len] = '\0';
+    *at += len + 1;
+    return d;
+}
+
+static char *put_cstr(char **at, const char *s)
+{
+    return s ? put_str(at, s, strlen(s)) : NULL;
+}
+
+/* Move a parsed answer into one block: choices first, then the strings. The
+ * pieces are freed here, on the parsing thread (its own malloc cache). Out
+ * of memory leaves r as it was (each piece its own allocation). */
+static void pack(bg_resp *r)
+{
+    size_t n = r->n_choices, total = n * sizeof(bg_choice);
+    for (size_t i = 0; i < n; i++) {
+        const bg_choice *c = &r->choices[i];
+        total += c->text_len + 1 + str_size(c->finish_reason) + str_size(c->tool_calls_json) +
+                 str_size(c->logprobs_json);
+    }
+    total += str_size(r->id) + str_size(r->model);
+    if (total == 0)
+        return;
+    if (total < sizeof(void *))
+        total = sizeof(void *); /* a spent block carries a list link (bg_spent) */
+    char *mem = malloc(total);
+    if (!mem)
+        return;
+    bg_choice *ch = (bg_choice *)(void *)mem;
+    char *at = mem + n * sizeof(bg_choice);
+    for (size_t i = 0; i < n; i++) {
+        const bg_choice *c = &r->choices[i];
+        ch[i].text = put_str(&at, c->text, c->text_len);
+        ch[i].text_len = c->text_len;
+        ch[i].finish_reason = put_cstr(&at, c->finish_reason);
+        ch[i].tool_calls_json = put_cstr(&at, c->tool_calls_json);
+        ch[i].logprobs_json = put_cstr(&at, c->logprobs_json);
+    }
+    char *id = put_cstr(&at, r->id), *model = put_cstr(&at, r->model);
+    bg_usage u = r->usage;
+    bg_resp_free(r);
+    r->choices = n ? ch : NULL;
+    r->n_choices = n;
+    r->usage = u;
+    r->id = id;
+    r->model = model;
+    r->mem = mem;
 }
 
 /* One choice as it came, before it is put at its "index". */
@@ -404,6 +476,7 @@ int bg_json_parse_response(const char *body, size_t len, enum bg_endpoint ep,
         goto fail;
     raw_free(&l);
     bg_buf_free(&c.key);
+    pack(out);
     return 0;
 fail:
     if (!c.shape_err) {

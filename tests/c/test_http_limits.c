@@ -319,6 +319,124 @@ static void test_flush_rounds(void)
     free_items(w, slow);
 }
 
+/* flush_defer_us: a busy engine whose count permits are all in use flushes
+ * at most that late, not every round; a count permit left free, or an
+ * engine about to sleep, flushes at once whatever the setting. */
+static void fl_reset(void)
+{
+    pthread_mutex_lock(&fl.mu);
+    fl.unflushed = fl.flushes = fl.max_round = 0;
+    fl.other_thread = 0;
+    pthread_mutex_unlock(&fl.mu);
+}
+
+static bg_engine *fl_engine(fixture *fx, long defer_us)
+{
+    bg_engine_config c;
+    bg_engine_config_defaults(&c);
+    CHECK(c.flush_defer_us > 0); /* deferring is the default */
+    c.base_url = base_url;
+    c.count_sem = fx->count;
+    c.on_done = fl_on_done;
+    c.on_flush = fl_on_flush;
+    c.done_ctx = &coll;
+    c.flush_defer_us = defer_us;
+    char err[200];
+    bg_engine *e = bg_engine_create(&c, err, sizeof(err));
+    CHECK(e != NULL);
+    return e;
+}
+
+/* Wait for the flush that follows the last on_done; how many there were. */
+static size_t fl_settle(size_t *max_round)
+{
+    for (int i = 0; i < 1000; i++) {
+        pthread_mutex_lock(&fl.mu);
+        size_t left = fl.unflushed;
+        pthread_mutex_unlock(&fl.mu);
+        if (left == 0)
+            break;
+        usleep(2000);
+    }
+    pthread_mutex_lock(&fl.mu);
+    CHECK(fl.unflushed == 0);
+    size_t f = fl.flushes;
+    *max_round = fl.max_round;
+    pthread_mutex_unlock(&fl.mu);
+    return f;
+}
+
+static void test_flush_deferred(void)
+{
+    fixture fx;
+    fx_open(&fx, 1, NULL, NULL); /* one permit: one transfer, one completion per round */
+    bg_engine_destroy(fx.e);
+    const size_t n = 10;
+    bg_request *rs[10];
+    size_t max_round = 0;
+
+    /* Busy, 10 s: each completion hands its permit to the next waiter, so
+     * nothing is flushed until the last one leaves the permit free. */
+    fx.e = fl_engine(&fx, 10 * 1000 * 1000);
+    bg_engine_test_busy(fx.e, true);
+    fl_reset();
+    coll_reset();
+    item *v = make_items(&fx, n, "busy %d");
+    for (size_t i = 0; i < n; i++)
+        rs[i] = &v[i].r;
+    CHECK(bg_engine_submit_many(fx.e, rs, n) == 0); /* one intake: all queued at once */
+    CHECK(wait_done(&coll, n, 30));
+    CHECK(fl_settle(&max_round) == 1);
+    CHECK(max_round == n);
+    bg_engine_destroy(fx.e);
+    free_items(v, n);
+
+    /* The same with 0: every round that finished something flushes. */
+    fx.e = fl_engine(&fx, 0);
+    bg_engine_test_busy(fx.e, true);
+    fl_reset();
+    coll_reset();
+    v = make_items(&fx, n, "every %d");
+    for (size_t i = 0; i < n; i++)
+        rs[i] = &v[i].r;
+    CHECK(bg_engine_submit_many(fx.e, rs, n) == 0);
+    CHECK(wait_done(&coll, n, 30));
+    CHECK(fl_settle(&max_round) == n);
+    CHECK(max_round == 1);
+    bg_engine_destroy(fx.e);
+    free_items(v, n);
+
+    fx.e = NULL;
+    fx_close(&fx);
+
+    /* Not forced busy, 10 s, both permits held (a slow answer, and the one a
+     * fast answer hands to a slow waiter): the engine is about to sleep, so
+     * it flushes the fast answer at once, not when a permit comes free. */
+    fixture f2;
+    fx_open(&f2, 2, NULL, NULL);
+    bg_engine_destroy(f2.e);
+    f2.e = fl_engine(&f2, 10 * 1000 * 1000);
+    fl_reset();
+    coll_reset();
+    item *w = make_items(&f2, 3, "idle %d [[delay=3]]");
+    snprintf(w[1].text, sizeof(w[1].text), "idle fast");
+    w[1].p.len = strlen(w[1].text);
+    for (size_t i = 0; i < 3; i++)
+        rs[i] = &w[i].r;
+    double t0 = now_s();
+    CHECK(bg_engine_submit_many(f2.e, rs, 3) == 0);
+    CHECK(wait_done(&coll, 1, 30));
+    CHECK(fl_settle(&max_round) == 1);
+    CHECK(now_s() - t0 < 2); /* not at ~3 s, when the slow ones end */
+    CHECK(wait_done(&coll, 3, 30));
+    fl_settle(&max_round);
+    pthread_mutex_lock(&fl.mu);
+    CHECK(!fl.other_thread);
+    pthread_mutex_unlock(&fl.mu);
+    fx_close(&f2);
+    free_items(w, 3);
+}
+
 /* A persistent curl_multi error ends what is in flight instead of spinning. */
 static void test_multi_error(void)
 {
@@ -454,6 +572,7 @@ int main(int argc, char **argv)
         {"cancel_group", test_cancel_group},
         {"close_in_flight", test_close_in_flight},
         {"flush_rounds", test_flush_rounds},
+        {"flush_deferred", test_flush_deferred},
         {"shared_semaphore", test_shared_semaphore},
         {"count_preheld", test_count_preheld},
         {"multi_error", test_multi_error},

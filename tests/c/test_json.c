@@ -176,6 +176,48 @@ static void test_parse_ok(void)
     bg_resp_free(&r);
 }
 
+/* A parsed answer lives in one block (choices first, then every string), so
+ * the thread that reads it frees one allocation; take_mem hands it over. */
+static int in_block(const bg_resp *r, const void *p)
+{
+    const char *m = r->mem;
+    return p && (const char *)p >= m + r->n_choices * sizeof(bg_choice) &&
+           (const char *)p < m + 4096;
+}
+
+static void test_parse_packed(void)
+{
+    char err[256];
+    bg_resp r;
+    const char *b = "{\"id\":\"cmpl-7\",\"model\":\"m1\",\"choices\":[{\"index\":1,"
+                    "\"text\":\"B\\u0000b\",\"finish_reason\":\"length\",\"logprobs\":"
+                    "{\"tokens\":[\"B\"]}},{\"index\":0,\"text\":\"A\",\"finish_reason\":null}]}";
+    CHECK(bg_json_parse_response(b, strlen(b), BG_EP_COMPLETIONS, 2, &r, err, sizeof(err)) == 0);
+    CHECK(r.mem != NULL && (void *)r.choices == r.mem && r.n_choices == 2);
+    if (!r.mem)
+        return;
+    CHECK(in_block(&r, r.choices[0].text) && strcmp(r.choices[0].text, "A") == 0);
+    CHECK(in_block(&r, r.choices[1].text) && r.choices[1].text_len == 3 &&
+          memcmp(r.choices[1].text, "B\0b", 4) == 0);
+    CHECK(!r.choices[0].finish_reason && in_block(&r, r.choices[1].finish_reason) &&
+          strcmp(r.choices[1].finish_reason, "length") == 0);
+    CHECK(in_block(&r, r.choices[1].logprobs_json) &&
+          strcmp(r.choices[1].logprobs_json, "{\"tokens\":[\"B\"]}") == 0);
+    CHECK(in_block(&r, r.id) && strcmp(r.id, "cmpl-7") == 0);
+    CHECK(in_block(&r, r.model) && strcmp(r.model, "m1") == 0);
+    void *m = bg_resp_take_mem(&r);
+    CHECK(m != NULL && !r.mem && !r.choices && r.n_choices == 0 && !r.id && !r.model);
+    CHECK(bg_resp_take_mem(&r) == NULL);
+    bg_resp_free(&r); /* empty: nothing left to free */
+    free(m);
+
+    /* Nothing to keep (no choices, no id or model): no block at all. */
+    const char *e = "{\"choices\":[]}";
+    CHECK(bg_json_parse_response(e, strlen(e), BG_EP_COMPLETIONS, 0, &r, err, sizeof(err)) == 0);
+    CHECK(r.n_choices == 0 && r.mem == NULL && bg_resp_take_mem(&r) == NULL);
+    bg_resp_free(&r);
+}
+
 static void expect_parse_error(const char *body, enum bg_endpoint ep, size_t expected,
                                const char *needle)
 {
@@ -362,6 +404,7 @@ int main(void)
     test_template_and_bodies();
     test_template_errors();
     test_parse_ok();
+    test_parse_packed();
     test_parse_openai_fields();
     test_parse_errors();
     test_error_messages();
