@@ -33,4 +33,5 @@ def fake(fake_vllm_server):
     """The module's fake server, its recordings and faults reset for this test."""
     fake_vllm_server.reset()
     fake_vllm_server.latency = 0.0
+    fake_vllm_server.hold = 0
     return fake_vllm_server

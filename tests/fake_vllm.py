@@ -34,7 +34,17 @@ messages' contents), honouring delay= and status= directives; FakeVLLM(tokenize=
 False) (or --no-tokenize) answers 404 there, like an OpenAI server.
 
 Statistics (max concurrency seen, per-request attempt counts, ...) come from
-FakeVLLM.stats() in-process or GET /_stats; POST /_reset clears them.
+FakeVLLM.stats() in-process or GET /_stats; POST /_reset clears them. A reset
+starts a new record: requests begun before it are off it even if they end
+after it (a client can read an answer before the handler has done its
+bookkeeping), and open_connections stays the live count.
+
+FakeVLLM.hold = N makes every answer (completions and chat) wait until N of
+them have been in flight at once since the last reset, and 0.1 s more (so one
+more let through shows too), so a test can check a concurrency cap exactly
+instead of hoping the requests overlap. A hold that waits hold_timeout seconds
+(5) answers anyway, counts in stats()["hold_timeouts"] and disarms (hold = 0),
+so a cap that lets fewer through fails fast.
 
 Use as a pytest fixture (FakeVLLM().start_in_thread()) or run it:
     python tests/fake_vllm.py --port 0     # prints "PORT <n>" on stdout
@@ -78,9 +88,14 @@ def parse_directives(text: str) -> Dict[str, str]:
 class _Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.epoch = 0
+        self.open_connections = 0  # live: a reset does not forget connections
         self.reset()
 
     def reset(self) -> None:
+        # Requests begun before this carry an older epoch: their ends are not
+        # counted (else in_flight would go negative and hide one request).
+        self.epoch += 1
         self.requests = 0
         self.by_path: Counter = Counter()
         self.counts: Counter = Counter()  # attempts per request key
@@ -89,8 +104,9 @@ class _Stats:
         self.in_flight_tokens = 0
         self.max_in_flight_tokens = 0
         self.connections = 0
-        self.open_connections = 0
-        self.max_open_connections = 0
+        self.max_open_connections = self.open_connections
+        self.hold_timeouts = 0
+        self.hold_reached: Optional[float] = None  # when `hold` were first in flight
         self.auth: Counter = Counter()
         self.last_headers: Dict[str, str] = {}
         self.last_body: Any = None
@@ -108,6 +124,7 @@ class _Stats:
                 "connections": self.connections,
                 "open_connections": self.open_connections,
                 "max_open_connections": self.max_open_connections,
+                "hold_timeouts": self.hold_timeouts,
                 "auth": dict(self.auth),
                 "last_headers": dict(self.last_headers),
                 "last_body": self.last_body,
@@ -124,6 +141,8 @@ class FakeVLLM:
         self.latency = latency
         self.api_key = api_key
         self.tokenize = tokenize
+        self.hold = 0
+        self.hold_timeout = 5.0
         self._stats = _Stats()
         self._server: Optional[asyncio.AbstractServer] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -150,6 +169,16 @@ class FakeVLLM:
         A handler task that never ran, or a transport left open, would be
         destroyed later and warn inside whichever test runs then."""
         if self._server:
+            # A connection accepted but not yet made into a transport when the
+            # server closes is left half-made (an assert in Server._attach):
+            # let asyncio's setup tasks finish, then close in the same step.
+            me = asyncio.current_task()
+            for _ in range(100):
+                setup = [t for t in asyncio.all_tasks() if t is not me and
+                         getattr(t.get_coro(), "__name__", "") == "_accept_connection2"]
+                if not setup:
+                    break
+                await asyncio.wait(setup, timeout=1)
             self._server.close()
             # Connections accepted in the listener's last round are still being
             # set up by asyncio's own tasks, which then start handlers: end
@@ -361,12 +390,33 @@ class FakeVLLM:
             st.max_in_flight_tokens = max(st.max_in_flight_tokens, st.in_flight_tokens)
             st.last_headers = dict(headers)
             st.last_body = req
+            epoch = st.epoch
         try:
+            await self._hold()
             return await self._answer(writer, reader, chat, req, prompts, n, d, attempt)
         finally:
             with st.lock:
-                st.in_flight -= 1
-                st.in_flight_tokens -= weight
+                if st.epoch == epoch:
+                    st.in_flight -= 1
+                    st.in_flight_tokens -= weight
+
+    async def _hold(self) -> None:
+        """Wait until `hold` answers have been in flight at once (see the top)."""
+        st = self._stats
+        deadline = time.monotonic() + self.hold_timeout
+        while self.hold:
+            now = time.monotonic()
+            if st.max_in_flight >= self.hold:
+                if st.hold_reached is None:
+                    st.hold_reached = now
+                if now >= st.hold_reached + 0.1:
+                    return
+            elif now >= deadline:
+                with st.lock:
+                    st.hold_timeouts += 1
+                self.hold = 0
+                return
+            await asyncio.sleep(0.002)
 
     async def _tokenize(self, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         st = self._stats
@@ -390,6 +440,7 @@ class FakeVLLM:
             st.in_flight += 1
             st.max_in_flight = max(st.max_in_flight, st.in_flight)
             st.last_body = req
+            epoch = st.epoch
         try:
             delay = float(d.get("delay", self.latency))
             if delay > 0:
@@ -404,7 +455,8 @@ class FakeVLLM:
             return True
         finally:
             with st.lock:
-                st.in_flight -= 1
+                if st.epoch == epoch:
+                    st.in_flight -= 1
 
     async def _answer(self, writer, reader, chat, req, prompts, n, d, attempt) -> bool:
         delay = float(d.get("delay", self.latency))

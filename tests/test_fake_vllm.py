@@ -8,6 +8,7 @@ import socket
 import sys
 
 from fake_vllm import FakeVLLM
+from server_helpers import leftovers_of_stop_in_accept_round
 
 
 def test_stop_with_connections_in_every_state_leaves_nothing_pending():
@@ -37,3 +38,13 @@ def test_stop_with_connections_in_every_state_leaves_nothing_pending():
     finally:
         sys.unraisablehook = old_hook
     assert reported == []
+
+
+def test_stop_in_the_round_that_accepts_leaves_nothing_pending():
+    srv = FakeVLLM()
+
+    async def start():
+        await srv.start()
+        return srv.port
+
+    assert leftovers_of_stop_in_accept_round(start, srv.aclose) == []

@@ -207,9 +207,10 @@ def test_exact_prompt_tokens_charge_the_token_cap(exact):
     # a 1,200-token cap the estimate lets one request run at a time, the
     # server's count lets the count cap (6) govern.
     srv = FakeVLLM().start_in_thread()
-    # 0.4 s per answer: long enough that all six overlap at the server even on
-    # a loaded machine (at 0.05 s a busy CI box saw only five).
-    prompts = [f"{i}" + "맛있어요" * 300 + " [[delay=0.4]]" for i in range(12)]
+    # Estimated: 0.1 s answers, so a second request let through would overlap.
+    # Counted: the fake holds answers until 6 are in flight (exact, not timed).
+    tail = "" if exact else " [[delay=0.1]]"
+    prompts = [f"{i}" + "맛있어요" * 300 + tail for i in range(12)]
     try:
         async def main():
             async with Dispatcher(srv.base_url, max_concurrent=6, max_inflight_tokens=1200,
@@ -222,6 +223,7 @@ def test_exact_prompt_tokens_charge_the_token_cap(exact):
                     await d.count_tokens(prompts)
                     counted = srv.stats()["by_path"].get("/tokenize", 0) - counted
                     srv.reset()
+                    srv.hold = 6
                 else:
                     counted = 0
                 res = await d.map(prompts, max_tokens=10)
@@ -237,12 +239,9 @@ def test_exact_prompt_tokens_charge_the_token_cap(exact):
     assert stats["tokens_free"] == 1200
     assert counted == (11 if exact else 0)  # the first prompt was counted by map() itself
     assert st["by_path"].get("/tokenize", 0) == 0  # cached
-    if exact:
-        # The count cap governs, not the estimate's 1. CI's ASan stage saw 5
-        # of the 6 overlap twice (0.4 s answers; cause not yet traced).
-        assert 4 <= st["max_in_flight"] <= 6
-    else:
-        assert st["max_in_flight"] == 1
+    assert st["hold_timeouts"] == 0
+    # The count cap governs, not the estimate's 1.
+    assert st["max_in_flight"] == (6 if exact else 1)
 
 
 def test_exact_prompt_tokens_needs_a_token_cap(server):
@@ -298,16 +297,16 @@ def test_chat_bad_input_names_the_item(server, bad, msg):
 
 
 def test_exact_prompt_tokens_for_chat_map():
-    # As for map(): ~1,000 estimated tokens, 2 counted by the fake's tokenizer.
+    # As for map(): ~1,000 estimated tokens, 1 counted by the fake's tokenizer.
     srv = FakeVLLM().start_in_thread()
-    convs = [[{"role": "user", "content": f"{i}" + "맛있어요" * 300 + " [[delay=0.05]]"}]
-             for i in range(12)]
+    convs = [[{"role": "user", "content": f"{i}" + "맛있어요" * 300}] for i in range(12)]
     try:
         async def main():
             async with Dispatcher(srv.base_url, max_concurrent=6, max_inflight_tokens=1200,
                                   exact_prompt_tokens=True) as d:
                 counts = await d.count_chat_tokens(convs)
                 srv.reset()
+                srv.hold = 6  # answers wait until 6 are in flight
                 res = await d.chat_map(convs, max_tokens=10)
                 return counts, res
 
@@ -315,7 +314,8 @@ def test_exact_prompt_tokens_for_chat_map():
         st = srv.stats()
     finally:
         srv.stop()
-    assert counts == [2] * 12
+    assert counts == [1] * 12
     assert [r.text for r in res] == ["echo:" + c[0]["content"] for c in convs]
     assert st["by_path"].get("/tokenize", 0) == 0  # counted once, before
-    assert 4 <= st["max_in_flight"] <= 6  # the count cap governs (see above)
+    assert st["hold_timeouts"] == 0
+    assert st["max_in_flight"] == 6  # the count cap governs (see above)
