@@ -20,6 +20,12 @@ Workloads (each a list of prompts sent in order, all submitted at once):
 - shared:  summary, while a second, uncapped client sends its own summaries to the same
            server from the start (the KV the first client may use shrinks, then grows).
 
+Added variant, not in the default set (name it in ``--workloads``):
+
+- summary-long: summary with 4x the requests (same prompts' shape and answer lengths).
+           The original summary run lasts ~2.5 s, half of it before any answer comes
+           back; this one shows the steady state, where every cap has seen its answers.
+
 Server: batchgate.simserver in a child process (its own core and GIL), recompute
 preemption (mode preempt: preemptions, throughput, latency) and, for every strategy again,
 out-of-memory failures instead (mode naive: what a server that cannot preempt does; a
@@ -190,6 +196,8 @@ def build_workloads(n_json: int, n_summary: int, only: Optional[List[str]]
                   + summary_items(n_summary // 2, 77, min_chars=150), []),
         "shared": (sm, summary_items(n_summary // 4, 55)),
     }
+    if only and "summary-long" in only:  # opt-in: the steady state (see the docstring)
+        w["summary-long"] = (summary_items(4 * n_summary, 22), [])
     return {k: v for k, v in w.items() if not only or k in only}
 
 
@@ -414,7 +422,8 @@ def summarize(results: Dict[str, List[Tuple[Outcome, Optional[Outcome]]]],
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and caps (minutes)")
-    ap.add_argument("--workloads", help="comma list: json,summary,mixed,shift,shared")
+    ap.add_argument("--workloads", help="comma list: json,summary,mixed,shift,shared (the default set), "
+                         "summary-long (opt-in: 4x the summaries, the steady state)")
     ap.add_argument("--strategies",
                     help="comma list of strategy names to run (e.g. conc-32,tok-2xKV,auto); "
                          "the summary compares auto with the best static cap among them")
