@@ -64,6 +64,8 @@ import time
 from collections import Counter
 from typing import Any, Dict, Optional
 
+from batchgate.simserver.server import finish_accepts  # shared stop-race fix
+
 DIRECTIVE = re.compile(r"\[\[([^\]]*)\]\]")
 
 REASONS = {
@@ -172,13 +174,7 @@ class FakeVLLM:
             # A connection accepted but not yet made into a transport when the
             # server closes is left half-made (an assert in Server._attach):
             # let asyncio's setup tasks finish, then close in the same step.
-            me = asyncio.current_task()
-            for _ in range(100):
-                setup = [t for t in asyncio.all_tasks() if t is not me and
-                         getattr(t.get_coro(), "__name__", "") == "_accept_connection2"]
-                if not setup:
-                    break
-                await asyncio.wait(setup, timeout=1)
+            await finish_accepts()
             self._server.close()
             # Connections accepted in the listener's last round are still being
             # set up by asyncio's own tasks, which then start handlers: end

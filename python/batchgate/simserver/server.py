@@ -105,6 +105,19 @@ def _message_text(content: Any, index: int) -> str:
                    param="messages")
 
 
+
+async def finish_accepts() -> None:
+    """Wait (up to ~100 s) for the asyncio tasks that are making accepted
+    connections into transports; call right before Server.close(), in the same
+    step, so none is made after it (see SimServer.stop)."""
+    me = asyncio.current_task()
+    for _ in range(100):
+        setup = [t for t in asyncio.all_tasks() if t is not me and
+                 getattr(t.get_coro(), "__name__", "") == "_accept_connection2"]
+        if not setup:
+            return
+        await asyncio.wait(setup, timeout=1)
+
 class SimServer:
     """A local vLLM look-alike that models KV-cache memory (see the package doc)."""
 
@@ -198,13 +211,7 @@ class SimServer:
         # unclosed transport and socket (3.13: and raises in its __del__) inside
         # some later test. So let those tasks finish first, then close in the
         # same step, before the listener can accept again.
-        me = asyncio.current_task()
-        for _ in range(100):
-            setup = [t for t in asyncio.all_tasks() if t is not me and
-                     getattr(t.get_coro(), "__name__", "") == "_accept_connection2"]
-            if not setup:
-                break
-            await asyncio.wait(setup, timeout=1)
+        await finish_accepts()
         self._server.close()
         for conn in list(self._connections):
             conn.close()
