@@ -136,6 +136,8 @@ static enum cp_class classify_latin1(uint32_t cp)
  * not wait on each other (0.72 -> 0.52 ns per code point in cache, the
  * benchmark's reviews). */
 #define NO_CLASS C_NCLASSES
+/* The step table packs a class in 4 bits, NO_CLASS included. */
+_Static_assert(C_NCLASSES < 16, "character classes must fit in 4 bits");
 typedef struct {
     unsigned char bmp[0x10000];
     int32_t step[(C_NCLASSES + 1) * 16]; /* [prev << 4 | cls] */

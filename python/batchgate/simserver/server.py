@@ -105,7 +105,6 @@ def _message_text(content: Any, index: int) -> str:
                    param="messages")
 
 
-
 async def finish_accepts() -> None:
     """Wait (up to ~100 s) for the asyncio tasks that are making accepted
     connections into transports; call right before Server.close(), in the same
@@ -117,6 +116,7 @@ async def finish_accepts() -> None:
         if not setup:
             return
         await asyncio.wait(setup, timeout=1)
+
 
 class SimServer:
     """A local vLLM look-alike that models KV-cache memory (see the package doc)."""
