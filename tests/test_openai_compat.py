@@ -102,7 +102,7 @@ class Recorder:
 
             def _record(self, body: Any) -> Dict[str, Any]:
                 u = urllib.parse.urlsplit(self.path)
-                entry = {"method": self.command, "path": u.path,
+                entry = {"method": self.command, "path": u.path, "target": self.path,
                          "query": urllib.parse.parse_qs(u.query),
                          "headers": {k.lower(): v for k, v in self.headers.items()},
                          "body": body, "t": time.monotonic()}
@@ -412,6 +412,35 @@ def test_env_precedence_and_key_family(monkeypatch):
         run(explicit())  # arguments beat the environment
         assert oa.posts()[-1]["headers"]["authorization"] == "Bearer given"
         assert oa.posts()[-1]["body"]["model"] == "arg"
+
+
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+              "ALL_PROXY", "no_proxy", "NO_PROXY")
+
+
+def test_proxy_environment_applies_as_of_the_dispatchers_creation(monkeypatch):
+    """libcurl's proxy variables still work (as httpx's trust_env does for
+    openai-python); the engine reads them once, when it is made, so that
+    without any it can skip libcurl's getenv calls on every transfer."""
+    for k in PROXY_VARS:
+        monkeypatch.delenv(k, raising=False)
+    with Recorder() as server, Recorder() as proxy:
+        proxy_url = proxy.base_url[:-len("/v1")]
+
+        async def main():
+            monkeypatch.setenv("http_proxy", proxy_url)
+            async with Dispatcher(server.base_url, model="m", max_retries=0) as d:
+                via = await d.generate("via the proxy")
+            monkeypatch.delenv("http_proxy")
+            async with Dispatcher(server.base_url, model="m", max_retries=0) as d:
+                monkeypatch.setenv("http_proxy", proxy_url)  # too late for this one
+                direct = await d.generate("direct")
+            return via, direct
+        via, direct = run(main())
+    assert via.text == "echo:via the proxy" and direct.text == "echo:direct"
+    # A proxy is asked for the absolute URL; the server itself saw only the second.
+    assert [r["target"] for r in proxy.posts()] == [server.base_url + "/completions"]
+    assert [r["body"]["prompt"] for r in server.posts()] == ["direct"]
 
 
 def test_no_base_url_anywhere_says_what_to_set():

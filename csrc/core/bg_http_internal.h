@@ -61,6 +61,7 @@ struct bg_engine {
     char *base_url, *api_key;
     char *url_completions, *url_chat, *url_tokenize;
     struct curl_slist *headers;
+    bool no_env_proxy; /* no proxy variable was set at creation (bg_http_setup.c) */
     CURLM *multi;
     pthread_t thread;
     bool thread_started;

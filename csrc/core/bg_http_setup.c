@@ -114,6 +114,25 @@ static char *tokenize_url_of(const char *base)
     return u;
 }
 
+/* libcurl looks for a proxy in the environment on every transfer: five
+ * getenv calls, each walking the whole environment (about 3 % of the engine
+ * thread's CPU at 40k requests/s). With none of the variables it reads set,
+ * "no proxy" said once is the same answer, so the engine reads the proxy
+ * environment once, when it is created. Uppercase HTTP_PROXY is listed
+ * although libcurl ignores it for http: with it set we simply leave the
+ * lookup to libcurl. */
+static bool proxy_in_env(void)
+{
+    static const char *const names[] = {"http_proxy", "HTTP_PROXY",  "https_proxy",
+                                        "HTTPS_PROXY", "all_proxy",  "ALL_PROXY"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const char *v = getenv(names[i]);
+        if (v && v[0])
+            return true;
+    }
+    return false;
+}
+
 bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errlen)
 {
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto fail; } while (0)
@@ -185,6 +204,7 @@ bg_engine *bg_engine_create(const bg_engine_config *cfg, char *err, size_t errle
     }
 #undef ADD_HEADER
 
+    e->no_env_proxy = !proxy_in_env();
     e->multi = curl_multi_init();
     if (!e->multi)
         FAIL("curl_multi_init failed");

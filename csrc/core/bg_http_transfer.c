@@ -112,6 +112,10 @@ static bg_easy *easy_get(bg_engine *e)
     x->set_timeout_ms = -1; /* nothing set yet */
     curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+    if (e->no_env_proxy) { /* skips libcurl's per-transfer getenv calls */
+        curl_easy_setopt(h, CURLOPT_PROXY, "");
+        curl_easy_setopt(h, CURLOPT_NOPROXY, "");
+    }
 #if LIBCURL_VERSION_NUM >= 0x075500
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
 #endif
